@@ -1,0 +1,1 @@
+"""The cloud service: large PyTorch models behind the Open Inference Protocol. Never imports offload.edge."""

@@ -1,0 +1,93 @@
+"""The cloud data plane: validate, run the model off the event loop, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from offload.cloud.runtime import CloudModel
+from offload.cloud.settings import CloudSettings
+from offload.oip.errors import NotFound
+from offload.oip.repository import ModelEntry
+from offload.oip.tensors import Tensor
+from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata
+from offload.oip.validation import check_inputs, check_requested_outputs
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "offload-cloud"
+SERVER_VERSION = "0.1.0"
+
+
+class CloudDataPlane:
+    def __init__(self, models: Mapping[str, CloudModel], executor: ThreadPoolExecutor) -> None:
+        self._models = dict(models)
+        self._executor = executor
+        self._ready = True
+
+    @classmethod
+    def load(cls, repository: Mapping[str, ModelEntry], settings: CloudSettings, device: torch.device) -> CloudDataPlane:
+        models: dict[str, CloudModel] = {}
+        for name, entry in repository.items():
+            if entry.config.cloud is None:
+                continue
+            model = CloudModel(entry, device)
+            model.warm_up()
+            log.info("loaded %s v%s (%s) on %s", name, model.version, model.platform, device)
+            models[name] = model
+        if not models:
+            from offload.oip.errors import ConfigurationError
+
+            raise ConfigurationError(f"no model in {settings.model_repository} has a [cloud] section")
+        executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="cloud-infer")
+        return cls(models, executor)
+
+    def close(self) -> None:
+        self._ready = False
+        self._executor.shutdown(wait=True)
+
+    def _model(self, name: str, version: str) -> CloudModel:
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"model {name!r} is not served here; models: {sorted(self._models)}")
+        if version and version != model.version:
+            raise NotFound(f"model {name!r} has no version {version!r}; available: [{model.version!r}]")
+        return model
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def model_ready(self, name: str, version: str) -> bool:
+        return self._ready and self._model(name, version) is not None
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(SERVER_NAME, SERVER_VERSION)
+
+    def model_metadata(self, name: str, version: str) -> ModelMetadata:
+        model = self._model(name, version)
+        return ModelMetadata(model.name, (model.version,), model.platform, model.inputs, model.outputs)
+
+    def health_details(self) -> Mapping[str, str]:
+        return {"models": ",".join(sorted(self._models)), "ready": str(self._ready)}
+
+    async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
+        model = self._model(request.model_name, request.model_version)
+        check_inputs(request, model.inputs)
+        wanted = check_requested_outputs(request, model.outputs)
+        arrays = {tensor.name: tensor.data for tensor in request.inputs}
+        loop = asyncio.get_running_loop()
+        produced = await loop.run_in_executor(self._executor, model.predict, arrays)
+        datatypes = {spec.name: spec.datatype for spec in model.outputs}
+        return InferResponse(
+            model_name=model.name,
+            model_version=model.version,
+            id=request.id,
+            outputs=[Tensor(name, datatypes[name], produced[name]) for name in wanted],
+        )

@@ -1,0 +1,154 @@
+"""Loading and running a cloud model: torch.export (.pt2), TorchScript, or a Python factory.
+
+A factory returns either a torch.nn.Module or any object with
+`predict(inputs: dict[str, ndarray]) -> dict[str, ndarray]` (an ArrayModel),
+for models that are not tensors in, tensors out (or for tests that echo).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from offload.oip.errors import ConfigurationError, Internal
+from offload.oip.repository import ModelEntry, TensorSpec
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, npt.NDArray[Any]]
+
+
+@runtime_checkable
+class ArrayModel(Protocol):
+    def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Mapping[str, npt.NDArray[Any]]: ...
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(f"device {requested!r} was asked for but this torch build sees no CUDA device")
+    return device
+
+
+class CloudModel:
+    """A loaded model with its declared tensors; `predict` blocks, so run it off the event loop."""
+
+    def __init__(self, entry: ModelEntry, device: torch.device) -> None:
+        config = entry.config
+        if config.cloud is None:
+            raise ConfigurationError(f"model {config.name!r} has no [cloud] section")
+        if not config.inputs or not config.outputs:
+            raise ConfigurationError(f"model {config.name!r}: a cloud model must declare its inputs and outputs")
+        self.name = config.name
+        self.version = config.version
+        self.inputs: tuple[TensorSpec, ...] = config.inputs
+        self.outputs: tuple[TensorSpec, ...] = config.outputs
+        self.device = device
+        self._module: torch.nn.Module | None = None
+        self._array_model: ArrayModel | None = None
+        section = config.cloud
+        if section.factory is not None:
+            self.platform = "python"
+            loaded = _call_factory(section.factory)
+        else:
+            assert section.artifact is not None
+            path = entry.artifact_path(section.artifact)
+            if path.suffix == ".pt2":
+                self.platform = "pytorch_torchexport"
+                loaded = torch.export.load(str(path)).module()
+            else:
+                self.platform = "pytorch_libtorch"
+                loaded = torch.jit.load(str(path), map_location=device)
+        if isinstance(loaded, torch.nn.Module):
+            self._module = loaded.to(device)
+            if hasattr(self._module, "eval") and not isinstance(self._module, torch.fx.GraphModule):
+                self._module.eval()
+            _check_torch_datatypes(self.name, self.inputs + self.outputs)
+        elif isinstance(loaded, ArrayModel):
+            self._array_model = loaded
+        else:
+            raise ConfigurationError(f"model {self.name!r}: the factory returned {type(loaded).__name__}, "
+                                     "expected a torch.nn.Module or an object with predict(inputs)")
+        self._warmup_rows = section.warmup_rows
+
+    def warm_up(self) -> None:
+        """Run one batch so that lazy initialisation (CUDA context, kernels) happens before ready."""
+        if self._warmup_rows == 0:
+            return
+        inputs: Arrays = {}
+        for spec in self.inputs:
+            shape = (self._warmup_rows, *(dim if dim > 0 else 1 for dim in spec.shape[1:]))
+            inputs[spec.name] = np.zeros(shape, dtype=object) if spec.datatype == "BYTES" else _zeros(spec, shape)
+        self.predict(inputs)
+
+    def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
+        if self._array_model is not None:
+            produced = dict(self._array_model.predict(inputs))
+        else:
+            produced = self._run_module(inputs)
+        missing = [spec.name for spec in self.outputs if spec.name not in produced]
+        if missing:
+            raise Internal(f"model {self.name!r} did not produce output {missing[0]!r}")
+        return produced
+
+    def _run_module(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
+        assert self._module is not None
+        args = [_to_torch(inputs[spec.name], spec.datatype, self.device) for spec in self.inputs]
+        with torch.inference_mode():
+            result = self._module(*args)
+        if isinstance(result, torch.Tensor):
+            results: list[torch.Tensor] = [result]
+        elif isinstance(result, dict):
+            results = [result[spec.name] for spec in self.outputs]
+        else:
+            results = list(result)
+        if len(results) != len(self.outputs):
+            raise Internal(f"model {self.name!r} returned {len(results)} tensors for {len(self.outputs)} declared outputs")
+        return {spec.name: _to_numpy(tensor, spec.datatype) for spec, tensor in zip(self.outputs, results, strict=True)}
+
+
+def _call_factory(reference: str) -> Any:
+    module_name, _, function_name = reference.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"factory {reference!r} cannot be imported: {exc}") from exc
+    return function()
+
+
+def _check_torch_datatypes(name: str, specs: tuple[TensorSpec, ...]) -> None:
+    for spec in specs:
+        if spec.datatype == "BYTES":
+            raise ConfigurationError(f"model {name!r}: tensor {spec.name!r} is BYTES, which a torch module cannot take; "
+                                     "use a factory that returns an ArrayModel")
+
+
+def _zeros(spec: TensorSpec, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+    from offload.oip.datatypes import DATATYPES
+
+    return np.zeros(shape, dtype=DATATYPES[spec.datatype].dtype.newbyteorder("="))
+
+
+def _to_torch(array: npt.NDArray[Any], datatype: str, device: torch.device) -> torch.Tensor:
+    # Decoded raw inputs are read-only views of the message; torch wants
+    # writable memory, so copy once here (a device transfer copies anyway).
+    if datatype == "BF16":
+        return torch.from_numpy(np.array(array, dtype=np.uint16).view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(np.array(array)).to(device)
+
+
+def _to_numpy(tensor: torch.Tensor, datatype: str) -> npt.NDArray[Any]:
+    tensor = tensor.detach().to("cpu")
+    if datatype == "BF16":
+        return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    from offload.oip.datatypes import DATATYPES
+
+    return tensor.numpy().astype(DATATYPES[datatype].dtype.newbyteorder("="), copy=False)

@@ -1,0 +1,115 @@
+"""An ONNX model under ONNX Runtime, described in OIP terms (names, datatypes, shapes)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from offload.oip.errors import ConfigurationError, InvalidArgument
+from offload.oip.repository import BATCH_DIM, EdgeSection, TensorSpec
+
+log = logging.getLogger(__name__)
+
+# ONNX Runtime's type strings to OIP datatypes.
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(bfloat16)": "BF16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+def _spec(arg: Any, path: Path) -> TensorSpec:
+    datatype = _ORT_TYPES.get(arg.type)
+    if datatype is None:
+        raise ConfigurationError(f"{path}: tensor {arg.name!r} has type {arg.type}, which OIP cannot carry")
+    # Symbolic or unknown dimensions are variable (-1). The first is the batch.
+    dims = [dim if isinstance(dim, int) and dim > 0 else -1 for dim in arg.shape]
+    if not dims:
+        raise ConfigurationError(f"{path}: tensor {arg.name!r} is a scalar; edge models need a batch dimension")
+    dims[0] = BATCH_DIM
+    return TensorSpec(name=arg.name, datatype=datatype, shape=tuple(dims))
+
+
+class OnnxModel:
+    """One ONNX Runtime session. `predict` is blocking: call it off the event loop."""
+
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, path: Path, section: EdgeSection) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = section.intra_op_threads
+        options.inter_op_num_threads = section.inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = ort.get_available_providers()
+        providers = [name for name in section.providers if name in available]
+        skipped = [name for name in section.providers if name not in available]
+        if skipped:
+            log.warning("%s: execution providers %s are not in this onnxruntime build; using %s", path, skipped, providers)
+        if not providers:
+            raise ConfigurationError(f"{path}: none of the providers {list(section.providers)} is available ({available})")
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for unreadable models
+            raise ConfigurationError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+        self.path = path
+        self.providers = tuple(self._session.get_providers())
+        self.inputs = tuple(_spec(arg, path) for arg in self._session.get_inputs())
+        self.outputs = tuple(_spec(arg, path) for arg in self._session.get_outputs())
+        if any(spec.datatype == "BF16" for spec in self.inputs):
+            raise ConfigurationError(f"{path}: BF16 inputs are not supported by the edge runtime (NumPy has no bfloat16)")
+
+    def check_declared(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
+        """Fail at start-up if model.toml declares tensors the ONNX file does not have."""
+        for kind, declared, actual in (("input", inputs, self.inputs), ("output", outputs, self.outputs)):
+            by_name = {spec.name: spec for spec in actual}
+            for spec in declared:
+                found = by_name.get(spec.name)
+                if found is None:
+                    raise ConfigurationError(f"{self.path}: declared {kind} {spec.name!r} is not in the model {sorted(by_name)}")
+                if found.datatype != spec.datatype:
+                    raise ConfigurationError(
+                        f"{self.path}: {kind} {spec.name!r} is {found.datatype} in the model, {spec.datatype} in model.toml"
+                    )
+
+    def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        feeds = {name: _to_ort(array) for name, array in inputs.items()}
+        try:
+            results = self._session.run(None, feeds)
+        except Exception as exc:  # e.g. a shape the graph rejects at run time
+            raise InvalidArgument(f"the edge model rejected the input: {exc}") from exc
+        return {spec.name: _from_ort(result, spec.datatype) for spec, result in zip(self.outputs, results, strict=True)}
+
+
+def _to_ort(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    # ONNX Runtime takes strings as an object array of str.
+    if array.dtype == np.dtype(object):
+        out = np.empty(array.shape, dtype=object)
+        out.ravel()[:] = [item.decode("utf-8", "surrogateescape") for item in array.ravel().tolist()]
+        return out
+    return array
+
+
+def _from_ort(result: Any, datatype: str) -> npt.NDArray[Any]:
+    array = np.asarray(result)
+    if datatype == "BYTES":
+        out = np.empty(array.shape, dtype=object)
+        out.ravel()[:] = [str(item).encode("utf-8", "surrogateescape") for item in array.ravel().tolist()]
+        return out
+    return array

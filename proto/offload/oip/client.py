@@ -1,0 +1,88 @@
+"""An asyncio client for any Open Inference Protocol server (ours, Triton, MLServer, KServe)."""
+
+from __future__ import annotations
+
+import grpc
+
+from offload.oip import grpc_service_pb2 as pb
+from offload.oip import grpc_service_pb2_grpc as pb_grpc
+from offload.oip.errors import UpstreamError
+from offload.oip.messages import DEFAULT_MAX_ELEMENTS, request_to_pb, response_from_pb
+from offload.oip.repository import TensorSpec
+from offload.oip.server import channel_options
+from offload.oip.types import InferRequest, InferResponse, ModelMetadata
+
+
+class OipClient:
+    """One channel to one server. Calls raise UpstreamError carrying the server's status."""
+
+    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.target = target
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> OipClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def wait_for_ready(self, timeout: float) -> None:
+        """Wait until the server answers ServerReady=true, or raise UpstreamError."""
+        try:
+            reply = await self._stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout, wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            raise _upstream(exc, self.target) from exc
+        if not reply.ready:
+            raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"{self.target} is live but not ready")
+
+    async def server_ready(self, timeout: float | None = None) -> bool:
+        try:
+            return (await self._stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout)).ready
+        except grpc.aio.AioRpcError as exc:
+            raise _upstream(exc, self.target) from exc
+
+    async def model_metadata(self, name: str, version: str = "", timeout: float | None = None) -> ModelMetadata:
+        try:
+            reply = await self._stub.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _upstream(exc, self.target) from exc
+
+        def specs(tensors: list[pb.ModelMetadataResponse.TensorMetadata]) -> tuple[TensorSpec, ...]:
+            return tuple(
+                TensorSpec.model_construct(name=t.name, datatype=t.datatype, shape=tuple(t.shape)) for t in tensors
+            )
+
+        return ModelMetadata(
+            name=reply.name,
+            versions=tuple(reply.versions),
+            platform=reply.platform,
+            inputs=specs(list(reply.inputs)),
+            outputs=specs(list(reply.outputs)),
+        )
+
+    async def infer(
+        self,
+        request: InferRequest,
+        timeout: float | None = None,
+        raw: bool = True,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> InferResponse:
+        """Send a request (raw contents by default: no per-element protobuf work) and decode the answer.
+
+        A malformed answer (sizes that do not match the shapes, unknown datatypes)
+        raises InvalidArgument naming the output; the caller decides what that means.
+        """
+        message = request_to_pb(request, raw=raw)
+        try:
+            reply = await self._stub.ModelInfer(message, timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise _upstream(exc, self.target) from exc
+        return response_from_pb(reply, where=f"{self.target} response", max_elements=DEFAULT_MAX_ELEMENTS)
+
+
+def _upstream(exc: grpc.aio.AioRpcError, target: str) -> UpstreamError:
+    return UpstreamError(exc.code(), f"{target}: {exc.code().name}: {exc.details()}")

@@ -1,0 +1,78 @@
+"""Errors with their gRPC status: the one place where failures meet the wire.
+
+Code raises these anywhere (data planes, codec, runtimes); the servers turn
+them into a status with `status_for` and nothing else. Messages are written
+for the caller: they name the field, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class OffloadError(Exception):
+    """Base class: a failure with a gRPC status and a message a caller can act on."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(OffloadError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(OffloadError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(OffloadError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(OffloadError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(OffloadError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(OffloadError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unimplemented(OffloadError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(OffloadError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class UpstreamError(OffloadError):
+    """A peer server (the cloud) failed; carries the peer's own status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.upstream_code = code
+
+    @property
+    def status(self) -> grpc.StatusCode:
+        return self.upstream_code
+
+
+class ConfigurationError(OffloadError):
+    """Bad settings or model repository, found at start-up."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message a server answers with for an exception."""
+    if isinstance(exc, UpstreamError):
+        return exc.status, str(exc)
+    if isinstance(exc, OffloadError):
+        return exc.code, str(exc)
+    # Anything else is a bug on our side: say so without leaking internals.
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"

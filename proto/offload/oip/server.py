@@ -1,0 +1,180 @@
+"""A grpc.aio server for any DataPlane: OIP, health, reflection, limits and graceful shutdown.
+
+The servicer is a thin translation layer: protobuf in, data-plane call,
+protobuf out. Every exception becomes a status in one place (`_abort`), so
+no handler decides status codes on its own and the server keeps serving
+after any bad request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from offload.oip import grpc_service_pb2 as pb
+from offload.oip import grpc_service_pb2_grpc as pb_grpc
+from offload.oip.errors import status_for
+from offload.oip.messages import (
+    model_metadata_to_pb,
+    request_from_pb,
+    response_to_pb,
+    server_metadata_to_pb,
+)
+from offload.oip.types import DataPlane
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_Reply = TypeVar("_Reply")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    # Set explicitly on every server and channel rather than relying on gRPC's
+    # 4 MiB default; larger messages get RESOURCE_EXHAUSTED from gRPC itself.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Upper bound on the elements of one tensor a request may declare.
+    max_elements: int = 1 << 26
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """GRPCInferenceService over a DataPlane."""
+
+    def __init__(self, data_plane: DataPlane, limits: ServerLimits) -> None:
+        self._plane = data_plane
+        self._limits = limits
+
+    async def _guard(self, context: grpc.aio.ServicerContext[object, object], call: Callable[[], Awaitable[_Reply]]) -> _Reply:
+        try:
+            return await call()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("request failed with an unexpected error")
+            await context.abort(code, message)
+            raise AssertionError("context.abort returned") from exc  # pragma: no cover
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ServerLiveResponse:
+        async def call() -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=self._plane.live())
+
+        return await self._guard(context, call)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ServerReadyResponse:
+        async def call() -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=self._plane.ready())
+
+        return await self._guard(context, call)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelReadyResponse:
+        async def call() -> pb.ModelReadyResponse:
+            return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
+
+        return await self._guard(context, call)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ServerMetadataResponse:
+        async def call() -> pb.ServerMetadataResponse:
+            return server_metadata_to_pb(self._plane.server_metadata())
+
+        return await self._guard(context, call)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelMetadataResponse:
+        async def call() -> pb.ModelMetadataResponse:
+            return model_metadata_to_pb(self._plane.model_metadata(request.name, request.version))
+
+        return await self._guard(context, call)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelInferResponse:
+        async def call() -> pb.ModelInferResponse:
+            infer_request = request_from_pb(request, self._limits.max_elements)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            response = await self._plane.infer(infer_request, deadline)
+            return response_to_pb(response, raw=infer_request.raw)
+
+        return await self._guard(context, call)
+
+
+class OipServer:
+    """One gRPC server: OIP, health (grpc.health.v1) and reflection, on one port."""
+
+    def __init__(self, data_plane: DataPlane, name: str, limits: ServerLimits | None = None) -> None:
+        self.name = name
+        self.data_plane = data_plane
+        self.limits = limits or ServerLimits()
+        self.port = 0
+        self._health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(options=channel_options(self.limits.max_message_bytes))
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(data_plane, self.limits), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=pb.DESCRIPTOR.pool
+        )
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Bind (port 0: any free port), start, and report SERVING; returns the bound port."""
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"{self.name}: could not bind {address}; is the port in use?")
+        await self._server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Report NOT_SERVING, refuse new calls, let calls in flight finish within the grace period."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_seconds)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve_until_signalled(server: OipServer, grace_seconds: float) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        log.info("%s: shutting down; answering calls in flight for up to %.1fs", server.name, grace_seconds)
+        await server.stop(grace_seconds)
+        log.info("%s: stopped", server.name)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

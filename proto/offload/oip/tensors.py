@@ -1,0 +1,202 @@
+"""Tensors between NumPy and the wire: typed `contents` and raw bytes.
+
+Decoding checks every size a peer declares (shape, element count, raw length,
+BYTES element lengths) before it is used, so a malformed message gets an
+INVALID_ARGUMENT naming the field and never a large allocation or a crash.
+Raw fixed-size contents decode without a copy (a read-only view of the bytes).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from offload.oip import grpc_service_pb2 as pb
+from offload.oip.datatypes import DATATYPES, Datatype, datatype_for
+from offload.oip.errors import InvalidArgument
+
+_LENGTH = struct.Struct("<I")
+_CONTENT_FIELDS = tuple(field.name for field in pb.InferTensorContents.DESCRIPTOR.fields)
+# Integer types that share a wider typed field: values must fit the narrow type.
+_NARROW_INTS = {"INT8", "INT16", "UINT8", "UINT16"}
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """A named tensor. `data` holds BF16 as uint16 bit patterns, BYTES as an object array of bytes."""
+
+    name: str
+    datatype: str
+    data: npt.NDArray[Any]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(dim) for dim in self.data.shape)
+
+    @classmethod
+    def of(cls, name: str, data: npt.ArrayLike, datatype: str | None = None) -> Tensor:
+        """A tensor from array-like data; the datatype is inferred unless given (BF16 must be)."""
+        array = np.asarray(data)
+        if array.dtype.kind in ("S", "U"):
+            array = _as_bytes_array(array)
+        return cls(name, datatype or datatype_for(array), array)
+
+
+class _WireTensor(Protocol):
+    """What request inputs and response outputs have in common on the wire."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def datatype(self) -> str: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+    @property
+    def contents(self) -> pb.InferTensorContents: ...
+
+
+def _as_bytes_array(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    flat = [item.encode() if isinstance(item, str) else bytes(item) for item in array.ravel().tolist()]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(array.shape)
+
+
+def element_count(shape: Sequence[int], where: str, max_elements: int) -> int:
+    """Validate a declared shape and return its element count, bounded before any use."""
+    for dim in shape:
+        if dim < 0:
+            raise InvalidArgument(f"{where}: shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise InvalidArgument(f"{where}: shape {list(shape)} has {count} elements, over the limit of {max_elements}")
+    return count
+
+
+def datatype_spec(datatype: str, where: str) -> Datatype:
+    spec = DATATYPES.get(datatype)
+    if spec is None:
+        raise InvalidArgument(f"{where}: unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    return spec
+
+
+def decode(wire: _WireTensor, raw: bytes | None, where: str, max_elements: int) -> Tensor:
+    """One wire tensor (with its raw bytes if the message used raw contents) to a Tensor."""
+    spec = datatype_spec(wire.datatype, where)
+    shape = tuple(wire.shape)
+    count = element_count(shape, where, max_elements)
+    set_fields = [name for name in _CONTENT_FIELDS if len(getattr(wire.contents, name))]
+    if raw is not None:
+        if set_fields:
+            raise InvalidArgument(
+                f"{where}: has both typed contents ({set_fields[0]}) and raw contents; send one or the other"
+            )
+        data = _decode_raw(spec, raw, shape, count, where)
+    else:
+        data = _decode_typed(spec, wire.contents, set_fields, shape, count, where)
+    return Tensor(wire.name, spec.name, data)
+
+
+def _decode_raw(spec: Datatype, raw: bytes, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
+    if spec.name == "BYTES":
+        return _decode_raw_bytes(raw, shape, count, where)
+    expected = count * spec.itemsize
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"{where}: raw contents are {len(raw)} bytes but shape {list(shape)} of {spec.name} needs {expected}"
+        )
+    array = np.frombuffer(raw, dtype=spec.dtype).reshape(shape)
+    if spec.name == "BOOL" and array.size and int(array.view(np.uint8).max()) > 1:
+        raise InvalidArgument(f"{where}: raw BOOL contents must be bytes 0 or 1")
+    return array
+
+
+def _decode_raw_bytes(raw: bytes, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
+    items: list[bytes] = []
+    view = memoryview(raw)
+    offset = 0
+    while offset < len(view):
+        if len(items) == count:
+            raise InvalidArgument(f"{where}: raw BYTES contents hold more than the {count} elements of the shape")
+        if offset + _LENGTH.size > len(view):
+            raise InvalidArgument(f"{where}: raw BYTES contents end inside a 4-byte length prefix at byte {offset}")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += _LENGTH.size
+        if offset + length > len(view):
+            raise InvalidArgument(
+                f"{where}: raw BYTES element {len(items)} declares {length} bytes but only {len(view) - offset} remain"
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(items) != count:
+        raise InvalidArgument(f"{where}: raw BYTES contents hold {len(items)} elements but shape {list(shape)} needs {count}")
+    return _object_array(items, shape)
+
+
+def _object_array(items: list[bytes], shape: tuple[int, ...]) -> npt.NDArray[Any]:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+def _decode_typed(
+    spec: Datatype,
+    contents: pb.InferTensorContents,
+    set_fields: list[str],
+    shape: tuple[int, ...],
+    count: int,
+    where: str,
+) -> npt.NDArray[Any]:
+    if spec.contents_field is None:
+        if count == 0:
+            return np.empty(shape, dtype=spec.dtype)
+        raise InvalidArgument(f"{where}: {spec.name} can only be sent as raw contents (raw_input_contents)")
+    wrong = [name for name in set_fields if name != spec.contents_field]
+    if wrong:
+        raise InvalidArgument(f"{where}: datatype {spec.name} takes contents.{spec.contents_field}, not contents.{wrong[0]}")
+    values = getattr(contents, spec.contents_field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"{where}: contents.{spec.contents_field} has {len(values)} elements but shape {list(shape)} needs {count}"
+        )
+    if spec.name == "BYTES":
+        return _object_array(list(values), shape)
+    if spec.name in _NARROW_INTS:
+        wide = np.array(values, dtype=np.int64)
+        info = np.iinfo(spec.dtype)
+        if wide.size and (int(wide.min()) < info.min or int(wide.max()) > info.max):
+            raise InvalidArgument(f"{where}: values outside the range of {spec.name} [{info.min}, {info.max}]")
+        return wide.astype(spec.dtype).reshape(shape)
+    return np.array(values, dtype=spec.dtype).reshape(shape)
+
+
+def raw_bytes(tensor: Tensor) -> bytes:
+    """The raw wire form of a tensor: row-major, little-endian, BYTES length-prefixed."""
+    if tensor.datatype == "BYTES":
+        return b"".join(_LENGTH.pack(len(item)) + item for item in _bytes_items(tensor))
+    spec = DATATYPES[tensor.datatype]
+    return np.ascontiguousarray(tensor.data, dtype=spec.dtype).tobytes()
+
+
+def _bytes_items(tensor: Tensor) -> Iterable[bytes]:
+    for item in tensor.data.ravel().tolist():
+        yield item.encode() if isinstance(item, str) else bytes(item)
+
+
+def needs_raw(tensors: Iterable[Tensor]) -> bool:
+    """Whether typed contents cannot carry these tensors (FP16/BF16 travel raw only)."""
+    return any(DATATYPES[tensor.datatype].contents_field is None for tensor in tensors)
+
+
+def fill_typed(contents: pb.InferTensorContents, tensor: Tensor) -> None:
+    """Write a tensor into typed contents (the caller checked `needs_raw` first)."""
+    field = DATATYPES[tensor.datatype].contents_field
+    assert field is not None, f"{tensor.datatype} has no typed contents"
+    values = _bytes_items(tensor) if tensor.datatype == "BYTES" else tensor.data.ravel().tolist()
+    getattr(contents, field).extend(values)

@@ -1,0 +1,107 @@
+"""The `offload` command: run the demo, the edge agent, or the cloud service.
+
+Each subcommand imports only what it needs, so `offload cloud` runs where only
+`offload[cloud]` (torch) is installed and `offload edge` where only
+`offload[edge]` (onnxruntime) is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from offload.oip.errors import ConfigurationError
+from offload.oip.settings import configure_logging, load_settings
+
+EXTRA_HINT = {"torch": "offload[cloud]", "onnxruntime": "offload[edge]"}
+
+
+def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file of settings (flags and environment override it)")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for remote callers)")
+    parser.add_argument("--grpc-port", type=int, help=f"gRPC port, 0 for any free one (default {default_port})")
+    parser.add_argument("--model-repository", type=Path, help="folder of model folders (default: the bundled demo)")
+    parser.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
+    parser.add_argument("--grace-seconds", type=float, help="on SIGTERM, time for calls in flight (default 10)")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+
+def _flags(options: argparse.Namespace, *names: str) -> dict[str, Any]:
+    common = ("host", "grpc_port", "model_repository", "max_message_bytes", "grace_seconds", "log_level")
+    return {name: getattr(options, name) for name in (*common, *names)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offload",
+        description="Hybrid edge-cloud inference: a small model on the device, a large one in the cloud, "
+        "routed per row by confidence over the Open Inference Protocol (KServe v2 gRPC).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run cloud + edge on this machine and route the demo test set",
+                               description="Start a cloud service and an edge agent on free loopback ports, send the "
+                               "bundled digits test set through the edge agent's gRPC API, and report accuracy, "
+                               "offload share and latency per route.")
+    demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    demo.add_argument("--samples", type=int, help="use only the first N test samples")
+    demo.add_argument("--threshold", type=float, help="override the model's routing threshold")
+
+    edge = commands.add_parser("edge", help="run the edge agent (the router's gRPC API + the small model)",
+                               description="Serve the router's OIP gRPC API, run the small ONNX models locally and "
+                               "forward low-confidence rows to the cloud. Environment: OFFLOAD_EDGE_*.")
+    _server_flags(edge, 8001)
+    edge.add_argument("--cloud", help="the cloud's HOST:PORT (any OIP server); omit to answer on the edge only")
+    edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (2)")
+    edge.add_argument("--edge-threads", type=int, help="threads that run edge models (default 1)")
+
+    cloud = commands.add_parser("cloud", help="run the cloud service (large PyTorch models over OIP gRPC)",
+                                description="Serve the [cloud] models of a model repository over OIP gRPC, on CUDA "
+                                "when available. Environment: OFFLOAD_CLOUD_*.")
+    _server_flags(cloud, 8101)
+    cloud.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    cloud.add_argument("--inference-threads", type=int, help="threads that run models (default 2)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    try:
+        if options.command == "demo":
+            from offload.router.demo import run_demo
+
+            return run_demo(json_output=options.json, samples=options.samples, threshold=options.threshold)
+        if options.command == "edge":
+            from offload.router import agent
+            from offload.router.settings import EdgeSettings
+
+            edge_settings = load_settings(
+                EdgeSettings, options.config,
+                **_flags(options, "cloud", "cloud_timeout_seconds", "edge_threads"),
+            )
+            configure_logging(edge_settings.log_level)
+            asyncio.run(agent.run(edge_settings))
+            return 0
+        from offload.cloud import service
+        from offload.cloud.settings import CloudSettings
+
+        cloud_settings = load_settings(CloudSettings, options.config, **_flags(options, "device", "inference_threads"))
+        configure_logging(cloud_settings.log_level)
+        asyncio.run(service.run(cloud_settings))
+        return 0
+    except ConfigurationError as exc:
+        print(f"offload {options.command}: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_HINT.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"offload {options.command} needs {exc.name}: pip install '{extra}'", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The edge agent's data plane: the router behind the Open Inference Protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata
+from offload.router.core import Router
+
+SERVER_NAME = "offload-edge"
+SERVER_VERSION = "0.1.0"
+
+
+class RouterDataPlane:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        # The edge models are loaded before the server starts; the cloud is
+        # optional (rows fall back to the edge), so it does not gate readiness.
+        return True
+
+    def model_ready(self, name: str, version: str) -> bool:
+        return self.router.model(name, version) is not None
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(SERVER_NAME, SERVER_VERSION, ("offload_routing",))
+
+    def model_metadata(self, name: str, version: str) -> ModelMetadata:
+        return self.router.model(name, version).metadata()
+
+    def health_details(self) -> Mapping[str, str]:
+        cloud = self.router.cloud.target if self.router.cloud else "none"
+        return {"models": ",".join(sorted(self.router.models)), "cloud": cloud}
+
+    async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
+        return await self.router.infer(request, deadline)

@@ -1,0 +1,1 @@
+"""Test helpers: echo models, model repositories built on the fly, server fixtures."""
