@@ -52,11 +52,11 @@ async def test_every_edge_datatype_round_trips_through_the_router(echo_stack: St
 
 
 async def test_typed_request_gets_typed_answer_and_raw_gets_raw(echo_stack: Stack) -> None:
+    import grpc
+
     from offload.oip import grpc_service_pb2 as pb
     from offload.oip import grpc_service_pb2_grpc as pb_grpc
     from offload.oip.messages import request_to_pb
-
-    import grpc
 
     async with grpc.aio.insecure_channel(echo_stack.cloud_address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -42,25 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="run cloud + edge on this machine and route the demo test set",
-                               description="Start a cloud service and an edge agent on free loopback ports, send the "
-                               "bundled digits test set through the edge agent's gRPC API, and report accuracy, "
-                               "offload share and latency per route.")
+    demo = commands.add_parser(
+        "demo",
+        help="run cloud + edge on this machine and route the demo test set",
+        description="Start a cloud service and an edge agent on free loopback ports, send the "
+        "bundled digits test set through the edge agent's gRPC API, and report accuracy, "
+        "offload share and latency per route.",
+    )
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     demo.add_argument("--samples", type=int, help="use only the first N test samples")
     demo.add_argument("--threshold", type=float, help="override the model's routing threshold")
 
-    edge = commands.add_parser("edge", help="run the edge agent (the router's gRPC API + the small model)",
-                               description="Serve the router's OIP gRPC API, run the small ONNX models locally and "
-                               "forward low-confidence rows to the cloud. Environment: OFFLOAD_EDGE_*.")
+    edge = commands.add_parser(
+        "edge",
+        help="run the edge agent (the router's gRPC API + the small model)",
+        description="Serve the router's OIP gRPC API, run the small ONNX models locally and "
+        "forward low-confidence rows to the cloud. Environment: OFFLOAD_EDGE_*.",
+    )
     _server_flags(edge, 8001)
     edge.add_argument("--cloud", help="the cloud's HOST:PORT (any OIP server); omit to answer on the edge only")
     edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (2)")
     edge.add_argument("--edge-threads", type=int, help="threads that run edge models (default 1)")
 
-    cloud = commands.add_parser("cloud", help="run the cloud service (large PyTorch models over OIP gRPC)",
-                                description="Serve the [cloud] models of a model repository over OIP gRPC, on CUDA "
-                                "when available. Environment: OFFLOAD_CLOUD_*.")
+    cloud = commands.add_parser(
+        "cloud",
+        help="run the cloud service (large PyTorch models over OIP gRPC)",
+        description="Serve the [cloud] models of a model repository over OIP gRPC, on CUDA "
+        "when available. Environment: OFFLOAD_CLOUD_*.",
+    )
     _server_flags(cloud, 8101)
     cloud.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     cloud.add_argument("--inference-threads", type=int, help="threads that run models (default 2)")
@@ -79,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             from offload.router.settings import EdgeSettings
 
             edge_settings = load_settings(
-                EdgeSettings, options.config,
+                EdgeSettings,
+                options.config,
                 **_flags(options, "cloud", "cloud_timeout_seconds", "edge_threads"),
             )
             configure_logging(edge_settings.log_level)

@@ -30,7 +30,9 @@ class CloudDataPlane:
         self._ready = True
 
     @classmethod
-    def load(cls, repository: Mapping[str, ModelEntry], settings: CloudSettings, device: torch.device) -> CloudDataPlane:
+    def load(
+        cls, repository: Mapping[str, ModelEntry], settings: CloudSettings, device: torch.device
+    ) -> CloudDataPlane:
         models: dict[str, CloudModel] = {}
         for name, entry in repository.items():
             if entry.config.cloud is None:

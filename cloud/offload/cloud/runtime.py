@@ -66,7 +66,7 @@ class CloudModel:
                 loaded = torch.export.load(str(path)).module()
             else:
                 self.platform = "pytorch_libtorch"
-                loaded = torch.jit.load(str(path), map_location=device)
+                loaded = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
         if isinstance(loaded, torch.nn.Module):
             self._module = loaded.to(device)
             if hasattr(self._module, "eval") and not isinstance(self._module, torch.fx.GraphModule):
@@ -75,8 +75,10 @@ class CloudModel:
         elif isinstance(loaded, ArrayModel):
             self._array_model = loaded
         else:
-            raise ConfigurationError(f"model {self.name!r}: the factory returned {type(loaded).__name__}, "
-                                     "expected a torch.nn.Module or an object with predict(inputs)")
+            raise ConfigurationError(
+                f"model {self.name!r}: the factory returned {type(loaded).__name__}, "
+                "expected a torch.nn.Module or an object with predict(inputs)"
+            )
         self._warmup_rows = section.warmup_rows
 
     def warm_up(self) -> None:
@@ -111,7 +113,9 @@ class CloudModel:
         else:
             results = list(result)
         if len(results) != len(self.outputs):
-            raise Internal(f"model {self.name!r} returned {len(results)} tensors for {len(self.outputs)} declared outputs")
+            raise Internal(
+                f"model {self.name!r} returned {len(results)} tensors for {len(self.outputs)} declared outputs"
+            )
         return {spec.name: _to_numpy(tensor, spec.datatype) for spec, tensor in zip(self.outputs, results, strict=True)}
 
 
@@ -127,8 +131,10 @@ def _call_factory(reference: str) -> Any:
 def _check_torch_datatypes(name: str, specs: tuple[TensorSpec, ...]) -> None:
     for spec in specs:
         if spec.datatype == "BYTES":
-            raise ConfigurationError(f"model {name!r}: tensor {spec.name!r} is BYTES, which a torch module cannot take; "
-                                     "use a factory that returns an ArrayModel")
+            raise ConfigurationError(
+                f"model {name!r}: tensor {spec.name!r} is BYTES, which a torch module cannot take; "
+                "use a factory that returns an ArrayModel"
+            )
 
 
 def _zeros(spec: TensorSpec, shape: tuple[int, ...]) -> npt.NDArray[Any]:

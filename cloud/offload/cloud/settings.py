@@ -16,7 +16,9 @@ class CloudSettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix="OFFLOAD_CLOUD_", extra="forbid")
 
     grpc_port: Annotated[int, Field(ge=0, le=65535, description="gRPC port; 0 picks a free one.")] = 8101
-    model_repository: Path = Field(DEMO_REPOSITORY, description="Folder of model folders; models with [cloud] are served.")
+    model_repository: Path = Field(
+        DEMO_REPOSITORY, description="Folder of model folders; models with [cloud] are served."
+    )
     device: str = Field("auto", description="'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     inference_threads: Annotated[
         int, Field(ge=1, description="Threads that run models; torch releases the GIL while it computes.")

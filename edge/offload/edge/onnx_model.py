@@ -61,9 +61,13 @@ class OnnxModel:
         providers = [name for name in section.providers if name in available]
         skipped = [name for name in section.providers if name not in available]
         if skipped:
-            log.warning("%s: execution providers %s are not in this onnxruntime build; using %s", path, skipped, providers)
+            log.warning(
+                "%s: execution providers %s are not in this onnxruntime build; using %s", path, skipped, providers
+            )
         if not providers:
-            raise ConfigurationError(f"{path}: none of the providers {list(section.providers)} is available ({available})")
+            raise ConfigurationError(
+                f"{path}: none of the providers {list(section.providers)} is available ({available})"
+            )
         try:
             self._session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
@@ -73,7 +77,9 @@ class OnnxModel:
         self.inputs = tuple(_spec(arg, path) for arg in self._session.get_inputs())
         self.outputs = tuple(_spec(arg, path) for arg in self._session.get_outputs())
         if any(spec.datatype == "BF16" for spec in self.inputs):
-            raise ConfigurationError(f"{path}: BF16 inputs are not supported by the edge runtime (NumPy has no bfloat16)")
+            raise ConfigurationError(
+                f"{path}: BF16 inputs are not supported by the edge runtime (NumPy has no bfloat16)"
+            )
 
     def check_declared(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
         """Fail at start-up if model.toml declares tensors the ONNX file does not have."""
@@ -82,10 +88,13 @@ class OnnxModel:
             for spec in declared:
                 found = by_name.get(spec.name)
                 if found is None:
-                    raise ConfigurationError(f"{self.path}: declared {kind} {spec.name!r} is not in the model {sorted(by_name)}")
+                    raise ConfigurationError(
+                        f"{self.path}: declared {kind} {spec.name!r} is not in the model {sorted(by_name)}"
+                    )
                 if found.datatype != spec.datatype:
                     raise ConfigurationError(
-                        f"{self.path}: {kind} {spec.name!r} is {found.datatype} in the model, {spec.datatype} in model.toml"
+                        f"{self.path}: {kind} {spec.name!r} is {found.datatype} in the model, "
+                        f"{spec.datatype} in model.toml"
                     )
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:

@@ -1,4 +1,5 @@
 """Bundled demo models: a model repository the demo and the servers use by default."""
+
 from pathlib import Path
 
 DEMO_REPOSITORY = Path(__file__).resolve().parent / "repository"

@@ -40,7 +40,9 @@ def _raw_list(raw: list[bytes], count: int, kind: str, where: str) -> list[bytes
     if not raw:
         return None
     if len(raw) != count:
-        raise InvalidArgument(f"{where}: {len(raw)} raw_{kind}_contents entries for {count} {kind}s; send one per {kind}")
+        raise InvalidArgument(
+            f"{where}: {len(raw)} raw_{kind}_contents entries for {count} {kind}s; send one per {kind}"
+        )
     return raw
 
 
@@ -85,7 +87,9 @@ def request_to_pb(request: InferRequest, raw: bool = True) -> pb.ModelInferReque
 
 
 def response_to_pb(response: InferResponse, raw: bool) -> pb.ModelInferResponse:
-    message = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version, id=response.id)
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
     parameters_to_pb(response.parameters, message.parameters)
     # raw_output_contents is all or nothing, so one FP16/BF16 output makes all raw.
     use_raw = raw or needs_raw(response.outputs)

@@ -41,7 +41,8 @@ class ServerProcess:
         return self.address
 
     def _read(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
+        assert self._process is not None
+        assert self._process.stdout is not None
         for line in self._process.stdout:
             self._lines.append(line.rstrip("\n"))
             match = _LISTENING.search(line)

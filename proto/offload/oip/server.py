@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
-from offload.oip.errors import status_for
+from offload.oip.errors import Unavailable, status_for
 from offload.oip.messages import (
     model_metadata_to_pb,
     request_from_pb,
@@ -59,8 +59,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, data_plane: DataPlane, limits: ServerLimits) -> None:
         self._plane = data_plane
         self._limits = limits
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    async def _guard(self, context: grpc.aio.ServicerContext[object, object], call: Callable[[], Awaitable[_Reply]]) -> _Reply:
+    def start_draining(self) -> None:
+        """Refuse new inference calls with UNAVAILABLE (retryable: another replica can answer)."""
+        self._draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no inference call is in flight; False if the timeout came first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _guard(
+        self, context: grpc.aio.ServicerContext[object, object], call: Callable[[], Awaitable[_Reply]]
+    ) -> _Reply:
         try:
             return await call()
         except asyncio.CancelledError:
@@ -116,13 +134,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         async def call() -> pb.ModelInferResponse:
+            if self._draining:
+                raise Unavailable("the server is shutting down; retry on another replica")
             infer_request = request_from_pb(request, self._limits.max_elements)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             response = await self._plane.infer(infer_request, deadline)
             return response_to_pb(response, raw=infer_request.raw)
 
-        return await self._guard(context, call)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._guard(context, call)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
 
 class OipServer:
@@ -135,7 +162,8 @@ class OipServer:
         self.port = 0
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(options=channel_options(self.limits.max_message_bytes))
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(data_plane, self.limits), self._server)
+        self._servicer = InferenceServicer(data_plane, self.limits)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=pb.DESCRIPTOR.pool
@@ -156,9 +184,18 @@ class OipServer:
             await self._health.set(service, status)
 
     async def stop(self, grace_seconds: float) -> None:
-        """Report NOT_SERVING, refuse new calls, let calls in flight finish within the grace period."""
+        """Drain: report NOT_SERVING, refuse new inference calls with UNAVAILABLE, let calls in
+        flight finish within the grace period, then close the port.
+
+        gRPC's own shutdown would answer late calls with CANCELLED, which clients do not
+        retry; UNAVAILABLE lets them go to another replica.
+        """
+        started = time.monotonic()
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace_seconds)
+        self._servicer.start_draining()
+        if not await self._servicer.wait_idle(grace_seconds):
+            log.warning("%s: calls still in flight after %.1fs; cancelling them", self.name, grace_seconds)
+        await self._server.stop(max(0.0, grace_seconds - (time.monotonic() - started)))
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

@@ -135,7 +135,9 @@ def _decode_raw_bytes(raw: bytes, shape: tuple[int, ...], count: int, where: str
         items.append(bytes(view[offset : offset + length]))
         offset += length
     if len(items) != count:
-        raise InvalidArgument(f"{where}: raw BYTES contents hold {len(items)} elements but shape {list(shape)} needs {count}")
+        raise InvalidArgument(
+            f"{where}: raw BYTES contents hold {len(items)} elements but shape {list(shape)} needs {count}"
+        )
     return _object_array(items, shape)
 
 
@@ -159,7 +161,9 @@ def _decode_typed(
         raise InvalidArgument(f"{where}: {spec.name} can only be sent as raw contents (raw_input_contents)")
     wrong = [name for name in set_fields if name != spec.contents_field]
     if wrong:
-        raise InvalidArgument(f"{where}: datatype {spec.name} takes contents.{spec.contents_field}, not contents.{wrong[0]}")
+        raise InvalidArgument(
+            f"{where}: datatype {spec.name} takes contents.{spec.contents_field}, not contents.{wrong[0]}"
+        )
     values = getattr(contents, spec.contents_field)
     if len(values) != count:
         raise InvalidArgument(
@@ -169,7 +173,7 @@ def _decode_typed(
         return _object_array(list(values), shape)
     if spec.name in _NARROW_INTS:
         wide = np.array(values, dtype=np.int64)
-        info = np.iinfo(spec.dtype)
+        info = np.iinfo(spec.dtype.str)
         if wide.size and (int(wide.min()) < info.min or int(wide.max()) > info.max):
             raise InvalidArgument(f"{where}: values outside the range of {spec.name} [{info.min}, {info.max}]")
         return wide.astype(spec.dtype).reshape(shape)

@@ -28,9 +28,16 @@ def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
         onnx.check_declared(entry.config.inputs, entry.config.outputs)
         routed = RoutedModel(entry.config, onnx)
         if routed.score_output not in {spec.name for spec in onnx.outputs}:
-            raise ConfigurationError(f"model {name!r}: routing.output {routed.score_output!r} is not an output of {onnx.path}")
-        log.info("loaded %s v%s on the edge (%s, threshold %.3f)", name, entry.config.version,
-                 ",".join(onnx.providers), entry.config.routing.threshold)
+            raise ConfigurationError(
+                f"model {name!r}: routing.output {routed.score_output!r} is not an output of {onnx.path}"
+            )
+        log.info(
+            "loaded %s v%s on the edge (%s, threshold %.3f)",
+            name,
+            entry.config.version,
+            ",".join(onnx.providers),
+            entry.config.routing.threshold,
+        )
         models[name] = routed
     if not models:
         raise ConfigurationError(f"no model in {repository} has an [edge] section")

@@ -57,7 +57,9 @@ class RoutedModel:
         return self.config.routing.output or self.edge.outputs[0].name
 
     def metadata(self) -> ModelMetadata:
-        return ModelMetadata(self.config.name, (self.config.version,), "offload_router", self.edge.inputs, self.edge.outputs)
+        return ModelMetadata(
+            self.config.name, (self.config.version,), "offload_router", self.edge.inputs, self.edge.outputs
+        )
 
 
 @dataclass(slots=True)
@@ -127,16 +129,16 @@ class Router:
             # An edge-only agent: the edge answer is the best there is.
             return
         cloud = await self._cloud_answer(model, request, inputs, rows, deadline)
-        for name, merged in answer.outputs.items():
+        for name, edge_rows in answer.outputs.items():
             patch = cloud.outputs.get(name)
             if patch is None:
                 continue
-            if patch.shape[1:] != merged.shape[1:]:
+            if patch.shape[1:] != edge_rows.shape[1:]:
                 raise Unavailable(
                     f"the cloud's output {name!r} has row shape {list(patch.shape[1:])}, the edge's "
-                    f"{list(merged.shape[1:])}; their rows cannot be merged"
+                    f"{list(edge_rows.shape[1:])}; their rows cannot be merged"
                 )
-            merged = np.array(merged, copy=True) if not merged.flags.writeable else merged
+            merged = edge_rows if edge_rows.flags.writeable else np.array(edge_rows, copy=True)
             merged[rows] = patch
             answer.outputs[name] = merged
         answer.confidence[rows] = cloud.confidence
@@ -158,7 +160,9 @@ class Router:
             model_name=model.config.cloud_model_name,
             model_version=model.config.routing.cloud_version,
             id=request.id,
-            inputs=[Tensor(name, specs[name].datatype, data if all_rows else data[rows]) for name, data in inputs.items()],
+            inputs=[
+                Tensor(name, specs[name].datatype, data if all_rows else data[rows]) for name, data in inputs.items()
+            ],
             parameters=forwarded(request.parameters),
         )
         try:

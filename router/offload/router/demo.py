@@ -108,15 +108,20 @@ async def _measure(edge_address: str, samples: int | None, threshold: float | No
         "latency_ms": {
             "edge_only": _percentiles(edge.latencies_ms),
             "cloud_only": _percentiles(cloud.latencies_ms),
-            "routed_answered_on_edge": _percentiles([ms for ms, off in zip(routed.latencies_ms, offloaded) if not off]),
-            "routed_answered_in_cloud": _percentiles([ms for ms, off in zip(routed.latencies_ms, offloaded) if off]),
+            "routed_answered_on_edge": _percentiles(
+                [ms for ms, off in zip(routed.latencies_ms, offloaded, strict=True) if not off]
+            ),
+            "routed_answered_in_cloud": _percentiles(
+                [ms for ms, off in zip(routed.latencies_ms, offloaded, strict=True) if off]
+            ),
         },
     }
 
 
 def _table(report: dict[str, Any]) -> str:
     lines = [
-        f"Offload demo: model {report['model']!r}, {report['samples']} test samples, threshold {report['threshold']:.3f}",
+        f"Offload demo: model {report['model']!r}, {report['samples']} test samples, "
+        f"threshold {report['threshold']:.3f}",
         "",
         f"  edge-only accuracy   {report['edge_accuracy']:7.2%}",
         f"  cloud-only accuracy  {report['cloud_accuracy']:7.2%}",

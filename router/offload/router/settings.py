@@ -15,8 +15,12 @@ from offload.oip.settings import ServerSettings
 class EdgeSettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix="OFFLOAD_EDGE_", extra="forbid")
 
-    model_repository: Path = Field(DEMO_REPOSITORY, description="Folder of model folders; models with [edge] are served.")
-    cloud: str | None = Field(None, description="The cloud's HOST:PORT (any OIP server); none: answer everything on the edge.")
+    model_repository: Path = Field(
+        DEMO_REPOSITORY, description="Folder of model folders; models with [edge] are served."
+    )
+    cloud: str | None = Field(
+        None, description="The cloud's HOST:PORT (any OIP server); none: answer everything on the edge."
+    )
     cloud_timeout_seconds: Annotated[
         float, Field(gt=0, description="Longest a cloud call may take when the caller set no shorter deadline.")
     ] = 2.0

@@ -1,0 +1,374 @@
+"""Malformed requests get the right gRPC status and a message naming the field, and the server keeps serving.
+
+Requests are crafted as raw protobuf messages (not through OipClient, which only builds
+well-formed ones) and sent to the real in-process servers: the edge agent and the cloud.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from conftest import Stack, running_stack
+from offload.cloud.dataplane import CloudDataPlane
+from offload.models import DEMO_REPOSITORY
+from offload.oip import grpc_service_pb2 as pb
+from offload.oip import grpc_service_pb2_grpc as pb_grpc
+from offload.oip.messages import request_to_pb
+from offload.oip.server import ServerLimits
+from offload.oip.tensors import Tensor
+from offload.oip.types import InferRequest
+from offload.router.core import RoutedModel
+from support.repos import SAMPLES, TEXT_BYTES
+
+if TYPE_CHECKING:
+    # Only in the stubs: what GRPCInferenceServiceStub(an aio channel) is.
+    from offload.oip.grpc_service_pb2_grpc import GRPCInferenceServiceAsyncStub as Stub
+
+Code = grpc.StatusCode
+SERVERS = ["edge", "cloud"]
+TIMEOUT = 10.0
+
+with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as _data:
+    PIXELS: npt.NDArray[np.float32] = _data["inputs"][:2].astype(np.float32)
+RAW = PIXELS.tobytes()  # 2 rows x 64 FP32: 512 bytes
+
+
+def _address(stack: Stack, server: str) -> str:
+    return stack.edge_address if server == "edge" else stack.cloud_address
+
+
+@pytest.fixture(params=SERVERS)
+async def stub(request: pytest.FixtureRequest, demo_stack: Stack) -> AsyncIterator[Stub]:
+    """A raw stub to the edge agent or the cloud service of a demo stack."""
+    async with grpc.aio.insecure_channel(_address(demo_stack, request.param)) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture
+async def edge_stub(demo_stack: Stack) -> AsyncIterator[Stub]:
+    async with grpc.aio.insecure_channel(demo_stack.edge_address) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _digits(
+    datatype: str = "FP32",
+    shape: tuple[int, ...] = (2, 64),
+    raw: bytes | None = RAW,
+    name: str = "pixels",
+    model: str = "digits",
+    version: str = "",
+) -> pb.ModelInferRequest:
+    """A request for the demo model, well formed unless an argument says otherwise."""
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    if raw is not None:
+        request.raw_input_contents.append(raw)
+    return request
+
+
+async def _assert_serves(stub: Stub) -> None:
+    """A good request to the same server is still answered, and correctly shaped."""
+    reply = await stub.ModelInfer(_digits(), timeout=TIMEOUT)
+    assert [(output.name, output.datatype, list(output.shape)) for output in reply.outputs] == [
+        ("scores", "FP32", [2, 10])
+    ]
+    assert [len(raw) for raw in reply.raw_output_contents] == [2 * 10 * 4]
+
+
+async def _assert_rejected(
+    stub: Stub,
+    request: pb.ModelInferRequest,
+    code: grpc.StatusCode,
+    fragments: tuple[str, ...],
+    good: Callable[[Stub], Awaitable[None]] = _assert_serves,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ModelInfer(request, timeout=TIMEOUT)
+    details = caught.value.details() or ""
+    assert caught.value.code() == code, details
+    for fragment in fragments:
+        assert fragment in details, f"{fragment!r} is not in the message {details!r}"
+    await good(stub)
+
+
+def _missing_input() -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(model_name="digits")
+
+
+def _input_twice() -> pb.ModelInferRequest:
+    request = _digits()
+    request.inputs.add(name="pixels", datatype="FP32", shape=[2, 64])
+    request.raw_input_contents.append(RAW)
+    return request
+
+
+def _two_raw_entries() -> pb.ModelInferRequest:
+    request = _digits()
+    request.raw_input_contents.append(RAW)
+    return request
+
+
+def _typed(field: str, values: list[Any], datatype: str = "FP32", raw: bytes | None = None) -> pb.ModelInferRequest:
+    request = _digits(datatype=datatype, raw=raw)
+    getattr(request.inputs[0].contents, field).extend(values)
+    return request
+
+
+def _parameter(key: str, **value: Any) -> pb.ModelInferRequest:
+    request = _digits()
+    if value:
+        request.parameters[key].CopyFrom(pb.InferParameter(**value))
+    else:
+        request.parameters[key].SetInParent()  # present on the wire, nothing in the oneof
+    return request
+
+
+def _outputs(*names: str) -> pb.ModelInferRequest:
+    request = _digits()
+    for name in names:
+        request.outputs.add(name=name)
+    return request
+
+
+FLOATS = PIXELS.ravel().tolist()
+
+CASES = [
+    pytest.param(lambda: _digits(model="nope"), Code.NOT_FOUND, ("'nope'", "not served", "digits"), id="unknown-model"),
+    pytest.param(lambda: _digits(version="7"), Code.NOT_FOUND, ("'digits'", "version '7'"), id="unknown-version"),
+    pytest.param(lambda: _digits(model=""), Code.INVALID_ARGUMENT, ("model_name",), id="empty-model-name"),
+    pytest.param(lambda: _digits(name="pixelz"), Code.INVALID_ARGUMENT, ("'pixelz'", "'pixels'"), id="wrong-input"),
+    pytest.param(lambda: _digits(name=""), Code.INVALID_ARGUMENT, ("input #0", "name is empty"), id="unnamed-input"),
+    pytest.param(_missing_input, Code.INVALID_ARGUMENT, ("needs input 'pixels'",), id="missing-input"),
+    pytest.param(_input_twice, Code.INVALID_ARGUMENT, ("'pixels'", "given twice"), id="input-twice"),
+    pytest.param(
+        lambda: _digits(datatype="INT32"), Code.INVALID_ARGUMENT, ("'pixels'", "INT32", "expected FP32"), id="datatype"
+    ),
+    pytest.param(
+        lambda: _digits(shape=(128,)), Code.INVALID_ARGUMENT, ("'pixels'", "shape [128]", "[-1, 64]"), id="rank"
+    ),
+    pytest.param(
+        lambda: _digits(shape=(1, 63), raw=RAW[: 63 * 4]),
+        Code.INVALID_ARGUMENT,
+        ("'pixels'", "shape [1, 63]", "[-1, 64]"),
+        id="fixed-dim",
+    ),
+    pytest.param(
+        lambda: _digits(datatype="FP8"), Code.INVALID_ARGUMENT, ("'pixels'", "unknown datatype 'FP8'", "FP32"), id="FP8"
+    ),
+    pytest.param(
+        lambda: _digits(shape=(-1, 64)), Code.INVALID_ARGUMENT, ("shape [-1, 64]", "negative"), id="negative-dim"
+    ),
+    pytest.param(
+        lambda: _digits(raw=RAW[:-1]), Code.INVALID_ARGUMENT, ("'pixels'", "511 bytes", "needs 512"), id="raw-short"
+    ),
+    pytest.param(
+        lambda: _digits(raw=RAW + b"\0"), Code.INVALID_ARGUMENT, ("'pixels'", "513 bytes", "needs 512"), id="raw-long"
+    ),
+    pytest.param(
+        _two_raw_entries,
+        Code.INVALID_ARGUMENT,
+        ("2 raw_input_contents entries for 1 input",),
+        id="raw-entries-count",
+    ),
+    pytest.param(
+        lambda: _typed("fp32_contents", FLOATS, raw=RAW),
+        Code.INVALID_ARGUMENT,
+        ("'pixels'", "both typed contents (fp32_contents) and raw contents"),
+        id="typed-and-raw",
+    ),
+    pytest.param(
+        lambda: _typed("int64_contents", [1] * 128),
+        Code.INVALID_ARGUMENT,
+        ("'pixels'", "contents.fp32_contents", "not contents.int64_contents"),
+        id="typed-wrong-field",
+    ),
+    pytest.param(
+        lambda: _typed("fp32_contents", FLOATS[:-1]),
+        Code.INVALID_ARGUMENT,
+        ("'pixels'", "contents.fp32_contents has 127 elements", "needs 128"),
+        id="typed-count",
+    ),
+    pytest.param(
+        lambda: _typed("fp32_contents", FLOATS, datatype="FP16"),
+        Code.INVALID_ARGUMENT,
+        ("'pixels'", "FP16 can only be sent as raw contents"),
+        id="typed-FP16",
+    ),
+    pytest.param(
+        lambda: _typed("int_contents", [300] + [0] * 127, datatype="INT8"),
+        Code.INVALID_ARGUMENT,
+        ("'pixels'", "outside the range of INT8"),
+        id="typed-INT8-range",
+    ),
+    pytest.param(
+        lambda: _parameter("colour"),
+        Code.INVALID_ARGUMENT,
+        ("parameter 'colour'", "no value set"),
+        id="empty-parameter",
+    ),
+    pytest.param(
+        lambda: _outputs("nope"), Code.INVALID_ARGUMENT, ("no output 'nope'", "'scores'"), id="unknown-output"
+    ),
+    pytest.param(
+        lambda: _outputs("scores", "scores"),
+        Code.INVALID_ARGUMENT,
+        ("output 'scores'", "requested twice"),
+        id="output-twice",
+    ),
+]
+
+
+@pytest.mark.parametrize(("build", "code", "fragments"), CASES)
+async def test_bad_request_is_rejected_and_the_server_keeps_serving(
+    stub: Stub, build: Callable[[], pb.ModelInferRequest], code: grpc.StatusCode, fragments: tuple[str, ...]
+) -> None:
+    await _assert_rejected(stub, build(), code, fragments)
+
+
+async def test_huge_declared_shape_is_refused_before_any_allocation(stub: Stub) -> None:
+    start = time.monotonic()
+    await _assert_rejected(
+        stub,
+        _digits(shape=(2**40, 64), raw=RAW),
+        Code.INVALID_ARGUMENT,
+        ("'pixels'", f"{2**46} elements", "over the limit of"),
+    )
+    # 2**46 floats would be 256 TiB: answering at all, within seconds, means nothing was allocated.
+    assert time.monotonic() - start < 5.0
+
+
+ROUTING_CASES = [
+    pytest.param("offload_threshold", {"double_param": 1.5}, ("'offload_threshold'", "1.5"), id="threshold-1.5"),
+    pytest.param("offload_threshold", {"double_param": -0.1}, ("'offload_threshold'", "-0.1"), id="threshold-negative"),
+    pytest.param(
+        "offload_threshold", {"double_param": float("nan")}, ("'offload_threshold'", "nan"), id="threshold-nan"
+    ),
+    pytest.param("offload_threshold", {"int64_param": 2}, ("'offload_threshold'", "2"), id="threshold-int-2"),
+    pytest.param("offload_threshold", {"string_param": "abc"}, ("'offload_threshold'", "'abc'"), id="threshold-string"),
+    pytest.param("offload_threshold", {"bool_param": True}, ("'offload_threshold'", "bool"), id="threshold-bool"),
+    pytest.param("offload_route", {"string_param": "sideways"}, ("'offload_route'", "'sideways'"), id="route-sideways"),
+    pytest.param("offload_route", {"int64_param": 1}, ("'offload_route'", "must be a string"), id="route-int"),
+    pytest.param("offload_details", {"string_param": "yes"}, ("'offload_details'", "bool", "'yes'"), id="details-yes"),
+    pytest.param("offload_details", {"int64_param": 1}, ("'offload_details'", "bool"), id="details-int"),
+    pytest.param("offload_foo", {"bool_param": True}, ("unknown routing parameter 'offload_foo'",), id="unknown"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "fragments"), ROUTING_CASES)
+async def test_bad_routing_parameter_is_rejected_by_the_edge_agent(
+    edge_stub: Stub, key: str, value: dict[str, Any], fragments: tuple[str, ...]
+) -> None:
+    await _assert_rejected(edge_stub, _parameter(key, **value), Code.INVALID_ARGUMENT, fragments)
+
+
+async def test_good_routing_parameters_are_accepted(edge_stub: Stub) -> None:
+    """The counterpart of the cases above: the same parameters, well formed, work (int 0/1 and strings too)."""
+    request = _digits()
+    request.parameters["offload_route"].string_param = "edge"
+    request.parameters["offload_threshold"].string_param = "0.5"
+    request.parameters["offload_details"].bool_param = True
+    reply = await edge_stub.ModelInfer(request, timeout=TIMEOUT)
+    assert reply.parameters["offload_route"].string_param == "edge"
+    assert [output.name for output in reply.outputs] == ["scores", "offload_route", "offload_confidence"]
+    request.parameters["offload_threshold"].int64_param = 1
+    request.parameters["offload_route"].string_param = "auto"
+    reply = await edge_stub.ModelInfer(request, timeout=TIMEOUT)
+    # Threshold 1: every row short of certainty goes to the cloud.
+    assert reply.parameters["offload_offloaded_rows"].int64_param >= 1
+
+
+# Raw BYTES: echo models take every datatype, so a valid request differs from a bad one in the BYTES entry only.
+
+
+def _echo_request(server: str) -> tuple[pb.ModelInferRequest, int]:
+    """A valid raw request for the echo model of `server`, and the index of its BYTES input."""
+    if server == "cloud":
+        model, samples, parameters = "echo_all", SAMPLES, {}
+    else:
+        # The edge echo has no BF16; ONNX Runtime keeps strings as text.
+        model, parameters = "echo", {"offload_route": "edge"}
+        samples = {name: data for name, data in SAMPLES.items() if name != "BF16"} | {"BYTES": TEXT_BYTES}
+    inputs = [Tensor(f"in_{datatype}", datatype, data) for datatype, data in samples.items()]
+    message = request_to_pb(InferRequest(model, inputs, parameters=dict(parameters)), raw=True)
+    return message, list(samples).index("BYTES")
+
+
+def _assert_echo_serves(server: str) -> Callable[[Stub], Awaitable[None]]:
+    async def check(stub: Stub) -> None:
+        request, index = _echo_request(server)
+        reply = await stub.ModelInfer(request, timeout=TIMEOUT)
+        by_name = {output.name: raw for output, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)}
+        assert by_name["out_BYTES"] == request.raw_input_contents[index]
+
+    return check
+
+
+LENGTH = struct.Struct("<I")
+BYTES_CASES = [
+    pytest.param(b"\x05\x00", ("'in_BYTES'", "inside a 4-byte length prefix at byte 0"), id="prefix-truncated"),
+    pytest.param(
+        LENGTH.pack(1) + b"a" + LENGTH.pack(7)[:3],
+        ("'in_BYTES'", "inside a 4-byte length prefix at byte 5"),
+        id="second-prefix-truncated",
+    ),
+    pytest.param(LENGTH.pack(1000) + b"abc", ("'in_BYTES'", "declares 1000 bytes but only 3 remain"), id="too-long"),
+    pytest.param(LENGTH.pack(1) + b"a", ("'in_BYTES'", "hold 1 elements", "shape [2, 3] needs 6"), id="too-few"),
+    pytest.param(b"".join(LENGTH.pack(0) for _ in range(7)), ("'in_BYTES'", "more than the 6 elements"), id="too-many"),
+]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize(("raw", "fragments"), BYTES_CASES)
+async def test_malformed_raw_bytes_are_rejected(
+    echo_stack: Stack, server: str, raw: bytes, fragments: tuple[str, ...]
+) -> None:
+    request, index = _echo_request(server)
+    request.raw_input_contents[index] = raw
+    async with grpc.aio.insecure_channel(_address(echo_stack, server)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await _assert_rejected(stub, request, Code.INVALID_ARGUMENT, fragments, good=_assert_echo_serves(server))
+
+
+async def test_unknown_model_in_metadata_and_readiness_is_not_found(stub: Stub) -> None:
+    calls: list[tuple[Callable[[], Awaitable[object]], str]] = [
+        (lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"), timeout=TIMEOUT), "'nope'"),
+        (lambda: stub.ModelReady(pb.ModelReadyRequest(name="nope"), timeout=TIMEOUT), "'nope'"),
+        (lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="digits", version="7"), timeout=TIMEOUT), "'7'"),
+        (lambda: stub.ModelReady(pb.ModelReadyRequest(name="digits", version="7"), timeout=TIMEOUT), "'7'"),
+    ]
+    for call, fragment in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call()
+        assert caught.value.code() == Code.NOT_FOUND
+        assert fragment in (caught.value.details() or "")
+    assert (await stub.ModelReady(pb.ModelReadyRequest(name="digits"), timeout=TIMEOUT)).ready
+    metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name="digits", version="1"), timeout=TIMEOUT)
+    assert metadata.name == "digits"
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_message_over_the_size_limit_is_resource_exhausted(
+    server: str,
+    demo_cloud_plane: CloudDataPlane,
+    demo_edge_models: dict[str, RoutedModel],
+    edge_executor: ThreadPoolExecutor,
+) -> None:
+    limits = ServerLimits(max_message_bytes=64 * 1024)
+    rows = np.resize(PIXELS, (1000, 64))  # 256,000 bytes of raw FP32
+    async with (
+        running_stack(demo_cloud_plane, demo_edge_models, edge_executor, limits=limits) as stack,
+        grpc.aio.insecure_channel(_address(stack, server)) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await _assert_rejected(
+            stub, _digits(shape=(1000, 64), raw=rows.tobytes()), Code.RESOURCE_EXHAUSTED, ("larger than max",)
+        )

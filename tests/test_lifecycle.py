@@ -1,0 +1,137 @@
+"""The commands as users run them: start, serve, shut down gracefully, report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import SUBPROCESS_ENV
+from offload.oip.client import OipClient
+from offload.oip.errors import UpstreamError
+from offload.oip.process import ServerProcess
+from offload.oip.tensors import Tensor
+from offload.oip.types import InferRequest
+from support import gate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wait_for(path: Path, timeout: float = 30.0) -> None:
+    """Poll for a file the server writes (readiness, not a sleep-as-synchronisation)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+async def _wait_until_not_serving(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(3000):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError("health never reported NOT_SERVING")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_shutdown_answers_calls_in_flight_refuses_new_ones_and_exits_zero(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    repository = gate.write_repository(tmp_path / "repository")
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    env = {**SUBPROCESS_ENV, gate.MARKER_ENV: str(gate_dir)}
+    with ServerProcess(
+        ["cloud", "--grpc-port", "0", "--model-repository", str(repository), "--grace-seconds", "30"], env=env
+    ) as server:
+        address = server.start()
+        request = InferRequest("gate", [Tensor.of("x", np.ones((1, 1), dtype=np.float32))])
+        async with OipClient(address) as client:
+            in_flight = asyncio.create_task(client.infer(request, timeout=60))
+            await asyncio.to_thread(_wait_for, gate_dir / "arrived")
+            server.signal(signum)
+            await _wait_until_not_serving(address)
+            # While draining, new calls are refused with a retryable status rather than queued.
+            with pytest.raises(UpstreamError) as refused:
+                await client.infer(request, timeout=5)
+            assert refused.value.status == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in str(refused.value)
+            (gate_dir / "open").touch()
+            response = await in_flight
+        np.testing.assert_array_equal(response.outputs[0].data, [[1.0]])
+        code = await asyncio.to_thread(server.terminate)
+    assert code == 0, server.output()
+
+
+def test_demo_json_meets_the_acceptance_figures() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "offload.cli", "demo", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout)
+    for key in ("edge_accuracy", "cloud_accuracy", "routed_accuracy", "offload_rate"):
+        assert 0.0 <= report[key] <= 1.0
+    assert report["samples"] > 0
+    assert report["cloud_accuracy"] >= report["edge_accuracy"] + 0.015
+    assert report["routed_accuracy"] >= report["cloud_accuracy"] - 0.005
+    assert report["offload_rate"] <= 0.30
+
+
+def test_generated_protocol_code_is_up_to_date() -> None:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_edge_side_never_imports_torch() -> None:
+    code = (
+        "import sys, offload.router, offload.router.agent, offload.edge, offload.cli; "
+        "from offload.router.agent import load_edge_models; from offload.models import DEMO_REPOSITORY; "
+        "load_edge_models(DEMO_REPOSITORY); "
+        "assert 'torch' not in sys.modules and 'offload.cloud' not in sys.modules, 'edge imported torch'"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["edge"], ["cloud"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "offload.cli", *command, "--help"], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0
+    assert "usage: offload" in completed.stdout
+
+
+def test_bad_model_repository_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model.toml").write_text('[routing]\nthreshold = 2.0\n[cloud]\nartifact = "missing.pt2"\n')
+    completed = subprocess.run(
+        [sys.executable, "-m", "offload.cli", "cloud", "--grpc-port", "0", "--model-repository", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert "model.toml" in completed.stderr
+    assert "routing.threshold" in completed.stderr

@@ -1,0 +1,187 @@
+"""Per-row routing on the demo models, through the edge agent's gRPC API and in-process."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from conftest import Stack
+from offload.cloud.dataplane import CloudDataPlane
+from offload.models import DEMO_REPOSITORY
+from offload.oip.client import OipClient
+from offload.oip.repository import OutputKind
+from offload.oip.tensors import Tensor
+from offload.oip.types import InferRequest, InferResponse, ParameterValue
+from offload.router.confidence import max_probability
+from offload.router.core import RoutedModel, Router
+
+THRESHOLD = 0.9
+
+
+@pytest.fixture(scope="module")
+def test_set() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
+        return data["inputs"].astype(np.float32), data["labels"].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def mixed_batch(
+    test_set: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]], demo_edge_models: dict[str, RoutedModel]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Twelve rows, confident and unsure ones interleaved, and which rows are unsure."""
+    inputs, _ = test_set
+    scores = demo_edge_models["digits"].edge.predict({"pixels": inputs})["scores"]
+    confidence = max_probability(scores, OutputKind.LOGITS)
+    unsure, sure = np.flatnonzero(confidence < THRESHOLD)[:5], np.flatnonzero(confidence >= THRESHOLD)[:7]
+    assert unsure.size == 5, "the demo test set should hold unsure rows"
+    assert sure.size == 7, "the demo test set should hold confident rows"
+    order = np.array(
+        [
+            sure[0],
+            unsure[0],
+            sure[1],
+            sure[2],
+            unsure[1],
+            unsure[2],
+            sure[3],
+            sure[4],
+            unsure[3],
+            sure[5],
+            unsure[4],
+            sure[6],
+        ]
+    )
+    return inputs[order], confidence[order] < THRESHOLD
+
+
+def _request(pixels: npt.NDArray[np.float32], **parameters: ParameterValue) -> InferRequest:
+    return InferRequest("digits", [Tensor.of("pixels", pixels)], id="req-1", parameters=dict(parameters))
+
+
+async def _infer(stack: Stack, request: InferRequest) -> InferResponse:
+    async with OipClient(stack.edge_address) as client:
+        return await client.infer(request)
+
+
+def _edge_scores(models: dict[str, RoutedModel], pixels: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
+    return models["digits"].edge.predict({"pixels": pixels})["scores"]
+
+
+def _cloud_scores(plane: CloudDataPlane, pixels: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
+    return plane._model("digits", "").predict({"pixels": pixels})["scores"]
+
+
+async def test_mixed_batch_sends_only_unsure_rows_and_merges_them_in_order(
+    demo_stack: Stack,
+    mixed_batch: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]],
+    demo_edge_models: dict[str, RoutedModel],
+    demo_cloud_plane: CloudDataPlane,
+) -> None:
+    pixels, unsure = mixed_batch
+    response = await _infer(demo_stack, _request(pixels, offload_threshold=THRESHOLD, offload_details=True))
+
+    outputs = response.as_dict()
+    routes = [item.decode() for item in outputs["offload_route"].data.tolist()]
+    assert routes == ["cloud" if flag else "edge" for flag in unsure]
+    assert response.parameters["offload_route"] == "mixed"
+    assert response.parameters["offload_offloaded_rows"] == int(unsure.sum())
+    assert response.id == "req-1"
+
+    scores = outputs["scores"].data
+    np.testing.assert_allclose(scores[~unsure], _edge_scores(demo_edge_models, pixels[~unsure]), rtol=1e-5)
+    np.testing.assert_allclose(scores[unsure], _cloud_scores(demo_cloud_plane, pixels[unsure]), rtol=1e-4, atol=1e-5)
+
+    # Per-row confidence: the edge's where it answered, the cloud's where the cloud did.
+    confidence = outputs["offload_confidence"].data
+    assert outputs["offload_confidence"].datatype == "FP32"
+    expected = max_probability(scores, OutputKind.LOGITS)
+    np.testing.assert_allclose(confidence, expected, rtol=1e-5)
+    assert response.parameters["offload_confidence"] == pytest.approx(float(expected.min()), rel=1e-5)
+
+
+@pytest.mark.parametrize("route", ["edge", "cloud"])
+async def test_forced_route_answers_every_row_there(
+    demo_stack: Stack,
+    mixed_batch: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]],
+    demo_edge_models: dict[str, RoutedModel],
+    demo_cloud_plane: CloudDataPlane,
+    route: str,
+) -> None:
+    pixels, _ = mixed_batch
+    response = await _infer(demo_stack, _request(pixels, offload_route=route, offload_details=True))
+    assert response.parameters["offload_route"] == route
+    assert response.parameters["offload_offloaded_rows"] == (len(pixels) if route == "cloud" else 0)
+    assert {item.decode() for item in response.as_dict()["offload_route"].data.tolist()} == {route}
+    expected = _edge_scores(demo_edge_models, pixels) if route == "edge" else _cloud_scores(demo_cloud_plane, pixels)
+    np.testing.assert_allclose(response.as_dict()["scores"].data, expected, rtol=1e-4, atol=1e-5)
+
+
+async def test_threshold_override_changes_routing(
+    demo_stack: Stack, mixed_batch: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]
+) -> None:
+    pixels, unsure = mixed_batch
+    never = await _infer(demo_stack, _request(pixels, offload_threshold=0.0))
+    always = await _infer(demo_stack, _request(pixels, offload_threshold=1.0))
+    some = await _infer(demo_stack, _request(pixels, offload_threshold=THRESHOLD))
+    assert (never.parameters["offload_route"], never.parameters["offload_offloaded_rows"]) == ("edge", 0)
+    # Confidence is at most 1.0, and rows strictly below the threshold travel: 1.0 sends all but certain rows.
+    offloaded = always.parameters["offload_offloaded_rows"]
+    assert isinstance(offloaded, int)
+    assert offloaded >= int(unsure.sum())
+    assert some.parameters["offload_offloaded_rows"] == int(unsure.sum())
+
+
+async def test_model_threshold_applies_without_override(
+    demo_stack: Stack,
+    test_set: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+    demo_edge_models: dict[str, RoutedModel],
+) -> None:
+    inputs, _ = test_set
+    model = demo_edge_models["digits"]
+    confidence = max_probability(_edge_scores(demo_edge_models, inputs), OutputKind.LOGITS)
+    response = await _infer(demo_stack, _request(inputs))
+    assert response.parameters["offload_offloaded_rows"] == int(np.sum(confidence < model.config.routing.threshold))
+    # Without offload_details the answer carries only the model's outputs.
+    assert [tensor.name for tensor in response.outputs] == ["scores"]
+
+
+async def test_in_process_router_gives_the_same_answers_as_grpc(
+    demo_stack: Stack,
+    mixed_batch: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]],
+) -> None:
+    pixels, _ = mixed_batch
+    request = _request(pixels, offload_threshold=THRESHOLD, offload_details=True)
+    over_grpc = await _infer(demo_stack, request)
+    in_process = await demo_stack.router.infer(request)
+    assert in_process.parameters == pytest.approx(over_grpc.parameters)
+    for name in ("scores", "offload_route", "offload_confidence"):
+        np.testing.assert_array_equal(in_process.as_dict()[name].data, over_grpc.as_dict()[name].data)
+
+
+async def test_edge_only_router_answers_unsure_rows_on_the_edge(
+    demo_edge_models: dict[str, RoutedModel],
+    edge_executor: ThreadPoolExecutor,
+    mixed_batch: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]],
+) -> None:
+    pixels, _ = mixed_batch
+    router = Router(demo_edge_models, None, edge_executor)
+    response = await router.infer(_request(pixels, offload_threshold=THRESHOLD))
+    assert response.parameters["offload_route"] == "edge"
+    assert response.parameters["offload_offloaded_rows"] == 0
+
+
+async def test_empty_batch_is_answered(demo_stack: Stack) -> None:
+    response = await _infer(demo_stack, _request(np.zeros((0, 64), dtype=np.float32)))
+    assert response.as_dict()["scores"].shape == (0, 10)
+    assert response.parameters["offload_offloaded_rows"] == 0
+
+
+async def test_requested_outputs_are_the_only_ones_returned(demo_stack: Stack) -> None:
+    request = _request(np.zeros((2, 64), dtype=np.float32), offload_route="cloud")
+    request.outputs = ["scores"]
+    response = await _infer(demo_stack, request)
+    assert [tensor.name for tensor in response.outputs] == ["scores"]
