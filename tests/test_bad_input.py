@@ -372,3 +372,14 @@ async def test_message_over_the_size_limit_is_resource_exhausted(
         await _assert_rejected(
             stub, _digits(shape=(1000, 64), raw=rows.tobytes()), Code.RESOURCE_EXHAUSTED, ("larger than max",)
         )
+
+
+async def test_zero_element_shape_with_a_huge_dimension_is_invalid_argument(stub: Stub) -> None:
+    await _assert_rejected(stub, _digits(shape=(2**62, 0), raw=b""), Code.INVALID_ARGUMENT, ("'pixels'", "shape"))
+
+
+async def test_rows_with_an_undefined_edge_confidence_are_offloaded(edge_stub: Stub) -> None:
+    request = _digits(shape=(1, 64), raw=np.full((1, 64), np.nan, dtype=np.float32).tobytes())
+    reply = await edge_stub.ModelInfer(request, timeout=TIMEOUT)
+    assert reply.parameters["offload_offloaded_rows"].int64_param == 1
+    assert reply.parameters["offload_route"].string_param == "cloud"

@@ -70,12 +70,14 @@ def _as_bytes_array(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 def element_count(shape: Sequence[int], where: str, max_elements: int) -> int:
     """Validate a declared shape and return its element count, bounded before any use."""
-    for dim in shape:
-        if dim < 0:
-            raise InvalidArgument(f"{where}: shape {list(shape)} has a negative dimension")
+    if any(dim < 0 for dim in shape):
+        raise InvalidArgument(f"{where}: shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
     if count > max_elements:
         raise InvalidArgument(f"{where}: shape {list(shape)} has {count} elements, over the limit of {max_elements}")
+    # Each dimension too: [2**62, 0] has no elements, but NumPy cannot make that shape.
+    if any(dim > max_elements for dim in shape):
+        raise InvalidArgument(f"{where}: shape {list(shape)} has a dimension over the limit of {max_elements}")
     return count
 
 

@@ -104,7 +104,9 @@ class Router:
             answer = await self._edge_answer(model, inputs)
             if options.route is Route.AUTO:
                 threshold = model.config.routing.threshold if options.threshold is None else options.threshold
-                unsure = np.flatnonzero(answer.confidence < threshold)
+                # Written as "not confident" so that a NaN confidence (non-finite
+                # input, a broken model) goes to the cloud rather than staying.
+                unsure = np.flatnonzero(~(answer.confidence >= threshold))
                 if unsure.size:
                     await self._offload_rows(model, request, inputs, unsure, answer, deadline)
         return self._response(model, request, wanted, answer, options, rows)
@@ -204,7 +206,9 @@ class Router:
         outputs = [Tensor(name, datatypes[name], answer.outputs[name]) for name in wanted]
         offloaded = int(np.count_nonzero(answer.routes == AnsweredBy.CLOUD))
         distinct = set(answer.routes.tolist())
-        route = distinct.pop() if len(distinct) == 1 else AnsweredBy.MIXED if distinct else AnsweredBy.EDGE
+        if not distinct:  # an empty batch: say where it was sent
+            distinct = {AnsweredBy.CLOUD if options.route is Route.CLOUD else AnsweredBy.EDGE}
+        route = distinct.pop() if len(distinct) == 1 else AnsweredBy.MIXED
         parameters: dict[str, ParameterValue] = {
             RESPONSE_ROUTE: str(route),
             RESPONSE_CONFIDENCE: float(answer.confidence.min()) if rows else 1.0,
