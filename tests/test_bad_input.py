@@ -278,7 +278,12 @@ async def test_good_routing_parameters_are_accepted(edge_stub: Stub) -> None:
     request.parameters["offload_details"].bool_param = True
     reply = await edge_stub.ModelInfer(request, timeout=TIMEOUT)
     assert reply.parameters["offload_route"].string_param == "edge"
-    assert [output.name for output in reply.outputs] == ["scores", "offload_route", "offload_confidence"]
+    assert [output.name for output in reply.outputs] == [
+        "scores",
+        "offload_route",
+        "offload_confidence",
+        "offload_degraded",
+    ]
     request.parameters["offload_threshold"].int64_param = 1
     request.parameters["offload_route"].string_param = "auto"
     reply = await edge_stub.ModelInfer(request, timeout=TIMEOUT)

@@ -122,12 +122,14 @@ def test_routing_parameters_from_tritonclient(demo_processes: Processes, test_se
             client_timeout=TIMEOUT,
         )
     parameters = result.get_response().parameters
-    assert parameters["offload_route"].string_param == "cloud"
-    assert parameters["offload_offloaded_rows"].int64_param == ROWS
     assert _accuracy(result.as_numpy("scores"), labels) >= MIN_ACCURACY["cloud"]
     routes = result.as_numpy("offload_route")
     assert routes.shape == (ROWS,)
-    assert routes.tolist() == [b"cloud"] * ROWS
+    # Every row is the cloud model's answer: fresh, or cached by an earlier test's request.
+    assert set(routes.tolist()) <= {b"cloud", b"cache"}
+    assert parameters["offload_offloaded_rows"].int64_param == routes.tolist().count(b"cloud")
+    expected_route = {b"cloud": "cloud", b"cache": "cache"}[routes[0]] if len(set(routes.tolist())) == 1 else "mixed"
+    assert parameters["offload_route"].string_param == expected_route
     confidence = result.as_numpy("offload_confidence")
     assert confidence.dtype == np.float32
     assert confidence.shape == (ROWS,)

@@ -11,7 +11,7 @@ import torch
 
 from offload.cloud.runtime import CloudModel
 from offload.cloud.settings import CloudSettings
-from offload.oip.errors import NotFound
+from offload.oip.errors import NotFound, ResourceExhausted
 from offload.oip.repository import ModelEntry
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata
@@ -24,10 +24,22 @@ SERVER_VERSION = "0.1.0"
 
 
 class CloudDataPlane:
-    def __init__(self, models: Mapping[str, CloudModel], executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, CloudModel],
+        executor: ThreadPoolExecutor,
+        capacity: int = 66,
+        pushback_ms: int = 100,
+    ) -> None:
         self._models = dict(models)
         self._executor = executor
         self._ready = True
+        # Admission: requests running or waiting for a thread. Past capacity the
+        # answer is an immediate RESOURCE_EXHAUSTED, never a longer queue.
+        self.capacity = capacity
+        self.pushback_ms = pushback_ms
+        self.admitted = 0
+        self.rejected = 0
 
     @classmethod
     def load(
@@ -46,7 +58,7 @@ class CloudDataPlane:
 
             raise ConfigurationError(f"no model in {settings.model_repository} has a [cloud] section")
         executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="cloud-infer")
-        return cls(models, executor)
+        return cls(models, executor, settings.inference_threads + settings.max_queue, settings.pushback_ms)
 
     def close(self) -> None:
         self._ready = False
@@ -77,15 +89,31 @@ class CloudDataPlane:
         return ModelMetadata(model.name, (model.version,), model.platform, model.inputs, model.outputs)
 
     def health_details(self) -> Mapping[str, str]:
-        return {"models": ",".join(sorted(self._models)), "ready": str(self._ready)}
+        return {
+            "models": ",".join(sorted(self._models)),
+            "ready": str(self._ready),
+            "admitted": f"{self.admitted}/{self.capacity}",
+            "rejected": str(self.rejected),
+        }
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
         model = self._model(request.model_name, request.model_version)
         check_inputs(request, model.inputs)
         wanted = check_requested_outputs(request, model.outputs)
         arrays = {tensor.name: tensor.data for tensor in request.inputs}
-        loop = asyncio.get_running_loop()
-        produced = await loop.run_in_executor(self._executor, model.predict, arrays)
+        if self.admitted >= self.capacity:
+            self.rejected += 1
+            raise ResourceExhausted(
+                f"the cloud is at capacity ({self.capacity} requests running or queued); "
+                f"retry after {self.pushback_ms} ms or add replicas",
+                pushback_ms=self.pushback_ms,
+            )
+        self.admitted += 1
+        try:
+            loop = asyncio.get_running_loop()
+            produced = await loop.run_in_executor(self._executor, model.predict, arrays)
+        finally:
+            self.admitted -= 1
         datatypes = {spec.name: spec.datatype for spec in model.outputs}
         return InferResponse(
             model_name=model.name,

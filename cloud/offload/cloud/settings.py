@@ -23,3 +23,10 @@ class CloudSettings(ServerSettings):
     inference_threads: Annotated[
         int, Field(ge=1, description="Threads that run models; torch releases the GIL while it computes.")
     ] = 2
+    max_queue: Annotated[
+        int,
+        Field(ge=0, description="Requests that may wait for a thread; past it, RESOURCE_EXHAUSTED at once."),
+    ] = 64
+    pushback_ms: Annotated[
+        int, Field(ge=0, description="Retry pushback sent with RESOURCE_EXHAUSTED (grpc-retry-pushback-ms).")
+    ] = 100

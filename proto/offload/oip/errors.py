@@ -33,6 +33,12 @@ class Unavailable(OffloadError):
 class ResourceExhausted(OffloadError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    def __init__(self, message: str, pushback_ms: int | None = None) -> None:
+        super().__init__(message)
+        # Sent as gRPC's `grpc-retry-pushback-ms` trailer: the server asks the
+        # client to wait this long before retrying (only then is a retry wanted).
+        self.pushback_ms = pushback_ms
+
 
 class DeadlineExceeded(OffloadError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -53,9 +59,10 @@ class Internal(OffloadError):
 class UpstreamError(OffloadError):
     """A peer server (the cloud) failed; carries the peer's own status."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, pushback_ms: int | None = None) -> None:
         super().__init__(message)
         self.upstream_code = code
+        self.pushback_ms = pushback_ms
 
     @property
     def status(self) -> grpc.StatusCode:
@@ -66,6 +73,15 @@ class ConfigurationError(OffloadError):
     """Bad settings or model repository, found at start-up."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata that goes with an error's status (the retry pushback)."""
+    pushback = getattr(exc, "pushback_ms", None)
+    return ((PUSHBACK_KEY, str(pushback)),) if isinstance(pushback, int) else ()
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -101,12 +101,38 @@ class OutputKind(StrEnum):
     PROBABILITIES = "probabilities"
 
 
+# How a row's confidence is computed (offload.router.confidence). Every measure
+# lies in [0, 1], higher meaning surer, so one threshold in [0, 1] fits them all.
+ConfidenceMeasure = Literal["max_probability", "margin", "negative_entropy", "output"]
+
+
 class RoutingSection(_Strict):
     output: str | None = None
     output_kind: OutputKind = OutputKind.LOGITS
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
     cloud_model: str | None = None
     cloud_version: str = ""
+    # max_probability: the largest softmax probability; margin: top-1 minus
+    # top-2 probability; negative_entropy: 1 - H(p) / log(classes); output: the
+    # model's own per-row confidence, the output named by confidence_output.
+    confidence: ConfidenceMeasure = "max_probability"
+    confidence_output: Annotated[str, Field(min_length=1)] | None = None
+    # Logits are divided by it before the softmax (`offload calibrate` fits it).
+    temperature: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+
+    @model_validator(mode="after")
+    def _confidence_source(self) -> Self:
+        if self.confidence == "output" and self.confidence_output is None:
+            raise ValueError(
+                "confidence = 'output' needs confidence_output, the name of the output that holds each row's confidence"
+            )
+        if self.confidence != "output" and self.confidence_output is not None:
+            raise ValueError(
+                f"confidence_output is only used with confidence = 'output' (confidence is {self.confidence!r})"
+            )
+        if self.confidence == "output" and self.temperature != 1.0:
+            raise ValueError("temperature scales class scores; it cannot apply to confidence = 'output'")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -129,6 +155,12 @@ class ModelConfig(_Strict):
             declared = [spec.name for spec in self.outputs]
             if self.routing.output not in declared:
                 raise ValueError(f"routing.output {self.routing.output!r} is not among the outputs {declared}")
+        if self.routing.confidence_output is not None and self.outputs:
+            declared = [spec.name for spec in self.outputs]
+            if self.routing.confidence_output not in declared:
+                raise ValueError(
+                    f"routing.confidence_output {self.routing.confidence_output!r} is not among the outputs {declared}"
+                )
         return self
 
     @property

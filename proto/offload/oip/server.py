@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
-from offload.oip.errors import Unavailable, status_for
+from offload.oip.errors import Unavailable, status_for, trailers_for
 from offload.oip.messages import (
     model_metadata_to_pb,
     request_from_pb,
@@ -87,6 +87,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code, message = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("request failed with an unexpected error")
+            trailers = trailers_for(exc)
+            if trailers:
+                context.set_trailing_metadata(trailers)
             await context.abort(code, message)
             raise AssertionError("context.abort returned") from exc  # pragma: no cover
 
@@ -160,6 +163,7 @@ class OipServer:
         self.data_plane = data_plane
         self.limits = limits or ServerLimits()
         self.port = 0
+        self._background: set[asyncio.Task[None]] = set()
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(options=channel_options(self.limits.max_message_bytes))
         self._servicer = InferenceServicer(data_plane, self.limits)
@@ -182,6 +186,17 @@ class OipServer:
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, status)
+
+    async def set_service_health(self, service: str, serving: bool) -> None:
+        """Report a dependency's state as its own health service (e.g. the circuit to the cloud)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._health.set(service, status)
+
+    def set_service_health_soon(self, service: str, serving: bool) -> None:
+        """set_service_health from synchronous code running on the event loop."""
+        task = asyncio.get_running_loop().create_task(self.set_service_health(service, serving))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def stop(self, grace_seconds: float) -> None:
         """Drain: report NOT_SERVING, refuse new inference calls with UNAVAILABLE, let calls in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,9 +11,11 @@ from offload.edge.onnx_model import OnnxModel
 from offload.oip.errors import ConfigurationError
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
-from offload.router.cloud import CloudEndpoint
+from offload.router.cache import RowCache
+from offload.router.cloud import CloudEndpoint, RetryPolicy
 from offload.router.core import RoutedModel, Router
 from offload.router.dataplane import SERVER_NAME, RouterDataPlane
+from offload.router.resilience import BreakerPolicy, BreakerState, RetryThrottle
 from offload.router.settings import EdgeSettings
 
 log = logging.getLogger(__name__)
@@ -44,19 +47,63 @@ def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
     return models
 
 
-def build_router(settings: EdgeSettings) -> Router:
+def build_cloud_endpoint(
+    settings: EdgeSettings, on_breaker_change: Callable[[BreakerState], None] | None = None
+) -> CloudEndpoint | None:
+    if not settings.cloud:
+        return None
+    return CloudEndpoint(
+        settings.cloud,
+        settings.cloud_timeout_seconds,
+        settings.max_message_bytes,
+        retry=RetryPolicy(
+            max_attempts=settings.retry_max_attempts,
+            initial_backoff_seconds=settings.retry_initial_backoff_seconds,
+            max_backoff_seconds=settings.retry_max_backoff_seconds,
+        ),
+        throttle=RetryThrottle(settings.retry_budget_max_tokens, settings.retry_budget_token_ratio),
+        breaker=BreakerPolicy(
+            consecutive_failures=settings.breaker_consecutive_failures,
+            failure_rate=settings.breaker_failure_rate,
+            window=settings.breaker_window,
+            min_calls=settings.breaker_min_calls,
+            cooldown_seconds=settings.breaker_cooldown_seconds,
+        ),
+        hedge_delay_seconds=settings.hedge_delay_seconds,
+        on_breaker_change=on_breaker_change,
+    )
+
+
+def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerState], None] | None = None) -> Router:
     """The in-process router an app can call directly, configured like the agent."""
-    cloud = None
-    if settings.cloud:
-        cloud = CloudEndpoint(settings.cloud, settings.cloud_timeout_seconds, settings.max_message_bytes)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
-    return Router(load_edge_models(settings.model_repository), cloud, executor)
+    cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
+    return Router(
+        load_edge_models(settings.model_repository),
+        build_cloud_endpoint(settings, on_breaker_change),
+        executor,
+        deadline_reserve_seconds=settings.deadline_reserve_seconds,
+        cache=cache,
+    )
+
+
+# The health service name that reports the circuit to the cloud: SERVING while
+# closed, NOT_SERVING while open or half-open (rows are answered on the edge).
+CLOUD_HEALTH_SERVICE = "offload.cloud"
 
 
 async def run(settings: EdgeSettings) -> None:
-    router = build_router(settings)
+    server: OipServer | None = None
+
+    def breaker_changed(state: BreakerState) -> None:
+        if server is not None:
+            server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
+
+    router = build_router(settings, breaker_changed)
     server = OipServer(RouterDataPlane(router), SERVER_NAME, settings.limits)
     port = await server.start(settings.host, settings.grpc_port)
+    if router.cloud is not None:
+        await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
     cloud = settings.cloud or "none (edge answers only)"
     print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud})", flush=True)
     try:

@@ -1,36 +1,246 @@
-"""The router's connection to one cloud endpoint (any OIP server)."""
+"""The router's connection to one cloud endpoint (any OIP server), made to survive a bad network.
+
+- Retries (tenacity) only on UNAVAILABLE, and on RESOURCE_EXHAUSTED when the server
+  sent a retry pushback; exponential backoff with full jitter; bounded attempts;
+  never past the deadline; the same request id on every attempt.
+- A retry budget shared by every call to this cloud (gRPC A6 throttling).
+- A circuit breaker: while open, calls fail at once and rows stay on the edge.
+- Optional hedging: a second attempt after a delay, first answer wins, drawing
+  on the same retry budget.
+
+Every failure surfaces as CloudFailure, which the router answers from the edge.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
 import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import grpc
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from offload.oip.client import OipClient
-from offload.oip.errors import DeadlineExceeded, UpstreamError
+from offload.oip.errors import DeadlineExceeded, InvalidArgument, OffloadError, UpstreamError
 from offload.oip.types import InferRequest, InferResponse
+from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryThrottle
+
+log = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+# Failures that say the cloud (or the way to it) is unwell, as opposed to a
+# request the cloud judged wrong; only these count against the breaker's health.
+UNHEALTHY = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class CloudFailure(UpstreamError):
+    """The cloud gave no usable answer in time; the router falls back to the edge unless told not to.
+
+    Its status is what a caller who required the cloud receives.
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        super().__init__(code, message)
+
+
+Validator = Callable[[InferResponse], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    initial_backoff_seconds: float = 0.05
+    max_backoff_seconds: float = 1.0
+    multiplier: float = 2.0
+    # Below this much time left there is no point in calling the cloud.
+    min_attempt_seconds: float = 0.005
+
+
+@dataclass(slots=True)
+class CloudStats:
+    """Counters for tests, benchmarks and health detail."""
+
+    calls: int = 0  # cloud-bound requests
+    attempts: int = 0  # RPCs sent, retries and hedges included
+    retries: int = 0
+    hedges: int = 0
+    failures: int = 0  # requests that ended in CloudFailure
+    short_circuited: int = 0  # refused by the open breaker
+    by_outcome: dict[str, int] = field(default_factory=dict)
 
 
 class CloudEndpoint:
-    """Calls one cloud with a per-call timeout bounded by the caller's deadline."""
-
-    def __init__(self, target: str, timeout_seconds: float, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        target: str,
+        timeout_seconds: float,
+        max_message_bytes: int,
+        retry: RetryPolicy | None = None,
+        throttle: RetryThrottle | None = None,
+        breaker: BreakerPolicy | None = None,
+        hedge_delay_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        on_breaker_change: Callable[[BreakerState], None] | None = None,
+    ) -> None:
         self.target = target
         self.timeout_seconds = timeout_seconds
+        self.retry = retry or RetryPolicy()
+        self.throttle = throttle or RetryThrottle()
+        self.breaker = CircuitBreaker(target, breaker, clock, on_breaker_change)
+        self.hedge_delay_seconds = hedge_delay_seconds
+        self.stats = CloudStats()
+        self._clock = clock
+        self._sleep = sleep
         self._client = OipClient(target, max_message_bytes)
 
     async def close(self) -> None:
         await self._client.close()
 
-    async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        timeout = self.timeout_seconds
-        if deadline is not None:
-            timeout = min(timeout, deadline - time.monotonic())
-            if timeout <= 0:
-                raise DeadlineExceeded(f"no time left to call the cloud at {self.target}")
+    def health_details(self) -> dict[str, str]:
+        return {
+            "cloud": self.target,
+            "circuit": str(self.breaker.state),
+            "retry_tokens": f"{self.throttle.tokens:.1f}/{self.throttle.max_tokens:.0f}",
+        }
+
+    async def infer(
+        self, request: InferRequest, deadline: float | None, validate: Validator | None = None
+    ) -> InferResponse:
+        """Answer from the cloud within min(deadline, now + timeout) or raise CloudFailure.
+
+        `validate` checks an answer inside the attempt (raising InvalidArgument), so an
+        answer that does not fit the request counts as a failure of the cloud.
+        """
+        self.stats.calls += 1
+        if not request.id:
+            # One id for every attempt, so the cloud (and its logs) can tell retries apart from new work.
+            request.id = uuid.uuid4().hex
+        budget_end = self._clock() + self.timeout_seconds
+        end = budget_end if deadline is None else min(deadline, budget_end)
+        if not self.breaker.allow():
+            self.stats.short_circuited += 1
+            raise CloudFailure(f"circuit to {self.target} is open after repeated failures; answered on the edge")
+        retrying = AsyncRetrying(
+            stop=lambda state: self._stop(state, end),
+            wait=self._wait,
+            retry=retry_if_exception(self._retryable),
+            sleep=self._sleep,
+            reraise=True,
+        )
         try:
-            return await self._client.infer(request, timeout=timeout)
+            async for attempt in retrying:
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        self.stats.retries += 1
+                    return await self._hedged(request, end, validate)
+        except OffloadError as exc:
+            self.stats.failures += 1
+            raise _as_failure(exc) from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    def _retryable(self, exc: BaseException) -> bool:
+        if not isinstance(exc, UpstreamError):
+            return False
+        if exc.status == grpc.StatusCode.UNAVAILABLE:
+            return True
+        return exc.status == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.pushback_ms is not None
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, UpstreamError) and exc.pushback_ms is not None:
+            return exc.pushback_ms / 1000
+        ceiling = min(
+            self.retry.max_backoff_seconds,
+            self.retry.initial_backoff_seconds * self.retry.multiplier ** (state.attempt_number - 1),
+        )
+        return random.uniform(0, ceiling)  # full jitter
+
+    def _stop(self, state: RetryCallState, end: float) -> bool:
+        if state.attempt_number >= self.retry.max_attempts:
+            return True
+        if not self.throttle.allows_retry():
+            return True
+        if not self.breaker.allow():
+            return True
+        # No retry that could not finish: the backoff plus a minimal attempt must fit.
+        return self._clock() + (state.upcoming_sleep or 0.0) + self.retry.min_attempt_seconds >= end
+
+    async def _hedged(self, request: InferRequest, end: float, validate: Validator | None) -> InferResponse:
+        if self.hedge_delay_seconds is None:
+            return await self._attempt(request, end, validate)
+        first = asyncio.create_task(self._attempt(request, end, validate))
+        started, _ = await asyncio.wait({first}, timeout=self.hedge_delay_seconds)
+        if started or not self.throttle.allows_retry() or end - self._clock() < self.retry.min_attempt_seconds:
+            return await first
+        self.stats.hedges += 1
+        pending = {first, asyncio.create_task(self._attempt(request, end, validate))}
+        error: BaseException | None = None
+        try:
+            while pending:
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    if task.exception() is None:
+                        return task.result()
+                    error = task.exception()
+            assert error is not None
+            raise error
+        finally:
+            # The slower attempt is cancelled: gRPC cancels its RPC on the wire too.
+            for task in pending:
+                task.cancel()
+
+    async def _attempt(self, request: InferRequest, end: float, validate: Validator | None) -> InferResponse:
+        timeout = end - self._clock()
+        if timeout < self.retry.min_attempt_seconds:
+            raise DeadlineExceeded(f"too little time left ({max(timeout, 0) * 1000:.0f} ms) to call {self.target}")
+        self.stats.attempts += 1
+        try:
+            response = await self._client.infer(request, timeout=timeout, metadata=(("x-request-id", request.id),))
+            if validate is not None:
+                validate(response)
         except UpstreamError as exc:
-            if exc.status == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(f"the cloud at {self.target} did not answer within {timeout:.3f}s") from exc
+            self._record(exc.status)
             raise
+        except InvalidArgument as exc:
+            # The answer did not decode or does not fit the request: a broken or wrong peer.
+            self._record(grpc.StatusCode.INTERNAL)
+            raise CloudFailure(f"{self.target} sent a malformed answer: {exc}", grpc.StatusCode.INTERNAL) from exc
+        self._record(grpc.StatusCode.OK)
+        return response
+
+    def _record(self, code: grpc.StatusCode) -> None:
+        name = code.name
+        self.stats.by_outcome[name] = self.stats.by_outcome.get(name, 0) + 1
+        if code == grpc.StatusCode.OK:
+            self.throttle.record_success()
+            self.breaker.record_success()
+            return
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            self.throttle.record_failure()
+        if code in UNHEALTHY:
+            self.breaker.record_failure()
+        else:
+            self.throttle.record_success()
+            self.breaker.record_success()
+
+
+def _as_failure(exc: OffloadError) -> CloudFailure:
+    if isinstance(exc, CloudFailure):
+        return exc
+    if isinstance(exc, UpstreamError):
+        return CloudFailure(f"cloud call failed: {exc}", exc.status)
+    if isinstance(exc, DeadlineExceeded):
+        return CloudFailure(str(exc), grpc.StatusCode.DEADLINE_EXCEEDED)
+    return CloudFailure(str(exc))

@@ -7,23 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 
-from offload.oip.errors import InvalidArgument, NotFound, Unavailable, UpstreamError
+from offload.oip.errors import InvalidArgument, NotFound
 from offload.oip.repository import ModelConfig, TensorSpec
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ParameterValue
 from offload.oip.validation import check_inputs, check_requested_outputs, check_tensor
-from offload.router.cloud import CloudEndpoint
-from offload.router.confidence import max_probability
+from offload.router.cache import RowCache, RowOutputs
+from offload.router.cloud import CloudEndpoint, CloudFailure
+from offload.router.confidence import row_confidence
 from offload.router.options import (
     RESPONSE_CONFIDENCE,
+    RESPONSE_DEGRADED,
     RESPONSE_OFFLOADED_ROWS,
     RESPONSE_ROUTE,
     AnsweredBy,
@@ -53,6 +57,12 @@ class RoutedModel:
     edge: LocalModel
 
     @property
+    def cache_scope(self) -> str:
+        """What cached cloud answers of this model depend on besides the inputs: names and versions."""
+        routing = self.config.routing
+        return f"{self.config.name}@{self.config.version}->{self.config.cloud_model_name}@{routing.cloud_version}"
+
+    @property
     def score_output(self) -> str:
         return self.config.routing.output or self.edge.outputs[0].name
 
@@ -69,14 +79,25 @@ class _Answer:
     outputs: Arrays
     confidence: npt.NDArray[np.float64]
     routes: npt.NDArray[Any]  # object array of AnsweredBy
+    # Rows meant for the cloud that got the edge answer because the cloud failed.
+    degraded: npt.NDArray[np.bool_]
 
 
 class Router:
     """Routes requests for a set of models between their edge runtime and one cloud endpoint."""
 
-    def __init__(self, models: Mapping[str, RoutedModel], cloud: CloudEndpoint | None, executor: Executor) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, RoutedModel],
+        cloud: CloudEndpoint | None,
+        executor: Executor,
+        deadline_reserve_seconds: float = 0.02,
+        cache: RowCache | None = None,
+    ) -> None:
         self.models = dict(models)
         self.cloud = cloud
+        self.cache = cache
+        self.deadline_reserve_seconds = deadline_reserve_seconds
         self._executor = executor
 
     async def close(self) -> None:
@@ -92,31 +113,53 @@ class Router:
         return model
 
     async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
+        """Answer a request; `deadline` is the caller's, in time.monotonic() seconds."""
         model = self.model(request.model_name, request.model_version)
         options = RoutingOptions.from_parameters(request.parameters)
         rows = check_inputs(request, model.edge.inputs)
         wanted = check_requested_outputs(request, model.edge.outputs)
         inputs = {tensor.name: tensor.data for tensor in request.inputs}
+        # The cloud must give up early enough to leave time for an edge answer.
+        cloud_deadline = None if deadline is None else deadline - self.deadline_reserve_seconds
 
         if options.route is Route.CLOUD:
-            answer = await self._cloud_answer(model, request, inputs, np.arange(rows), deadline)
+            answer = await self._all_rows_to_cloud(model, request, inputs, rows, cloud_deadline, options)
         else:
             answer = await self._edge_answer(model, inputs)
-            if options.route is Route.AUTO:
+            if options.route is Route.AUTO and self.cloud is not None:
                 threshold = model.config.routing.threshold if options.threshold is None else options.threshold
                 # Written as "not confident" so that a NaN confidence (non-finite
                 # input, a broken model) goes to the cloud rather than staying.
                 unsure = np.flatnonzero(~(answer.confidence >= threshold))
                 if unsure.size:
-                    await self._offload_rows(model, request, inputs, unsure, answer, deadline)
+                    await self._offload_rows(model, request, inputs, unsure, answer, cloud_deadline, options)
         return self._response(model, request, wanted, answer, options, rows)
 
     async def _edge_answer(self, model: RoutedModel, inputs: Arrays) -> _Answer:
         loop = asyncio.get_running_loop()
         outputs = await loop.run_in_executor(self._executor, model.edge.predict, inputs)
-        confidence = max_probability(outputs[model.score_output], model.config.routing.output_kind)
-        routes = np.full(confidence.shape[0], AnsweredBy.EDGE, dtype=object)
-        return _Answer(outputs, confidence, routes)
+        confidence = row_confidence(outputs, model.config.routing, model.score_output)
+        rows = confidence.shape[0]
+        return _Answer(outputs, confidence, np.full(rows, AnsweredBy.EDGE, dtype=object), np.zeros(rows, dtype=bool))
+
+    async def _all_rows_to_cloud(
+        self,
+        model: RoutedModel,
+        request: InferRequest,
+        inputs: Arrays,
+        rows: int,
+        deadline: float | None,
+        options: RoutingOptions,
+    ) -> _Answer:
+        try:
+            return await self._cloud_answer(model, request, inputs, np.arange(rows), deadline)
+        except CloudFailure as failure:
+            if options.require_cloud:
+                raise
+            log.debug("cloud failed (%s); answering all %d rows on the edge", failure, rows)
+            answer = await self._edge_answer(model, inputs)
+            answer.degraded[:] = True
+            return answer
 
     async def _offload_rows(
         self,
@@ -126,23 +169,18 @@ class Router:
         rows: npt.NDArray[np.intp],
         answer: _Answer,
         deadline: float | None,
+        options: RoutingOptions,
     ) -> None:
-        if self.cloud is None:
-            # An edge-only agent: the edge answer is the best there is.
+        try:
+            cloud = await self._cloud_answer(model, request, inputs, rows, deadline)
+            merged = _merge_rows(answer.outputs, cloud.outputs, rows)
+        except CloudFailure as failure:
+            if options.require_cloud:
+                raise
+            log.debug("cloud failed (%s); %d rows keep the edge answer", failure, rows.size)
+            answer.degraded[rows] = True
             return
-        cloud = await self._cloud_answer(model, request, inputs, rows, deadline)
-        for name, edge_rows in answer.outputs.items():
-            patch = cloud.outputs.get(name)
-            if patch is None:
-                continue
-            if patch.shape[1:] != edge_rows.shape[1:]:
-                raise Unavailable(
-                    f"the cloud's output {name!r} has row shape {list(patch.shape[1:])}, the edge's "
-                    f"{list(edge_rows.shape[1:])}; their rows cannot be merged"
-                )
-            merged = edge_rows if edge_rows.flags.writeable else np.array(edge_rows, copy=True)
-            merged[rows] = patch
-            answer.outputs[name] = merged
+        answer.outputs.update(merged)
         answer.confidence[rows] = cloud.confidence
         answer.routes[rows] = AnsweredBy.CLOUD
 
@@ -154,44 +192,91 @@ class Router:
         rows: npt.NDArray[np.intp],
         deadline: float | None,
     ) -> _Answer:
+        """The cloud's answer for some rows: from the cache, a shared call in flight, or a new call."""
         if self.cloud is None:
-            raise Unavailable("this agent has no cloud configured (start it with --cloud HOST:PORT)")
+            raise CloudFailure("this agent has no cloud configured (start it with --cloud HOST:PORT)")
         specs = {spec.name: spec for spec in model.edge.inputs}
         all_rows = rows.size == next(iter(inputs.values())).shape[0]
+        tensors = [
+            Tensor(name, specs[name].datatype, data if all_rows else data[rows]) for name, data in inputs.items()
+        ]
+        parameters = forwarded(request.parameters)
+        if self.cache is None or rows.size == 0:
+            outputs, _ = await self._call_cloud(model, request.id, tensors, parameters, deadline)
+            routes = np.full(rows.size, AnsweredBy.CLOUD, dtype=object)
+        else:
+            outputs, routes = await self._cached_cloud_rows(
+                self.cache, model, request.id, tensors, parameters, deadline
+            )
+        confidence = row_confidence(outputs, model.config.routing, model.score_output)
+        return _Answer(outputs, confidence, routes, np.zeros(rows.size, dtype=bool))
+
+    async def _call_cloud(
+        self,
+        model: RoutedModel,
+        request_id: str,
+        tensors: list[Tensor],
+        parameters: dict[str, ParameterValue],
+        deadline: float | None,
+    ) -> tuple[Arrays, str]:
+        """One cloud request for these rows: their outputs and the cloud model's version."""
+        assert self.cloud is not None
         sub_request = InferRequest(
             model_name=model.config.cloud_model_name,
             model_version=model.config.routing.cloud_version,
-            id=request.id,
-            inputs=[
-                Tensor(name, specs[name].datatype, data if all_rows else data[rows]) for name, data in inputs.items()
-            ],
-            parameters=forwarded(request.parameters),
+            id=request_id,
+            inputs=tensors,
+            parameters=parameters,
         )
-        try:
-            response = await self.cloud.infer(sub_request, deadline)
-        except UpstreamError as exc:
-            raise UpstreamError(exc.status, f"cloud call failed: {exc}") from exc
-        outputs = self._checked_cloud_outputs(model, response, rows.size)
-        confidence = max_probability(outputs[model.score_output], model.config.routing.output_kind)
-        routes = np.full(rows.size, AnsweredBy.CLOUD, dtype=object)
-        return _Answer(outputs, confidence, routes)
+        expected_rows = tensors[0].shape[0]
 
-    def _checked_cloud_outputs(self, model: RoutedModel, response: InferResponse, rows: int) -> Arrays:
-        """The cloud's outputs, refusing any answer that does not fit the model (a broken or wrong server)."""
+        def validate(response: InferResponse) -> None:
+            _check_cloud_outputs(model, response, expected_rows)
+
+        response = await self.cloud.infer(sub_request, deadline, validate)
         produced = response.as_dict()
-        outputs: Arrays = {}
-        for spec in model.edge.outputs:
-            tensor = produced.get(spec.name)
-            if tensor is None:
-                raise Unavailable(f"the cloud's answer lacks output {spec.name!r}")
+        return {spec.name: produced[spec.name].data for spec in model.edge.outputs}, response.model_version
+
+    async def _cached_cloud_rows(
+        self,
+        cache: RowCache,
+        model: RoutedModel,
+        request_id: str,
+        tensors: list[Tensor],
+        parameters: dict[str, ParameterValue],
+        deadline: float | None,
+    ) -> tuple[Arrays, npt.NDArray[Any]]:
+        plan = cache.plan(cache.keys(model.cache_scope, tensors, parameters))
+        answers: dict[int, RowOutputs] = dict(plan.hits)
+        if plan.sends:
+            picked = np.asarray(plan.sends)
+            to_send = [Tensor(t.name, t.datatype, t.data[picked]) for t in tensors]
             try:
-                check_tensor(tensor, spec, f"the cloud's output {spec.name!r}")
-            except InvalidArgument as exc:
-                raise Unavailable(str(exc)) from exc
-            if tensor.shape[0] != rows:
-                raise Unavailable(f"the cloud answered {tensor.shape[0]} rows of {spec.name!r} for {rows} sent")
-            outputs[spec.name] = tensor.data
-        return outputs
+                outputs, version = await self._call_cloud(model, request_id, to_send, parameters, deadline)
+            except BaseException as exc:
+                # Requests waiting on these rows fail the same way (and fall back the same way).
+                shared = exc if isinstance(exc, CloudFailure) else CloudFailure(f"the cloud call failed: {exc!r}")
+                cache.fail(plan, shared)
+                raise
+            sent = [{name: array[i] for name, array in outputs.items()} for i in range(len(plan.sends))]
+            cache.fulfil(plan, model.config.name, version, sent)
+            answers.update(zip(plan.sends, sent, strict=True))
+        if plan.waits:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            waiting = [asyncio.shield(future) for future in plan.waits.values()]
+            try:
+                shared_answers = await asyncio.wait_for(asyncio.gather(*waiting), timeout)
+            except TimeoutError as exc:
+                raise CloudFailure(
+                    "an identical request's cloud call did not finish in time", grpc.StatusCode.DEADLINE_EXCEEDED
+                ) from exc
+            answers.update(zip(plan.waits.keys(), shared_answers, strict=True))
+        for position, original in plan.duplicates.items():
+            answers[position] = answers[original]
+        rows = len(plan.keys)
+        outputs = {spec.name: np.stack([answers[i][spec.name] for i in range(rows)]) for spec in model.edge.outputs}
+        routes = np.array([AnsweredBy.CACHE if i in plan.hits else AnsweredBy.CLOUD for i in range(rows)], dtype=object)
+        return outputs, routes
 
     def _response(
         self,
@@ -213,12 +298,14 @@ class Router:
             RESPONSE_ROUTE: str(route),
             RESPONSE_CONFIDENCE: float(answer.confidence.min()) if rows else 1.0,
             RESPONSE_OFFLOADED_ROWS: offloaded,
+            RESPONSE_DEGRADED: bool(answer.degraded.any()),
         }
         if options.details:
             route_names = np.empty(rows, dtype=object)
             route_names[:] = [str(item).encode() for item in answer.routes.tolist()]
             outputs.append(Tensor(RESPONSE_ROUTE, "BYTES", route_names))
             outputs.append(Tensor(RESPONSE_CONFIDENCE, "FP32", answer.confidence.astype(np.float32)))
+            outputs.append(Tensor(RESPONSE_DEGRADED, "BOOL", answer.degraded.copy()))
         return InferResponse(
             model_name=model.config.name,
             model_version=model.config.version,
@@ -226,3 +313,31 @@ class Router:
             outputs=outputs,
             parameters=parameters,
         )
+
+
+def _check_cloud_outputs(model: RoutedModel, response: InferResponse, rows: int) -> None:
+    """Refuse an answer that does not fit the model (a broken or wrong server): InvalidArgument."""
+    produced = response.as_dict()
+    for spec in model.edge.outputs:
+        tensor = produced.get(spec.name)
+        if tensor is None:
+            raise InvalidArgument(f"the answer lacks output {spec.name!r}")
+        check_tensor(tensor, spec, f"output {spec.name!r}")
+        if tensor.shape[0] != rows:
+            raise InvalidArgument(f"the answer has {tensor.shape[0]} rows of {spec.name!r} for {rows} sent")
+
+
+def _merge_rows(edge: Arrays, cloud: Arrays, rows: npt.NDArray[np.intp]) -> Arrays:
+    """The edge's outputs with the cloud's rows put in their places."""
+    merged: Arrays = {}
+    for name, edge_rows in edge.items():
+        patch = cloud[name]
+        if patch.shape[1:] != edge_rows.shape[1:]:
+            raise CloudFailure(
+                f"the cloud's output {name!r} has row shape {list(patch.shape[1:])}, the edge's "
+                f"{list(edge_rows.shape[1:])}; their rows cannot be merged"
+            )
+        out = edge_rows if edge_rows.flags.writeable else np.array(edge_rows, copy=True)
+        out[rows] = patch
+        merged[name] = out
+    return merged

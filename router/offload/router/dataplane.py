@@ -33,8 +33,9 @@ class RouterDataPlane:
         return self.router.model(name, version).metadata()
 
     def health_details(self) -> Mapping[str, str]:
-        cloud = self.router.cloud.target if self.router.cloud else "none"
-        return {"models": ",".join(sorted(self.router.models)), "cloud": cloud}
+        details = {"models": ",".join(sorted(self.router.models))}
+        details.update(self.router.cloud.health_details() if self.router.cloud else {"cloud": "none"})
+        return details
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
         return await self.router.infer(request, deadline)

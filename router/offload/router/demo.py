@@ -142,7 +142,9 @@ def run_demo(json_output: bool = False, samples: int | None = None, threshold: f
     with ServerProcess(["cloud", "--grpc-port", "0", "--log-level", "WARNING"]) as cloud:
         cloud_address = cloud.start()
         say(f"cloud service on {cloud_address}; starting the edge agent (ONNX Runtime) ...")
-        with ServerProcess(["edge", "--grpc-port", "0", "--cloud", cloud_address, "--log-level", "WARNING"]) as edge:
+        # No answer cache: each pass must measure the models, not answers an earlier pass cached.
+        edge_args = ["edge", "--grpc-port", "0", "--cloud", cloud_address, "--log-level", "WARNING"]
+        with ServerProcess(edge_args, env={"OFFLOAD_EDGE_CACHE_MAX_BYTES": "0"}) as edge:
             edge_address = edge.start()
             say(f"edge agent on {edge_address}; routing the test set through its gRPC API ...")
             report = asyncio.run(_measure(edge_address, samples, threshold))

@@ -30,11 +30,13 @@ class AnsweredBy(StrEnum):
 THRESHOLD = "offload_threshold"
 ROUTE = "offload_route"
 DETAILS = "offload_details"
+REQUIRE_CLOUD = "offload_require_cloud"
 # Response parameters and the details outputs.
 RESPONSE_ROUTE = "offload_route"
 RESPONSE_CONFIDENCE = "offload_confidence"
 RESPONSE_OFFLOADED_ROWS = "offload_offloaded_rows"
-KNOWN = {THRESHOLD, ROUTE, DETAILS}
+RESPONSE_DEGRADED = "offload_degraded"
+KNOWN = {THRESHOLD, ROUTE, DETAILS, REQUIRE_CLOUD}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,8 @@ class RoutingOptions:
     route: Route = Route.AUTO
     threshold: float | None = None
     details: bool = False
+    # Rather UNAVAILABLE / DEADLINE_EXCEEDED than an edge answer when the cloud fails.
+    require_cloud: bool = False
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, ParameterValue]) -> RoutingOptions:
@@ -52,6 +56,7 @@ class RoutingOptions:
             route=_route(parameters.get(ROUTE)),
             threshold=_threshold(parameters.get(THRESHOLD)),
             details=_flag(parameters.get(DETAILS), DETAILS),
+            require_cloud=_flag(parameters.get(REQUIRE_CLOUD), REQUIRE_CLOUD),
         )
 
 

@@ -1,0 +1,152 @@
+"""Cloud answers cached per row, with single-flight: a row is never sent twice at once.
+
+The key of a row is a hash of everything that can change the cloud's answer for
+it: the edge and cloud model names and versions, every input's name, datatype,
+row shape and row bytes, and the parameters forwarded to the cloud. Requested
+outputs are not in it because the router always asks the cloud for every
+output and filters afterwards.
+
+Entries live in a cachetools TTLCache: least recently used first out, bounded in
+bytes (each entry's size is the bytes of its arrays), expiring after a TTL. When
+the cloud reports a new version of a model, that model's entries are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from cachetools import TTLCache
+
+from offload.oip.tensors import Tensor, raw_bytes
+from offload.oip.types import ParameterValue
+
+RowOutputs = dict[str, npt.NDArray[Any]]  # output name -> that row's values (no batch dimension)
+_ENTRY_OVERHEAD = 64
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    shared: int = 0  # rows that waited for another request's cloud call (single-flight)
+    invalidations: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RowPlan:
+    """How each row of a cloud-bound batch gets its answer."""
+
+    keys: list[bytes]
+    hits: dict[int, RowOutputs]  # position -> cached answer
+    waits: dict[int, asyncio.Future[RowOutputs]]  # position -> another call's answer
+    sends: list[int]  # positions this request must send (first occurrence of each key)
+    duplicates: dict[int, int] = field(default_factory=dict)  # position -> position of the same key in sends
+
+
+class RowCache:
+    def __init__(self, max_bytes: int, ttl_seconds: float, timer: Callable[[], float] = time.monotonic) -> None:
+        self._entries: TTLCache[bytes, tuple[str, RowOutputs]] = TTLCache(
+            maxsize=max_bytes, ttl=ttl_seconds, timer=timer, getsizeof=_entry_size
+        )
+        self._in_flight: dict[bytes, asyncio.Future[RowOutputs]] = {}
+        # The cloud version last seen per (edge model, cloud model): a change drops the model's entries.
+        self._cloud_versions: dict[str, str] = {}
+        self.max_bytes = max_bytes
+        self.stats = CacheStats()
+
+    @property
+    def bytes_used(self) -> int:
+        return int(self._entries.currsize)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(
+        self,
+        scope: str,
+        inputs: Sequence[Tensor],
+        parameters: Mapping[str, ParameterValue],
+    ) -> list[bytes]:
+        """One key per row; `scope` names the models and their versions."""
+        prefix = hashlib.blake2b(digest_size=16)
+        prefix.update(scope.encode())
+        for key, value in sorted(parameters.items()):
+            prefix.update(f"\0{key}={type(value).__name__}:{value!r}".encode())
+        rows = inputs[0].shape[0] if inputs else 0
+        keys: list[bytes] = []
+        for row in range(rows):
+            digest = prefix.copy()
+            for tensor in inputs:
+                part = Tensor(tensor.name, tensor.datatype, tensor.data[row : row + 1])
+                digest.update(f"\0{tensor.name}:{tensor.datatype}:{part.shape}\0".encode())
+                digest.update(raw_bytes(part))
+            keys.append(scope.encode() + b"\0" + digest.digest())
+        return keys
+
+    def plan(self, keys: list[bytes]) -> RowPlan:
+        """Look every row up; claim the rows nobody is fetching, so identical ones wait for them."""
+        plan = RowPlan(keys=keys, hits={}, waits={}, sends=[])
+        first_send: dict[bytes, int] = {}
+        loop = asyncio.get_running_loop()
+        for position, key in enumerate(keys):
+            cached = self._entries.get(key)
+            if cached is not None:
+                plan.hits[position] = cached[1]
+                self.stats.hits += 1
+            elif key in first_send:
+                plan.duplicates[position] = first_send[key]
+            elif key in self._in_flight:
+                plan.waits[position] = self._in_flight[key]
+                self.stats.shared += 1
+            else:
+                self._in_flight[key] = loop.create_future()
+                first_send[key] = position
+                plan.sends.append(position)
+                self.stats.misses += 1
+        return plan
+
+    def fulfil(self, plan: RowPlan, model: str, cloud_version: str, answers: Sequence[RowOutputs]) -> None:
+        """Store the answers of the sent rows and wake whoever waits for them."""
+        if self._cloud_versions.get(model, cloud_version) != cloud_version:
+            self.invalidate(model)
+        self._cloud_versions[model] = cloud_version
+        for position, answer in zip(plan.sends, answers, strict=True):
+            key = plan.keys[position]
+            if _entry_size((model, answer)) <= self.max_bytes:
+                self._entries[key] = (model, answer)
+            self._release(key, answer, None)
+
+    def fail(self, plan: RowPlan, error: BaseException) -> None:
+        """The call for the sent rows failed: waiters get the same failure."""
+        for position in plan.sends:
+            self._release(plan.keys[position], None, error)
+
+    def _release(self, key: bytes, answer: RowOutputs | None, error: BaseException | None) -> None:
+        future = self._in_flight.pop(key, None)
+        if future is None or future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+            # Nobody may be waiting; mark the exception as seen so asyncio does not warn.
+            future.exception()
+        else:
+            assert answer is not None
+            future.set_result(answer)
+
+    def invalidate(self, model: str) -> None:
+        """Drop every entry of a model (its edge or cloud version changed)."""
+        stale = [key for key, (owner, _) in self._entries.items() if owner == model]
+        for key in stale:
+            del self._entries[key]
+        self.stats.invalidations += 1
+
+
+def _entry_size(entry: tuple[str, RowOutputs]) -> int:
+    return _ENTRY_OVERHEAD + sum(int(np.asarray(array).nbytes) for array in entry[1].values())
