@@ -189,3 +189,23 @@ async def test_identical_requests_in_flight_share_one_cloud_call(cached_router: 
     assert router.cache.stats.misses == 6
     assert router.cloud.stats.attempts <= 12
     assert router.cache.stats.hits + router.cache.stats.shared == 11 * 6
+
+
+async def test_cloud_response_cache_is_off_by_default_and_answers_repeats_when_on(
+    demo_cloud_plane: CloudDataPlane,
+) -> None:
+    from offload.cloud.response_cache import ResponseCache
+
+    assert demo_cloud_plane.response_cache is None
+    plane = CloudDataPlane(
+        demo_cloud_plane._models, demo_cloud_plane._executor, response_cache=ResponseCache(1 << 20, 60)
+    )
+    request = InferRequest("digits", [Tensor.of("pixels", _pixels(3))], id="a")
+    first = await plane.infer(request, None)
+    again = await plane.infer(InferRequest("digits", [Tensor.of("pixels", _pixels(3))], id="b"), None)
+    other = await plane.infer(InferRequest("digits", [Tensor.of("pixels", _pixels(3, seed=9))]), None)
+    assert plane.response_cache is not None
+    assert (plane.response_cache.hits, plane.response_cache.misses) == (1, 2)
+    assert again.id == "b"
+    np.testing.assert_array_equal(again.outputs[0].data, first.outputs[0].data)
+    assert not np.array_equal(other.outputs[0].data, first.outputs[0].data)

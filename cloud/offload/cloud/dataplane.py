@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from offload.cloud.response_cache import ResponseCache
 from offload.cloud.runtime import CloudModel
 from offload.cloud.settings import CloudSettings
 from offload.oip.errors import NotFound, ResourceExhausted
@@ -30,8 +31,10 @@ class CloudDataPlane:
         executor: ThreadPoolExecutor,
         capacity: int = 66,
         pushback_ms: int = 100,
+        response_cache: ResponseCache | None = None,
     ) -> None:
         self._models = dict(models)
+        self.response_cache = response_cache
         self._executor = executor
         self._ready = True
         # Admission: requests running or waiting for a thread. Past capacity the
@@ -58,7 +61,10 @@ class CloudDataPlane:
 
             raise ConfigurationError(f"no model in {settings.model_repository} has a [cloud] section")
         executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="cloud-infer")
-        return cls(models, executor, settings.inference_threads + settings.max_queue, settings.pushback_ms)
+        cache = None
+        if settings.response_cache_bytes:
+            cache = ResponseCache(settings.response_cache_bytes, settings.response_cache_ttl_seconds)
+        return cls(models, executor, settings.inference_threads + settings.max_queue, settings.pushback_ms, cache)
 
     def close(self) -> None:
         self._ready = False
@@ -100,6 +106,12 @@ class CloudDataPlane:
         model = self._model(request.model_name, request.model_version)
         check_inputs(request, model.inputs)
         wanted = check_requested_outputs(request, model.outputs)
+        cache_key = None
+        if self.response_cache is not None:
+            cache_key = self.response_cache.key(request, model.version, wanted)
+            cached = self.response_cache.get(cache_key)
+            if cached is not None:
+                return InferResponse(model.name, cached, model.version, request.id)
         arrays = {tensor.name: tensor.data for tensor in request.inputs}
         if self.admitted >= self.capacity:
             self.rejected += 1
@@ -115,9 +127,7 @@ class CloudDataPlane:
         finally:
             self.admitted -= 1
         datatypes = {spec.name: spec.datatype for spec in model.outputs}
-        return InferResponse(
-            model_name=model.name,
-            model_version=model.version,
-            id=request.id,
-            outputs=[Tensor(name, datatypes[name], produced[name]) for name in wanted],
-        )
+        outputs = [Tensor(name, datatypes[name], produced[name]) for name in wanted]
+        if self.response_cache is not None and cache_key is not None:
+            self.response_cache.put(cache_key, outputs)
+        return InferResponse(model_name=model.name, model_version=model.version, id=request.id, outputs=outputs)

@@ -27,6 +27,11 @@ class CloudSettings(ServerSettings):
         int,
         Field(ge=0, description="Requests that may wait for a thread; past it, RESOURCE_EXHAUSTED at once."),
     ] = 64
+    response_cache_bytes: Annotated[
+        int,
+        Field(ge=0, description="Bytes of whole answers cached for all callers (off by default: 0)."),
+    ] = 0
+    response_cache_ttl_seconds: Annotated[float, Field(gt=0, description="How long a cached answer is used.")] = 300.0
     pushback_ms: Annotated[
         int, Field(ge=0, description="Retry pushback sent with RESOURCE_EXHAUSTED (grpc-retry-pushback-ms).")
     ] = 100
