@@ -84,6 +84,8 @@ def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerSta
         executor,
         deadline_reserve_seconds=settings.deadline_reserve_seconds,
         cache=cache,
+        target_offload=settings.target_offload,
+        audit_share=settings.audit_share,
     )
 
 

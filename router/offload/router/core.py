@@ -22,6 +22,7 @@ from offload.oip.repository import ModelConfig, TensorSpec
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ParameterValue
 from offload.oip.validation import check_inputs, check_requested_outputs, check_tensor
+from offload.router.budget import AdaptiveThreshold
 from offload.router.cache import RowCache, RowOutputs
 from offload.router.cloud import CloudEndpoint, CloudFailure
 from offload.router.confidence import row_confidence
@@ -73,6 +74,30 @@ class RoutedModel:
 
 
 @dataclass(slots=True)
+class AuditStats:
+    """Edge-cloud agreement on confident rows that were also sent to the cloud in the background."""
+
+    rows: int = 0
+    agreed: int = 0
+    failed: int = 0
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.rows if self.rows else None
+
+    def record(self, rows: int, agreed: int) -> None:
+        self.rows += rows
+        self.agreed += agreed
+        # Every hundredth audited row or so, say how trustworthy the edge's confident answers are.
+        if self.rows // 100 != (self.rows - rows) // 100:
+            log.info(
+                "audit: the cloud agrees with %.1f%% of %d confident edge rows",
+                100 * self.agreed / self.rows,
+                self.rows,
+            )
+
+
+@dataclass(slots=True)
 class _Answer:
     """Per-row results while a request is being routed."""
 
@@ -93,16 +118,32 @@ class Router:
         executor: Executor,
         deadline_reserve_seconds: float = 0.02,
         cache: RowCache | None = None,
+        target_offload: float | None = None,
+        audit_share: float = 0.0,
+        rng: np.random.Generator | None = None,
     ) -> None:
         self.models = dict(models)
         self.cloud = cloud
         self.cache = cache
+        # Online budget: per model, a threshold that keeps the offload share near the target.
+        self.budgets = {name: AdaptiveThreshold(target_offload) for name in self.models} if target_offload else {}
+        self.audit = AuditStats()
+        self.audit_share = audit_share
+        self._rng = rng or np.random.default_rng()
+        self._audits: set[asyncio.Task[None]] = set()
         self.deadline_reserve_seconds = deadline_reserve_seconds
         self._executor = executor
 
     async def close(self) -> None:
+        for task in list(self._audits):
+            task.cancel()
+        await asyncio.gather(*self._audits, return_exceptions=True)
         if self.cloud is not None:
             await self.cloud.close()
+
+    async def wait_for_audits(self) -> None:
+        """Wait for the background audit calls started so far (tests, benchmarks, shutdown)."""
+        await asyncio.gather(*list(self._audits), return_exceptions=True)
 
     def model(self, name: str, version: str = "") -> RoutedModel:
         model = self.models.get(name)
@@ -127,13 +168,59 @@ class Router:
         else:
             answer = await self._edge_answer(model, inputs)
             if options.route is Route.AUTO and self.cloud is not None:
-                threshold = model.config.routing.threshold if options.threshold is None else options.threshold
+                threshold = self._threshold(model, options, answer.confidence)
                 # Written as "not confident" so that a NaN confidence (non-finite
                 # input, a broken model) goes to the cloud rather than staying.
-                unsure = np.flatnonzero(~(answer.confidence >= threshold))
+                confident = answer.confidence >= threshold
+                unsure = np.flatnonzero(~confident)
                 if unsure.size:
                     await self._offload_rows(model, request, inputs, unsure, answer, cloud_deadline, options)
+                if self.audit_share > 0:
+                    self._maybe_audit(model, request, inputs, np.flatnonzero(confident), answer)
         return self._response(model, request, wanted, answer, options, rows)
+
+    def _threshold(self, model: RoutedModel, options: RoutingOptions, confidence: npt.NDArray[np.float64]) -> float:
+        """The caller's threshold, else the online budget's, else the model's."""
+        if options.threshold is not None:
+            return options.threshold
+        budget = self.budgets.get(model.config.name)
+        if budget is None:
+            return model.config.routing.threshold
+        budget.observe(confidence)
+        return budget.threshold(model.config.routing.threshold)
+
+    def _maybe_audit(
+        self,
+        model: RoutedModel,
+        request: InferRequest,
+        inputs: Arrays,
+        confident: npt.NDArray[np.intp],
+        answer: _Answer,
+    ) -> None:
+        """Send a random share of the confident rows to the cloud in the background, to measure agreement."""
+        picked = confident[self._rng.random(confident.size) < self.audit_share]
+        if not picked.size:
+            return
+        edge_scores = np.array(answer.outputs[model.score_output][picked], copy=True)
+        task = asyncio.get_running_loop().create_task(self._audit(model, request, inputs, picked, edge_scores))
+        self._audits.add(task)
+        task.add_done_callback(self._audits.discard)
+
+    async def _audit(
+        self,
+        model: RoutedModel,
+        request: InferRequest,
+        inputs: Arrays,
+        rows: npt.NDArray[np.intp],
+        edge_scores: npt.NDArray[Any],
+    ) -> None:
+        try:
+            cloud = await self._cloud_answer(model, request, inputs, rows, None)
+        except CloudFailure:
+            self.audit.failed += rows.size
+            return
+        agreed = int(np.sum(edge_scores.argmax(axis=1) == cloud.outputs[model.score_output].argmax(axis=1)))
+        self.audit.record(rows.size, agreed)
 
     async def _edge_answer(self, model: RoutedModel, inputs: Arrays) -> _Answer:
         loop = asyncio.get_running_loop()

@@ -34,6 +34,11 @@ class RouterDataPlane:
 
     def health_details(self) -> Mapping[str, str]:
         details = {"models": ",".join(sorted(self.router.models))}
+        agreement = self.router.audit.agreement
+        if agreement is not None:
+            details["audit_agreement"] = f"{agreement:.4f} over {self.router.audit.rows} rows"
+        for name, budget in self.router.budgets.items():
+            details[f"threshold.{name}"] = f"{budget.threshold(self.router.models[name].config.routing.threshold):.4f}"
         details.update(self.router.cloud.health_details() if self.router.cloud else {"cloud": "none"})
         return details
 

@@ -60,6 +60,13 @@ class EdgeSettings(ServerSettings):
         int, Field(ge=0, description="Bytes of cloud answers cached per row (least recently used out); 0: no cache.")
     ] = 64 * 1024 * 1024
     cache_ttl_seconds: Annotated[float, Field(gt=0, description="How long a cached cloud answer is used.")] = 300.0
+    target_offload: Annotated[
+        float | None,
+        Field(gt=0, lt=1, description="Online budget: keep the offload share near this by adapting the threshold."),
+    ] = None
+    audit_share: Annotated[
+        float, Field(ge=0, le=1, description="Share of confident rows also sent to the cloud to measure agreement.")
+    ] = 0.0
     hedge_delay_seconds: Annotated[
         float | None,
         Field(gt=0, description="Hedging (opt-in): send a second attempt after this delay; first answer wins."),

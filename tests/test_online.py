@@ -1,0 +1,110 @@
+"""Live-traffic features of the router: the online offload budget and audit sampling."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from offload.cloud.dataplane import CloudDataPlane
+from offload.models import DEMO_REPOSITORY
+from offload.oip.repository import OutputKind
+from offload.oip.server import OipServer
+from offload.oip.tensors import Tensor
+from offload.oip.types import InferRequest
+from offload.router.cloud import CloudEndpoint
+from offload.router.confidence import max_probability
+from offload.router.core import RoutedModel, Router
+
+
+@pytest.fixture(scope="module")
+def traffic() -> npt.NDArray[np.float32]:
+    with (
+        np.load(DEMO_REPOSITORY / "digits" / "validation.npz") as validation,
+        np.load(DEMO_REPOSITORY / "digits" / "test.npz") as test,
+    ):
+        return np.concatenate([validation["inputs"], test["inputs"]]).astype(np.float32)
+
+
+@pytest.fixture
+async def cloud_address(demo_cloud_plane: CloudDataPlane) -> AsyncIterator[str]:
+    server = OipServer(demo_cloud_plane, "test-cloud")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        await server.stop(0)
+
+
+def _router(models: dict[str, RoutedModel], executor: ThreadPoolExecutor, address: str, **options: float) -> Router:
+    return Router(models, CloudEndpoint(address, 10.0, 64 << 20), executor, rng=np.random.default_rng(7), **options)
+
+
+async def _offload_share(router: Router, batches: list[npt.NDArray[np.float32]]) -> float:
+    offloaded = rows = 0
+    for batch in batches:
+        response = await router.infer(InferRequest("digits", [Tensor.of("pixels", batch)]))
+        value = response.parameters["offload_offloaded_rows"]
+        assert isinstance(value, int)
+        offloaded += value
+        rows += len(batch)
+    return offloaded / rows
+
+
+def _shifted(pixels: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Traffic the edge model is less sure about: faded, noisy strokes (a new camera, say)."""
+    noise = np.random.default_rng(3).integers(0, 6, size=pixels.shape)
+    return np.clip(pixels * 0.5 + noise, 0, 16).astype(np.float32)
+
+
+async def test_online_budget_keeps_the_offload_share_near_its_target_when_traffic_shifts(
+    demo_edge_models: dict[str, RoutedModel],
+    edge_executor: ThreadPoolExecutor,
+    cloud_address: str,
+    traffic: npt.NDArray[np.float32],
+) -> None:
+    target = 0.15
+    shifted = _shifted(traffic)
+    batches = [shifted[i : i + 16] for i in range(0, len(shifted), 16)]
+    static = _router(demo_edge_models, edge_executor, cloud_address)
+    adaptive = _router(demo_edge_models, edge_executor, cloud_address, target_offload=target)
+    try:
+        # Let the budget see the new traffic, then measure on what follows.
+        await _offload_share(adaptive, batches[:20])
+        adaptive_share = await _offload_share(adaptive, batches[20:])
+        static_share = await _offload_share(static, batches[20:])
+    finally:
+        await static.close()
+        await adaptive.close()
+    assert static_share > 2 * target, "the shift should blow a static threshold's budget"
+    assert adaptive_share == pytest.approx(target, abs=0.05)
+
+
+async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_reports_agreement(
+    demo_edge_models: dict[str, RoutedModel],
+    edge_executor: ThreadPoolExecutor,
+    cloud_address: str,
+    traffic: npt.NDArray[np.float32],
+    demo_cloud_plane: CloudDataPlane,
+) -> None:
+    pixels = traffic[:200]
+    router = _router(demo_edge_models, edge_executor, cloud_address, audit_share=1.0)
+    try:
+        response = await router.infer(InferRequest("digits", [Tensor.of("pixels", pixels)]))
+        await router.wait_for_audits()
+    finally:
+        await router.close()
+    model = demo_edge_models["digits"]
+    edge_scores = model.edge.predict({"pixels": pixels})["scores"]
+    confident = max_probability(edge_scores, OutputKind.LOGITS) >= model.config.routing.threshold
+    cloud_scores = demo_cloud_plane._model("digits", "").predict({"pixels": pixels[confident]})["scores"]
+    expected = int(np.sum(edge_scores[confident].argmax(axis=1) == cloud_scores.argmax(axis=1)))
+    # Every confident row was audited; the audit does not change the answer's routing.
+    assert router.audit.rows == int(confident.sum())
+    assert router.audit.agreed == expected
+    assert router.audit.agreement is not None
+    assert 0.9 < router.audit.agreement <= 1.0
+    assert response.parameters["offload_offloaded_rows"] == int((~confident).sum())
