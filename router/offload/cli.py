@@ -1,4 +1,4 @@
-"""The `offload` command: run the demo, the edge agent, or the cloud service.
+"""The `offload` command: run the demo, the edge agent or the cloud service, or calibrate a model.
 
 Each subcommand imports only what it needs, so `offload cloud` runs where only
 `offload[cloud]` (torch) is installed and `offload edge` where only
@@ -73,7 +73,47 @@ def build_parser() -> argparse.ArgumentParser:
     _server_flags(cloud, 8101)
     cloud.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     cloud.add_argument("--inference-threads", type=int, help="threads that run models (default 2)")
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="fit a model's temperature and pick its threshold for a target offload or accuracy",
+        description="Run the edge model and the cloud model over a validation set, fit the temperature, pick the "
+        "routing threshold that reaches the target, print the expected offload rate and accuracy with 95% "
+        "intervals, and write threshold and temperature into the model's model.toml (comments kept).",
+    )
+    calibrate.add_argument("--model-repository", type=Path, help="folder of model folders (default: the bundled demo)")
+    calibrate.add_argument("--model", required=True, help="the model to calibrate (its name in the repository)")
+    calibrate.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="validation .npz: 'inputs' (or one array per input name) and optionally 'labels' "
+        "(without labels, the cloud model's answers are the labels)",
+    )
+    target = calibrate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-offload", type=_share, metavar="F", help="share of rows to send to the cloud (0-1)")
+    target.add_argument(
+        "--target-accuracy", type=_share, metavar="F", help="routed accuracy to reach with the least offload (0-1)"
+    )
+    calibrate.add_argument(
+        "--cloud",
+        help="HOST:PORT of a running OIP server for the cloud's answers "
+        "(default: run the model's [cloud] section here with PyTorch)",
+    )
+    calibrate.add_argument("--plot", type=Path, metavar="FILE.png", help="save the accuracy-vs-offload curve here")
+    calibrate.add_argument("--no-temperature", action="store_true", help="keep the configured temperature")
+    calibrate.add_argument("--dry-run", action="store_true", help="report only; leave model.toml unchanged")
     return parser
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1] (a share: 0.15 for 15%)")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +134,25 @@ def main(argv: list[str] | None = None) -> int:
             )
             configure_logging(edge_settings.log_level)
             asyncio.run(agent.run(edge_settings))
+            return 0
+        if options.command == "calibrate":
+            from offload.models import DEMO_REPOSITORY
+            from offload.router.calibration import CalibrateOptions, Target, run_calibrate
+
+            run_calibrate(
+                CalibrateOptions(
+                    repository=options.model_repository or DEMO_REPOSITORY,
+                    model=options.model,
+                    data=options.data,
+                    target=Target("offload", options.target_offload)
+                    if options.target_offload is not None
+                    else Target("accuracy", options.target_accuracy),
+                    cloud=options.cloud,
+                    plot=options.plot,
+                    fit_temperature=not options.no_temperature,
+                    dry_run=options.dry_run,
+                )
+            )
             return 0
         from offload.cloud import service
         from offload.cloud.settings import CloudSettings
