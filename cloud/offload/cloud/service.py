@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+
+import torch
 
 from offload.cloud.dataplane import SERVER_NAME, CloudDataPlane
 from offload.cloud.runtime import pick_device
@@ -13,8 +16,27 @@ from offload.oip.server import OipServer, serve_until_signalled
 log = logging.getLogger(__name__)
 
 
+def size_torch_threads(settings: CloudSettings, device: torch.device) -> None:
+    """On CPU, give each inference thread its share of the cores.
+
+    torch's default intra-op pool is one thread per core *per calling thread*;
+    with several inference threads that oversubscribes the cores (measured on 2
+    cores: 30 ms p50 / 832 ms p99 per 64-row batch instead of 13 / 18 ms).
+    """
+    if device.type != "cpu":
+        return
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.inference_threads)
+    torch.set_num_threads(threads)
+    log.info(
+        "torch uses %d intra-op thread(s) per inference thread (%d inference threads)",
+        threads,
+        settings.inference_threads,
+    )
+
+
 async def build_server(settings: CloudSettings) -> tuple[OipServer, CloudDataPlane]:
     device = pick_device(settings.device)
+    size_torch_threads(settings, device)
     plane = CloudDataPlane.load(load_repository(settings.model_repository), settings, device)
     return OipServer(plane, SERVER_NAME, settings.limits), plane
 

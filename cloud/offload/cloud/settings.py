@@ -23,6 +23,12 @@ class CloudSettings(ServerSettings):
     inference_threads: Annotated[
         int, Field(ge=1, description="Threads that run models; torch releases the GIL while it computes.")
     ] = 2
+    torch_threads: Annotated[
+        int | None,
+        Field(
+            ge=1, description="torch intra-op threads on CPU; default: cores / inference_threads (no oversubscription)."
+        ),
+    ] = None
     max_queue: Annotated[
         int,
         Field(ge=0, description="Requests that may wait for a thread; past it, RESOURCE_EXHAUSTED at once."),
