@@ -39,8 +39,21 @@ async def cloud_address(demo_cloud_plane: CloudDataPlane) -> AsyncIterator[str]:
         await server.stop(0)
 
 
-def _router(models: dict[str, RoutedModel], executor: ThreadPoolExecutor, address: str, **options: float) -> Router:
-    return Router(models, CloudEndpoint(address, 10.0, 64 << 20), executor, rng=np.random.default_rng(7), **options)
+def _router(
+    models: dict[str, RoutedModel],
+    executor: ThreadPoolExecutor,
+    address: str,
+    target_offload: float | None = None,
+    audit_share: float = 0.0,
+) -> Router:
+    return Router(
+        models,
+        CloudEndpoint(address, 10.0, 64 << 20),
+        executor,
+        target_offload=target_offload,
+        audit_share=audit_share,
+        rng=np.random.default_rng(7),
+    )
 
 
 async def _offload_share(router: Router, batches: list[npt.NDArray[np.float32]]) -> float:
@@ -57,7 +70,8 @@ async def _offload_share(router: Router, batches: list[npt.NDArray[np.float32]])
 def _shifted(pixels: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Traffic the edge model is less sure about: faded, noisy strokes (a new camera, say)."""
     noise = np.random.default_rng(3).integers(0, 6, size=pixels.shape)
-    return np.clip(pixels * 0.5 + noise, 0, 16).astype(np.float32)
+    shifted: npt.NDArray[np.float32] = np.clip(pixels * 0.5 + noise, 0, 16).astype(np.float32)
+    return shifted
 
 
 async def test_online_budget_keeps_the_offload_share_near_its_target_when_traffic_shifts(
