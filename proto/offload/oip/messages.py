@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
+from typing import Any, Protocol
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.errors import InvalidArgument
@@ -71,16 +72,27 @@ def request_from_pb(message: pb.ModelInferRequest, max_elements: int = DEFAULT_M
     )
 
 
+class _WireList(Protocol):
+    """`inputs` of a request or `outputs` of a response: repeated tensors with a name, datatype, shape."""
+
+    def add(self, *, name: str, datatype: str, shape: tuple[int, ...]) -> Any: ...
+
+
+def _encode_tensors(tensors: list[Tensor], wire: _WireList, raw_contents: list[bytes] | Any, raw: bool) -> None:
+    # Raw contents are all or nothing, so one FP16/BF16 tensor makes every tensor raw.
+    use_raw = raw or needs_raw(tensors)
+    for tensor in tensors:
+        entry = wire.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        if use_raw:
+            raw_contents.append(raw_bytes(tensor))
+        else:
+            fill_typed(entry.contents, tensor)
+
+
 def request_to_pb(request: InferRequest, raw: bool = True) -> pb.ModelInferRequest:
     message = pb.ModelInferRequest(model_name=request.model_name, model_version=request.model_version, id=request.id)
     parameters_to_pb(request.parameters, message.parameters)
-    use_raw = raw or needs_raw(request.inputs)
-    for tensor in request.inputs:
-        wire = message.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        if use_raw:
-            message.raw_input_contents.append(raw_bytes(tensor))
-        else:
-            fill_typed(wire.contents, tensor)
+    _encode_tensors(request.inputs, message.inputs, message.raw_input_contents, raw)
     for name in request.outputs:
         message.outputs.add(name=name)
     return message
@@ -91,14 +103,7 @@ def response_to_pb(response: InferResponse, raw: bool) -> pb.ModelInferResponse:
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
     parameters_to_pb(response.parameters, message.parameters)
-    # raw_output_contents is all or nothing, so one FP16/BF16 output makes all raw.
-    use_raw = raw or needs_raw(response.outputs)
-    for tensor in response.outputs:
-        wire = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        if use_raw:
-            message.raw_output_contents.append(raw_bytes(tensor))
-        else:
-            fill_typed(wire.contents, tensor)
+    _encode_tensors(response.outputs, message.outputs, message.raw_output_contents, raw)
     return message
 
 
