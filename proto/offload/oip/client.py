@@ -13,12 +13,23 @@ from offload.oip.server import channel_options
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata
 
 
+# gRPC's default reconnect backoff starts at 1 s and grows to 120 s while a peer is
+# down, so a restarted cloud was found again only seconds later. A router needs
+# its cloud back quickly and a connection attempt is cheap: 100 ms, at most 2 s.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
 class OipClient:
     """One channel to one server. Calls raise UpstreamError carrying the server's status."""
 
     def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        options = [*channel_options(max_message_bytes), *RECONNECT_OPTIONS]
+        self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def close(self) -> None:
