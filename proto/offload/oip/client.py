@@ -12,7 +12,6 @@ from offload.oip.repository import TensorSpec
 from offload.oip.server import channel_options
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata
 
-
 # gRPC's default reconnect backoff starts at 1 s and grows to 120 s while a peer is
 # down, so a restarted cloud was found again only seconds later. A router needs
 # its cloud back quickly and a connection attempt is cheap: 100 ms, at most 2 s.

@@ -129,11 +129,12 @@ class CloudEndpoint:
             request.id = uuid.uuid4().hex
         budget_end = self._clock() + self.timeout_seconds
         end = budget_end if deadline is None else min(deadline, budget_end)
-        if not self.breaker.allow():
+        probes: list[int] = []  # half-open probes this call was given
+        if not self._allow(probes):
             self.stats.short_circuited += 1
             raise CloudFailure(f"circuit to {self.target} is open after repeated failures; answered on the edge")
         retrying = AsyncRetrying(
-            stop=lambda state: self._stop(state, end),
+            stop=lambda state: self._stop(state, end, probes),
             wait=self._wait,
             retry=retry_if_exception(self._retryable),
             sleep=self._sleep,
@@ -148,7 +149,21 @@ class CloudEndpoint:
         except OffloadError as exc:
             self.stats.failures += 1
             raise _as_failure(exc) from exc
+        finally:
+            # A probe that got no outcome (cancelled, or no time left to send it) must not
+            # keep the breaker half-open forever; one that did is already settled.
+            for probe in probes:
+                self.breaker.abandon_probe(probe)
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+    def _allow(self, probes: list[int]) -> bool:
+        """breaker.allow(), noting in `probes` the half-open probe it gave this call, if any."""
+        before = self.breaker.probes
+        if not self.breaker.allow():
+            return False
+        if self.breaker.probes != before:
+            probes.append(self.breaker.probes)
+        return True
 
     def _retryable(self, exc: BaseException) -> bool:
         if not isinstance(exc, UpstreamError):
@@ -167,12 +182,12 @@ class CloudEndpoint:
         )
         return random.uniform(0, ceiling)  # full jitter
 
-    def _stop(self, state: RetryCallState, end: float) -> bool:
+    def _stop(self, state: RetryCallState, end: float, probes: list[int]) -> bool:
         if state.attempt_number >= self.retry.max_attempts:
             return True
         if not self.throttle.allows_retry():
             return True
-        if not self.breaker.allow():
+        if not self._allow(probes):
             return True
         # No retry that could not finish: the backoff plus a minimal attempt must fit.
         return self._clock() + (state.upcoming_sleep or 0.0) + self.retry.min_attempt_seconds >= end

@@ -78,6 +78,7 @@ class CircuitBreaker:
         self._recent: collections.deque[bool] = collections.deque(maxlen=self.policy.window)
         self._opened_at = 0.0
         self._probe_in_flight = False
+        self._probes = 0  # half-open probes let through so far (numbers them)
 
     def allow(self) -> bool:
         """Whether a call may go out now (in HALF_OPEN: only the one probe)."""
@@ -89,7 +90,19 @@ class CircuitBreaker:
             if self._probe_in_flight:
                 return False
             self._probe_in_flight = True
+            self._probes += 1
         return True
+
+    @property
+    def probes(self) -> int:
+        """How many half-open probes were let through: the number of the latest."""
+        return self._probes
+
+    def abandon_probe(self, probe: int) -> None:
+        """Probe number `probe` ended with no outcome (its call was cancelled, or gave up before
+        sending): the next call may probe. Without this the breaker would wait for it forever."""
+        if self._probe_in_flight and probe == self._probes:
+            self._probe_in_flight = False
 
     def record_success(self) -> None:
         self._consecutive = 0

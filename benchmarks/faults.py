@@ -1,0 +1,438 @@
+"""Fault benchmark (issue 3): what the app sees when the cloud breaks, fault by fault.
+
+For each fault a fresh edge router (the agent's wiring, in this process, on a real
+loopback gRPC port) takes an open-loop stream of app requests (`--requests` at
+`--rate` per second, at most `--concurrency` in flight, each with a `--deadline`
+gRPC deadline and `offload_threshold=1.0`, so every row is meant for the cloud).
+The cloud is a real `offload cloud` child process, reached directly or through the
+chaos proxy of tests/support/chaos.py. The fault starts once 20% of the requests
+were sent and ends once 60% were (kill: the cloud stays dead until the stream ends,
+then restarts on the same port; restart: a new process starts on the same port at
+once). Edge settings: 1 s cloud deadline, retry budget 10 tokens / 0.1, breaker
+cool-down 0.2 s, 3 attempts (full-jitter backoff from 50 ms).
+
+Columns: requests sent, answered, degraded (answered from the edge because the
+cloud did not answer), failed (an error reached the app), cloud attempts per
+cloud-bound request (retries and hedges included, as the endpoint counts them),
+retries against the budget's bound (max_tokens/2 + 1 + token_ratio * successes),
+hedges, requests the open breaker kept off the wire, latency percentiles, recovery
+(seconds from the fault's end to the first cloud answer) and problems (rows that
+are neither the cloud's answer nor a flagged edge answer, or answers past the
+deadline + 0.3 s; see chaos.check).
+
+    python benchmarks/faults.py                        # print and write benchmarks/RESULTS.md
+    python benchmarks/faults.py --requests 100 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import platform
+import re
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from offload.models import DEMO_REPOSITORY
+from offload.oip import client as client_module
+from offload.oip.client import OipClient
+from offload.oip.process import ServerProcess
+from offload.oip.server import channel_options
+from offload.oip.tensors import Tensor
+from offload.oip.types import InferRequest
+from offload.router.agent import load_edge_models
+from offload.router.cloud import CloudStats
+from offload.router.core import RoutedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from support.chaos import (  # noqa: E402  (the chaos proxy lives with the tests)
+    TEST_EDGE_SETTINGS,
+    Call,
+    ChaosProxy,
+    Corruption,
+    Reference,
+    Summary,
+    burst,
+    check,
+    edge_under_test,
+    retry_bound,
+    wait_for_cloud_answer,
+)
+
+HEADING = "## Faults (issue 3)"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+MACHINE = "2-core CPU, loopback"
+FAULTS = (
+    "none",
+    "kill",
+    "freeze",
+    "restart",
+    "flaky-30%",
+    "slow-3s",
+    *(f"malformed-{kind}" for kind in Corruption),
+    "breaker-open",
+    "straggler+hedging",
+)
+DESCRIPTIONS = {
+    "none": "healthy cloud, direct",
+    "kill": "SIGKILL at 20%; dead to the end, then restarted on the same port",
+    "freeze": "SIGSTOP at 20%, SIGCONT at 60%",
+    "restart": "SIGKILL at 20%, a new process on the same port started at once",
+    "flaky-30%": "proxy fails 30% of calls with UNAVAILABLE (seeded)",
+    "slow-3s": "proxy delays every call 3 s (past the deadline)",
+    "malformed-shape": "proxy answers [rows, 11] for [rows, 10]",
+    "malformed-rows": "proxy answers one row too many",
+    "malformed-datatype": "proxy answers FP64 for FP32",
+    "malformed-raw_size": "proxy answers raw bytes one short",
+    "breaker-open": "proxy fails every call with UNAVAILABLE",
+    "straggler+hedging": "hedging on (50 ms); proxy holds each request's first attempt 2 s",
+}
+
+
+def cloud_process(port: int | str = 0) -> ServerProcess:
+    return ServerProcess(["cloud", "--grpc-port", str(port), "--device", "cpu"])
+
+
+@dataclass
+class Env:
+    cloud: ServerProcess
+    reference: Reference
+    models: dict[str, RoutedModel]
+    executor: ThreadPoolExecutor
+    options: argparse.Namespace
+
+
+@dataclass
+class Row:
+    fault: str
+    summary: Summary
+    cloud_bound: int
+    attempts: int
+    retries: int
+    bound: float
+    hedges: int
+    short_circuited: int
+    recovery: float | None
+    problems: int
+
+    def cells(self) -> list[str]:
+        summary = self.summary
+        per_request = self.attempts / self.cloud_bound if self.cloud_bound else 0.0
+        recovery = "-" if self.recovery is None else f"{self.recovery:.2f}"
+        return [
+            self.fault,
+            str(summary.sent),
+            str(summary.answered),
+            str(summary.degraded),
+            str(summary.failed),
+            f"{per_request:.2f}",
+            f"{self.retries} / {self.bound:.1f}",
+            str(self.hedges),
+            str(self.short_circuited),
+            f"{summary.percentile(0.50) * 1000:.1f}",
+            f"{summary.percentile(0.99) * 1000:.1f}",
+            recovery,
+            str(self.problems),
+        ]
+
+
+COLUMNS = [
+    "fault",
+    "sent",
+    "answered",
+    "degraded",
+    "failed",
+    "cloud attempts / cloud-bound request",
+    "retries / budget bound",
+    "hedges",
+    "short-circuited",
+    "p50 ms",
+    "p99 ms",
+    "recovery s",
+    "problems",
+]
+
+
+class FaultRun:
+    """One fault: what it needs started, when it breaks and mends the cloud, and its row of figures."""
+
+    def __init__(self, fault: str, env: Env) -> None:
+        self.fault = fault
+        self.env = env
+        self.processes: list[ServerProcess] = []
+        self.proxy: ChaosProxy | None = None
+        self.target = ""
+        self.begin_at = int(env.options.requests * 0.2)
+        self.end_at = int(env.options.requests * 0.6)
+        self.ended: list[float] = []  # when the fault ended (the cloud could answer again)
+        self.restarting: list[asyncio.Future[str]] = []
+
+    async def setup(self) -> None:
+        if self.fault in ("kill", "restart"):
+            self.processes.append(cloud_process())
+            self.target = await asyncio.to_thread(self.processes[0].start)
+        elif self.fault in ("none", "freeze"):
+            self.target = self.env.cloud.address
+        else:
+            self.proxy = ChaosProxy(self.env.cloud.address, seed=self.env.options.seed)
+            self.target = await self.proxy.start()
+
+    async def teardown(self) -> None:
+        if self.fault == "freeze":
+            self.env.cloud.signal(signal.SIGCONT)
+        if self.proxy is not None:
+            await self.proxy.stop()
+        for process in self.processes:
+            process.kill()
+
+    def restart_now(self) -> None:
+        self.processes.append(cloud_process(self.target.rsplit(":", 1)[1]))
+        future = asyncio.ensure_future(asyncio.to_thread(self.processes[-1].start))
+        future.add_done_callback(lambda _: self.ended.append(time.monotonic()))
+        self.restarting.append(future)
+
+    def begin(self) -> None:
+        if self.fault in ("kill", "restart"):
+            self.processes[0].kill()  # SIGKILL
+            if self.fault == "restart":
+                self.restart_now()
+        elif self.fault == "freeze":
+            self.env.cloud.signal(signal.SIGSTOP)
+        elif self.proxy is not None:
+            inject(self.proxy, self.fault)
+
+    def end(self) -> None:
+        if self.fault == "freeze":
+            self.env.cloud.signal(signal.SIGCONT)
+            self.ended.append(time.monotonic())
+        elif self.proxy is not None:
+            self.proxy.heal()
+            self.ended.append(time.monotonic())
+
+    def on_send(self, call: Call) -> None:
+        if self.fault == "none":
+            return
+        if call.index == self.begin_at:
+            self.begin()
+        elif call.index == self.end_at:
+            self.end()
+
+    async def measure(self) -> Row:
+        options = self.env.options
+        overrides: dict[str, Any] = {"cloud_timeout_seconds": options.cloud_timeout}
+        if self.fault == "straggler+hedging":
+            overrides["hedge_delay_seconds"] = 0.05
+        async with edge_under_test(self.target, self.env.models, self.env.executor, **overrides) as edge:
+            # Warm up first (connecting the channels, the cloud model's first calls at this batch size),
+            # so that the figures are about the fault; then fresh counters.
+            await wait_for_cloud_answer(edge, self.env.reference, timeout=30.0, tag="warm-up")
+            await burst(edge.client, self.env.reference, 20, tag="warm-up", concurrency=4, timeout=options.deadline)
+            edge.endpoint.stats = CloudStats()
+            calls = await burst(
+                edge.client,
+                self.env.reference,
+                options.requests,
+                tag=self.fault,
+                concurrency=options.concurrency,
+                timeout=options.deadline,
+                rate=options.rate,
+                on_send=self.on_send,
+            )
+            stats = edge.endpoint.stats
+            row = Row(
+                self.fault,
+                Summary.of(calls),
+                stats.calls,
+                stats.attempts,
+                stats.retries,
+                retry_bound(edge.endpoint),
+                stats.hedges,
+                stats.short_circuited,
+                None,
+                len(check(calls, self.env.reference, deadline=options.deadline)),
+            )
+            if self.fault == "kill":
+                self.restart_now()
+            if self.restarting:
+                await self.restarting[0]
+            if self.ended:
+
+                async def poll() -> None:
+                    await wait_for_cloud_answer(edge, self.env.reference, timeout=60.0, deadline=options.deadline)
+
+                row.recovery = await recovery_seconds(calls, self.ended[0], poll)
+            return row
+
+
+async def run_fault(fault: str, env: Env) -> Row:
+    run = FaultRun(fault, env)
+    try:
+        await run.setup()
+        return await run.measure()
+    finally:
+        await run.teardown()
+
+
+def inject(proxy: ChaosProxy, fault: str) -> None:
+    if fault == "flaky-30%":
+        proxy.fail_rate = 0.3
+    elif fault == "slow-3s":
+        proxy.delay_seconds = 3.0
+    elif fault.startswith("malformed-"):
+        proxy.corruption = Corruption(fault.removeprefix("malformed-"))
+    elif fault == "breaker-open":
+        proxy.fail_rate = 1.0
+    elif fault == "straggler+hedging":
+        proxy.delay_first_attempt_seconds = 2.0
+
+
+async def recovery_seconds(calls: list[Call], ended: float, poll: Callable[[], Awaitable[None]]) -> float:
+    """From the fault's end to the first cloud answer: seen in the stream, or else polled for after it."""
+    answered = [call.sent_at + call.seconds for call in calls if call.sent_at >= ended and call.from_cloud]
+    if answered:
+        return min(answered) - ended
+    await poll()
+    return time.monotonic() - ended
+
+
+async def fetch_reference(cloud: str, models: dict[str, RoutedModel]) -> Reference:
+    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
+        pixels = data["inputs"].astype(np.float32)
+    async with OipClient(cloud) as client:
+        response = await client.infer(InferRequest("digits", [Tensor.of("pixels", pixels)]), timeout=60)
+    scores = response.output("scores")
+    assert scores is not None
+    return Reference.build(models["digits"], pixels, scores.data)
+
+
+async def run(options: argparse.Namespace) -> list[Row]:
+    models = load_edge_models(DEMO_REPOSITORY)
+    rows: list[Row] = []
+    with cloud_process() as cloud, ThreadPoolExecutor(2, thread_name_prefix="edge-infer") as executor:
+        await asyncio.to_thread(cloud.start)
+        env = Env(cloud, await fetch_reference(cloud.address, models), models, executor, options)
+        for fault in options.faults:
+            started = time.monotonic()
+            row = await run_fault(fault, env)
+            rows.append(row)
+            print(
+                f"{fault}: {' | '.join(row.cells()[1:])} ({time.monotonic() - started:.1f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|---|" + "---:|" * (len(COLUMNS) - 1),
+    ]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], options: argparse.Namespace, command: str) -> str:
+    edge = {**TEST_EDGE_SETTINGS, "cloud_timeout_seconds": options.cloud_timeout}
+    settings = ", ".join(f"{key} {value:g}" for key, value in edge.items())
+    header = (
+        f"Command: `{command}`; run {datetime.date.today().isoformat()} on a {MACHINE} (Python "
+        f"{platform.python_version()}, grpcio {grpc.__version__}; cloud model on the CPU). Per fault: "
+        f"{options.requests} requests of 3 demo rows at {options.rate:g}/s, at most {options.concurrency} in "
+        f"flight, app deadline {options.deadline:g} s, `offload_threshold=1.0` (every row to the cloud), "
+        f"`offload_details=true`. The cloud is a real `offload cloud` process; the edge router runs in the "
+        f"benchmark's process behind a real gRPC port (so its counters can be read), with {settings}, "
+        "3 attempts, hedging off except where named. The fault starts when 20% of the requests were sent and "
+        "ends when 60% were."
+    )
+    faults = "\n".join(f"- **{fault}**: {DESCRIPTIONS[fault]}" for fault in (row.fault for row in rows))
+    failed = sum(row.summary.failed for row in rows)
+    within = all(row.retries <= row.bound for row in rows)
+    problems = sum(row.problems for row in rows)
+    restart = next((row for row in rows if row.fault == "restart"), None)
+    kill = next((row for row in rows if row.fault == "kill"), None)
+    recoveries = ", ".join(
+        f"{row.fault} {row.recovery:.2f} s" for row in (restart, kill) if row is not None and row.recovery is not None
+    )
+    options_set = [*channel_options(1 << 20), *getattr(client_module, "RECONNECT_OPTIONS", [])]
+    reconnect = ", ".join(f"{key.removeprefix('grpc.')}={value}" for key, value in options_set if "reconnect" in key)
+    backoff = (
+        f"the edge's channel to the cloud reconnects with {reconnect}"
+        if reconnect
+        else "the edge's channel keeps gRPC's default reconnect backoff: 1 s, growing 1.6x per failed connect "
+        "while the cloud is down, up to 120 s, so the longer the outage the longer recovery takes"
+    )
+    verdict = (
+        f"Failed requests with fallback allowed: **{failed}** in all. Retries within the budget's bound under "
+        f"every fault: **{'yes' if within else 'NO'}**. Rows that were neither the cloud's answer nor a flagged "
+        f"edge answer, or answers past the deadline + 0.3 s: **{problems}**. Recovery to cloud answers after a "
+        f"restart on the same port: {recoveries or 'not measured'} ({backoff})."
+    )
+    reading = (
+        "Reading the table: *cloud attempts / cloud-bound request* is below 1 where the open breaker answered "
+        "requests on the edge without a call (*short-circuited*); *retries / budget bound* compares the retries "
+        "sent with what the A6 budget allows (max_tokens/2 + 1 + token_ratio x successes); *recovery* runs from "
+        "the fault's end (SIGCONT, proxy healed, restarted process listening) to the first cloud answer. "
+        "Degraded requests are answered by the edge model, flagged `offload_degraded=true`. Under flaky-30%, a "
+        "failed call is retried only while the budget has more than half its tokens, and the breaker's rate rule "
+        "(half of the last 20 calls failed) trips now and then on a 30% cloud: those requests are degraded."
+    )
+    return f"{header}\n\n{faults}\n\n{table(rows)}\n\n{reading}\n\n{verdict}"
+
+
+def write_section(path: Path, body: str) -> None:
+    """Put HEADING + body into path: replace that section if present, else append it; keep the rest."""
+    section = f"{HEADING}\n\n{body.rstrip()}\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Fault benchmark: for each fault (kill, freeze, restart, flaky, slow, malformed, breaker-open, "
+        "straggler with hedging), requests sent, answered, degraded and failed, cloud attempts per cloud-bound "
+        "request, retries against the budget, p50/p99 latency and recovery time, with real processes on loopback."
+    )
+    parser.add_argument("--requests", type=int, default=300, help="requests per fault (default 300)")
+    parser.add_argument("--concurrency", type=int, default=16, help="most requests in flight (default 16)")
+    parser.add_argument("--rate", type=float, default=60.0, help="requests sent per second (default 60)")
+    parser.add_argument("--deadline", type=float, default=1.5, help="the app's gRPC deadline in seconds (1.5)")
+    parser.add_argument("--cloud-timeout", type=float, default=1.0, help="the edge's cloud deadline (1.0 s)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the proxy's failure draws (1)")
+    parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS), help="which faults (all)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to write (benchmarks/RESULTS.md)")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    options = parser.parse_args(argv)
+    if options.requests < 5 or options.concurrency < 1 or options.rate <= 0:
+        parser.error("--requests must be at least 5, --concurrency at least 1, --rate positive")
+
+    rows = asyncio.run(run(options))
+    command = shlex.join(["python", "benchmarks/faults.py", *(sys.argv[1:] if argv is None else argv)])
+    body = report(rows, options, command)
+    print(f"{HEADING}\n\n{body}")
+    if not options.no_write:
+        write_section(options.results, body)
+        print(f"\nwritten to {options.results}", file=sys.stderr)
+    failed = sum(row.summary.failed for row in rows)
+    return 0 if failed == 0 and all(row.retries <= row.bound for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

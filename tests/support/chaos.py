@@ -1,0 +1,572 @@
+"""Fault injection over real sockets: a chaos proxy in front of a real cloud, and the load tools around it.
+
+`ChaosProxy` is a real gRPC server (grpc.aio, 127.0.0.1, port 0) that speaks the Open
+Inference Protocol and forwards every call to an upstream OIP server (a real cloud)
+with a raw stub. Faults are switched at run time, between or during bursts:
+
+- `fail_rate`: that share of ModelInfer calls fails with `fail_code` (UNAVAILABLE by
+  default). The draw is seeded per (request id, attempt), so it does not depend on
+  the order in which concurrent calls arrive.
+- `delay_seconds`: every ModelInfer call waits this long first (a slow cloud);
+  `delay_first_attempt_seconds`: only the first attempt of each request id does
+  (a straggler, what hedging is for).
+- `exhausted`: answer RESOURCE_EXHAUSTED, with a `grpc-retry-pushback-ms` trailer
+  when `pushback_ms` is set.
+- `corruption`: forward, then break the answer (wrong shape, wrong row count, wrong
+  datatype, raw bytes of the wrong size).
+
+The proxy counts what it received: calls, the x-request-id of each (so retries and
+hedges of one request can be told from new work), which ids got a good answer, and
+how many calls were cancelled by the client.
+
+The rest is what the fault tests and the fault benchmark share: an edge router on
+a real gRPC port configured like the agent (`edge_under_test`), bounded concurrent
+bursts of app requests with a gRPC deadline (`burst`), and a per-row check of every
+answer against the edge's and the cloud's own answers (`check`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from offload.oip import grpc_service_pb2 as pb
+from offload.oip import grpc_service_pb2_grpc as pb_grpc
+from offload.oip.client import OipClient
+from offload.oip.errors import PUSHBACK_KEY, UpstreamError
+from offload.oip.messages import response_from_pb, response_to_pb
+from offload.oip.server import OipServer, channel_options
+from offload.oip.tensors import Tensor
+from offload.oip.types import InferRequest, InferResponse, ParameterValue
+from offload.router.agent import CLOUD_HEALTH_SERVICE, build_cloud_endpoint
+from offload.router.cloud import CloudEndpoint
+from offload.router.confidence import row_confidence
+from offload.router.core import RoutedModel, Router
+from offload.router.dataplane import RouterDataPlane
+from offload.router.options import (
+    DETAILS,
+    RESPONSE_DEGRADED,
+    RESPONSE_ROUTE,
+    THRESHOLD,
+)
+from offload.router.resilience import BreakerState
+from offload.router.settings import EdgeSettings
+
+if TYPE_CHECKING:
+    from offload.oip.grpc_service_pb2_grpc import GRPCInferenceServiceAsyncStub
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+Method = grpc.aio.UnaryUnaryMultiCallable
+REQUEST_ID_KEY = "x-request-id"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class Corruption(StrEnum):
+    """Ways to break a good answer on its way back."""
+
+    SHAPE = "shape"  # one column too many: [rows, 11] for [rows, 10]
+    ROWS = "rows"  # one row too many
+    DATATYPE = "datatype"  # FP64 where FP32 is declared (and the other way round)
+    RAW_SIZE = "raw_size"  # raw bytes one short of what the shape needs
+
+
+def corrupt(reply: pb.ModelInferResponse, kind: Corruption) -> pb.ModelInferResponse:
+    """A copy of a good (raw) answer, broken in one way; the first output is the one broken."""
+    if kind is Corruption.RAW_SIZE:
+        broken = pb.ModelInferResponse()
+        broken.CopyFrom(reply)
+        broken.raw_output_contents[0] = broken.raw_output_contents[0][:-1]
+        return broken
+    response = response_from_pb(reply, "upstream answer")
+    first = response.outputs[0]
+    data = first.data
+    if kind is Corruption.SHAPE:
+        first = Tensor(first.name, first.datatype, np.concatenate([data, data[..., :1]], axis=-1))
+    elif kind is Corruption.ROWS:
+        first = Tensor(first.name, first.datatype, np.concatenate([data, data[:1]], axis=0))
+    else:
+        datatype, dtype = ("FP32", np.float32) if first.datatype == "FP64" else ("FP64", np.float64)
+        first = Tensor(first.name, datatype, data.astype(dtype))
+    response.outputs[0] = first
+    return response_to_pb(response, raw=True)
+
+
+class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, proxy: ChaosProxy) -> None:
+        self._proxy = proxy
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return await self._proxy.forward(self._proxy.stub.ServerLive, request, context)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return await self._proxy.forward(self._proxy.stub.ServerReady, request, context)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        return await self._proxy.forward(self._proxy.stub.ModelReady, request, context)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+        return await self._proxy.forward(self._proxy.stub.ServerMetadata, request, context)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        return await self._proxy.forward(self._proxy.stub.ModelMetadata, request, context)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        return await self._proxy.model_infer(request, context)
+
+
+class ChaosProxy:
+    """A fault-injecting OIP proxy in front of one upstream server. Use `async with` or start()/stop()."""
+
+    def __init__(self, upstream: str, seed: int = 0) -> None:
+        self.upstream = upstream
+        self.seed = seed
+        self.port = 0
+        # Faults, switched at run time.
+        self.fail_rate = 0.0
+        self.fail_code = grpc.StatusCode.UNAVAILABLE
+        self.delay_seconds = 0.0
+        self.delay_first_attempt_seconds = 0.0
+        self.exhausted = False
+        self.pushback_ms: int | None = None
+        self.corruption: Corruption | None = None
+        # What arrived.
+        self.calls = 0
+        self.request_ids: list[str] = []  # x-request-id of each ModelInfer call, in arrival order
+        self.message_ids: list[str] = []  # the OIP request id of each call, in arrival order
+        self.answered: set[str] = set()  # ids that got a good answer from upstream through the proxy
+        self.injected = 0  # calls failed by the proxy itself
+        self.cancelled = 0  # calls the client cancelled while the proxy held or forwarded them
+        self._attempts: collections.Counter[str] = collections.Counter()
+        self._rng = random.Random(seed)
+        self._server: grpc.aio.Server | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self.stub: GRPCInferenceServiceAsyncStub
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def distinct_ids(self) -> int:
+        return len(set(self.request_ids))
+
+    def heal(self) -> None:
+        """Stop injecting faults (the counters stay)."""
+        self.fail_rate = 0.0
+        self.fail_code = grpc.StatusCode.UNAVAILABLE
+        self.delay_seconds = 0.0
+        self.delay_first_attempt_seconds = 0.0
+        self.exhausted = False
+        self.pushback_ms = None
+        self.corruption = None
+
+    def reset_counts(self) -> None:
+        self.calls = 0
+        self.request_ids.clear()
+        self.message_ids.clear()
+        self.answered.clear()
+        self.injected = 0
+        self.cancelled = 0
+        self._attempts.clear()
+
+    async def start(self) -> str:
+        self._channel = grpc.aio.insecure_channel(self.upstream, options=channel_options(MAX_MESSAGE_BYTES))
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._server = grpc.aio.server(options=channel_options(MAX_MESSAGE_BYTES))
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(self), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        return self.address
+
+    async def stop(self) -> None:
+        """Close the port: from now on the proxy is a dead endpoint (connection refused)."""
+        if self._server is not None:
+            await self._server.stop(0)
+            self._server = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def __aenter__(self) -> ChaosProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _fails(self, request_id: str, attempt: int) -> bool:
+        if self.fail_rate <= 0.0:
+            return False
+        # Seeded per request and attempt: the same calls fail however concurrent calls interleave.
+        rng = random.Random(f"{self.seed}:{request_id}:{attempt}") if request_id else self._rng
+        return rng.random() < self.fail_rate
+
+    async def model_infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        metadata = dict(context.invocation_metadata() or ())
+        value = metadata.get(REQUEST_ID_KEY, "")
+        request_id = value if isinstance(value, str) else value.decode()
+        self.calls += 1
+        self.request_ids.append(request_id)
+        self.message_ids.append(request.id)
+        self._attempts[request_id] += 1
+        attempt = self._attempts[request_id]
+        try:
+            delay = self.delay_seconds + (self.delay_first_attempt_seconds if attempt == 1 else 0.0)
+            if delay > 0:
+                await asyncio.sleep(delay)  # the injected fault itself, not synchronisation
+            if self._fails(request_id, attempt):
+                self.injected += 1
+                await context.abort(self.fail_code, f"chaos proxy: injected {self.fail_code.name}")
+            if self.exhausted:
+                self.injected += 1
+                if self.pushback_ms is not None:
+                    context.set_trailing_metadata(((PUSHBACK_KEY, str(self.pushback_ms)),))
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "chaos proxy: injected RESOURCE_EXHAUSTED")
+            reply = await self._upstream_call(self.stub.ModelInfer, request, context, (("x-request-id", request_id),))
+            corruption = self.corruption
+            if corruption is not None:
+                return corrupt(reply, corruption)
+            self.answered.add(request_id)
+            return reply
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def forward(self, method: Method[Request, Reply], request: Request, context: Context) -> Reply:
+        return await self._upstream_call(method, request, context, ())
+
+    async def _upstream_call(
+        self,
+        method: Method[Request, Reply],
+        request: Request,
+        context: Context,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> Reply:
+        remaining = context.time_remaining()
+        try:
+            return await method(request, timeout=remaining, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            # Pass the upstream's status on, with its retry pushback if it sent one.
+            pushback = [(k, v) for k, v in (exc.trailing_metadata() or ()) if k == PUSHBACK_KEY]
+            if pushback:
+                context.set_trailing_metadata(tuple(pushback))
+            await context.abort(exc.code(), exc.details() or "")
+            raise AssertionError("context.abort returned") from exc  # pragma: no cover
+
+
+# --- The app side: an edge router under test, bursts of requests, and checks of every answer. ---
+
+# Test-friendly resilience settings: short cloud deadline, a breaker that probes again soon.
+TEST_EDGE_SETTINGS: dict[str, Any] = {
+    "cloud_timeout_seconds": 1.0,
+    "breaker_cooldown_seconds": 0.2,
+    "retry_budget_max_tokens": 10.0,
+    "retry_budget_token_ratio": 0.1,
+}
+MODEL = "digits"
+ROWS_PER_REQUEST = 3
+ALL_TO_CLOUD: dict[str, ParameterValue] = {THRESHOLD: 1.0, DETAILS: True}
+
+
+@dataclass
+class Edge:
+    """An edge router behind a real OipServer, as the agent wires it, and an app client for it."""
+
+    server: OipServer
+    router: Router
+    client: OipClient
+    settings: EdgeSettings
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def endpoint(self) -> CloudEndpoint:
+        assert self.router.cloud is not None
+        return self.router.cloud
+
+    async def cloud_health(self) -> int:
+        """The agent's "offload.cloud" health status (SERVING while the circuit is closed)."""
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=CLOUD_HEALTH_SERVICE), timeout=5
+            )
+        return int(reply.status)
+
+    async def wait_for_cloud_health(self, serving: bool, timeout: float = 10.0) -> None:
+        """Poll the health service until it reports `serving` (it is updated from the breaker's callback)."""
+        want = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        end = time.monotonic() + timeout
+        while await self.cloud_health() != want:
+            if time.monotonic() > end:
+                raise AssertionError(f"health {CLOUD_HEALTH_SERVICE!r} never became {'SERVING' if serving else 'NOT'}")
+            await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def edge_under_test(
+    cloud: str, models: Mapping[str, RoutedModel], executor: Executor, **overrides: Any
+) -> AsyncIterator[Edge]:
+    """An edge router for `cloud` on a loopback port, configured with TEST_EDGE_SETTINGS and `overrides`."""
+    settings = EdgeSettings(cloud=cloud, **{**TEST_EDGE_SETTINGS, **overrides})
+    server: OipServer | None = None
+
+    def breaker_changed(state: BreakerState) -> None:  # as the agent does
+        if server is not None:
+            server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
+
+    endpoint = build_cloud_endpoint(settings, breaker_changed)
+    router = Router(models, endpoint, executor, deadline_reserve_seconds=settings.deadline_reserve_seconds)
+    server = OipServer(RouterDataPlane(router), "chaos-edge", settings.limits)
+    await server.start()
+    await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
+    client = OipClient(f"127.0.0.1:{server.port}", settings.max_message_bytes)
+    try:
+        yield Edge(server, router, client, settings)
+    finally:
+        await client.close()
+        await server.stop(0)
+        await router.close()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The demo test set and what the edge and the cloud answer for each row on their own."""
+
+    pixels: npt.NDArray[np.float32]
+    edge_scores: npt.NDArray[np.float32]
+    edge_confidence: npt.NDArray[np.float64]
+    cloud_scores: npt.NDArray[np.float32]
+
+    @classmethod
+    def build(cls, model: RoutedModel, pixels: npt.NDArray[np.float32], cloud_scores: npt.NDArray[Any]) -> Reference:
+        edge = model.edge.predict({"pixels": pixels})
+        confidence = row_confidence(edge, model.config.routing, model.score_output)
+        return cls(pixels, edge["scores"], confidence, np.asarray(cloud_scores, dtype=np.float32))
+
+    def rows(self, index: int) -> npt.NDArray[np.intp]:
+        """The test-set rows of request number `index` (deterministic)."""
+        start = (index * ROWS_PER_REQUEST) % len(self.pixels)
+        return (np.arange(start, start + ROWS_PER_REQUEST) % len(self.pixels)).astype(np.intp)
+
+
+def cloud_bound(reference: Reference, rows: npt.NDArray[np.intp], threshold: float = 1.0) -> npt.NDArray[np.bool_]:
+    return np.asarray(~(reference.edge_confidence[rows] >= threshold))
+
+
+@dataclass
+class Call:
+    """One app request and what came of it."""
+
+    id: str
+    index: int
+    rows: npt.NDArray[np.intp]
+    sent_at: float
+    seconds: float = 0.0
+    response: InferResponse | None = None
+    error: UpstreamError | None = None
+    order: int = -1  # completion order within its burst
+    tags: set[str] = field(default_factory=set)
+
+    def output(self, name: str) -> npt.NDArray[Any]:
+        assert self.response is not None
+        tensor = self.response.output(name)
+        assert tensor is not None, f"{self.id}: the answer lacks {name!r}"
+        return tensor.data
+
+    @property
+    def degraded_rows(self) -> npt.NDArray[np.bool_]:
+        return np.asarray(self.output(RESPONSE_DEGRADED), dtype=bool)
+
+    @property
+    def routes(self) -> list[str]:
+        return [item.decode() for item in self.output(RESPONSE_ROUTE).tolist()]
+
+    @property
+    def degraded(self) -> bool:
+        return self.response is not None and bool(self.response.parameters.get(RESPONSE_DEGRADED))
+
+    @property
+    def from_cloud(self) -> bool:
+        """Every row the cloud was meant to answer came from the cloud."""
+        return self.response is not None and not self.degraded and "cloud" in self.routes
+
+
+async def burst(
+    client: OipClient,
+    reference: Reference,
+    count: int,
+    *,
+    tag: str,
+    concurrency: int,
+    timeout: float,
+    parameters: Mapping[str, ParameterValue] | None = None,
+    first_index: int = 0,
+    on_done: Callable[[Call, int], None] | None = None,
+    on_send: Callable[[Call], None] | None = None,
+    rate: float | None = None,
+) -> list[Call]:
+    """Send `count` requests, at most `concurrency` at a time, each with a gRPC deadline of `timeout` seconds.
+
+    `on_send(call)` runs as each request goes out, `on_done(call, completed)` as each
+    one ends (completed counts the ends so far): hooks to break things on a condition.
+    With `rate`, request i is not sent before i / rate seconds from the start (an open
+    loop, for the benchmark); without, each goes as soon as a slot is free.
+    """
+    gate = asyncio.Semaphore(concurrency)
+    calls: list[Call] = []
+    completed = 0
+    parameters = dict(ALL_TO_CLOUD if parameters is None else parameters)
+    start = time.monotonic()
+
+    async def one(index: int) -> None:
+        nonlocal completed
+        rows = reference.rows(index)
+        if rate is not None:
+            await asyncio.sleep(max(0.0, start + (index - first_index) / rate - time.monotonic()))  # load pacing
+        async with gate:
+            call = Call(f"{tag}-{index}", index, rows, time.monotonic())
+            if on_send is not None:
+                on_send(call)
+            request = InferRequest(
+                MODEL, [Tensor.of("pixels", reference.pixels[rows])], id=call.id, parameters=dict(parameters)
+            )
+            try:
+                call.response = await client.infer(request, timeout=timeout)
+            except UpstreamError as exc:
+                call.error = exc
+            call.seconds = time.monotonic() - call.sent_at
+            call.order = completed
+            completed += 1
+            calls.append(call)
+            if on_done is not None:
+                on_done(call, completed)
+
+    await asyncio.gather(*(one(index) for index in range(first_index, first_index + count)))
+    calls.sort(key=lambda call: call.index)
+    return calls
+
+
+def check(
+    calls: Sequence[Call],
+    reference: Reference,
+    *,
+    deadline: float,
+    margin: float = 0.3,
+    threshold: float = 1.0,
+    errors_allowed: bool = False,
+) -> list[str]:
+    """Everything wrong with a burst's answers, one line per problem (an empty list: all good).
+
+    Per row: a row meant for the cloud was answered by the cloud (and carries the
+    cloud's answer) xor is flagged degraded (and carries the edge's answer); other
+    rows are the edge's, never degraded. Per request: the response's degraded
+    parameter agrees with its rows, and it came within the deadline plus `margin`.
+    """
+    problems: list[str] = []
+    for call in calls:
+        if call.seconds > deadline + margin:
+            problems.append(f"{call.id}: took {call.seconds:.3f}s, past the {deadline}s deadline + {margin}s")
+        if call.error is not None:
+            if not errors_allowed:
+                problems.append(f"{call.id}: error to the app: {call.error.status.name}: {call.error}")
+            continue
+        assert call.response is not None
+        scores = call.output("scores")
+        routes = call.routes
+        degraded = call.degraded_rows
+        meant = cloud_bound(reference, call.rows, threshold)
+        for j, row in enumerate(call.rows.tolist()):
+            where = f"{call.id} row {j} (test row {row})"
+            edge_answer = np.allclose(scores[j], reference.edge_scores[row], rtol=1e-4, atol=1e-4)
+            cloud_answer = np.allclose(scores[j], reference.cloud_scores[row], rtol=1e-3, atol=1e-3)
+            if not meant[j]:
+                if routes[j] != "edge" or degraded[j] or not edge_answer:
+                    problems.append(f"{where}: not meant for the cloud, yet route {routes[j]} degraded {degraded[j]}")
+            elif (routes[j] == "cloud") == bool(degraded[j]):
+                problems.append(f"{where}: route {routes[j]} with degraded={degraded[j]}: must be one or the other")
+            elif degraded[j] and (routes[j] != "edge" or not edge_answer):
+                problems.append(f"{where}: degraded but not the edge's answer (route {routes[j]})")
+            elif routes[j] == "cloud" and not cloud_answer:
+                problems.append(f"{where}: route cloud but not the cloud's answer")
+        if call.degraded != bool(degraded.any()):
+            problems.append(f"{call.id}: response degraded={call.degraded} but rows say {degraded.tolist()}")
+    return problems
+
+
+def retry_bound(endpoint: CloudEndpoint) -> float:
+    """The most retries the budget allows (gRPC A6): half the bucket, plus what successes paid back, plus one."""
+    throttle = endpoint.throttle
+    successes = endpoint.stats.by_outcome.get("OK", 0)
+    return throttle.max_tokens / 2 + 1 + throttle.token_ratio * successes
+
+
+@dataclass(frozen=True)
+class Summary:
+    sent: int
+    answered: int
+    degraded: int
+    failed: int
+    latencies: tuple[float, ...]
+
+    @classmethod
+    def of(cls, calls: Sequence[Call]) -> Summary:
+        return cls(
+            sent=len(calls),
+            answered=sum(call.response is not None for call in calls),
+            degraded=sum(call.degraded for call in calls),
+            failed=sum(call.error is not None for call in calls),
+            latencies=tuple(sorted(call.seconds for call in calls)),
+        )
+
+    def percentile(self, share: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        if len(self.latencies) == 1:
+            return self.latencies[0]
+        cuts = statistics.quantiles(self.latencies, n=100, method="inclusive")
+        return cuts[max(0, min(98, round(share * 100) - 1))]
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll until `condition()` holds (waiting on a condition, not sleeping as synchronisation)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+async def wait_for_cloud_answer(
+    edge: Edge, reference: Reference, *, timeout: float = 20.0, deadline: float = 1.5, tag: str = "recovery"
+) -> float:
+    """Poll with app requests until one is answered by the cloud; return the seconds it took."""
+    started = time.monotonic()
+    index = 0
+    while True:
+        (call,) = await burst(
+            edge.client, reference, 1, tag=tag, concurrency=1, timeout=deadline, first_index=10_000 + index
+        )
+        if call.from_cloud:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"no cloud answer within {timeout}s of the fault's end; last: {call.response}")
+        index += 1
+        await asyncio.sleep(0.02)  # polling for a condition: the cloud answering again
