@@ -114,26 +114,40 @@ async def _measure(rows: int, requests: int, edge: str, cloud: str, echo: str) -
     record("raw ONNX Runtime (edge model)", "", _time_sync(lambda: onnx.predict(feeds), requests))
     with ThreadPoolExecutor(1) as executor:
         router = Router(models, None, executor)
-        record("in-process router, edge route", "raw ONNX Runtime (edge model)",
-               await _time_async(lambda: router.infer(request("edge")), requests))
+        record(
+            "in-process router, edge route",
+            "raw ONNX Runtime (edge model)",
+            await _time_async(lambda: router.infer(request("edge")), requests),
+        )
     record("raw torch (cloud model, unbatched)", "", _time_sync(lambda: cloud_model.predict(feeds), requests))
 
     async with grpc.aio.insecure_channel(echo) as channel:
-        stub = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                   request_serializer=pb.ModelInferRequest.SerializeToString,
-                                   response_deserializer=pb.ModelInferResponse.FromString)
+        stub = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
         from offload.oip.messages import request_to_pb
 
         message = request_to_pb(request("edge"))
         record("bare gRPC echo (transport only)", "", await _time_async(lambda: stub(message), requests))
 
     async with OipClient(edge) as edge_client, OipClient(cloud) as cloud_client:
-        record("edge agent over gRPC, edge route", "bare gRPC echo (transport only)",
-               await _time_async(lambda: edge_client.infer(request("edge")), requests))
-        record("cloud service over gRPC", "raw torch (cloud model, unbatched)",
-               await _time_async(lambda: cloud_client.infer(request("cloud")), requests))
-        record("edge agent over gRPC, cloud route", "cloud service over gRPC",
-               await _time_async(lambda: edge_client.infer(request("cloud")), requests))
+        record(
+            "edge agent over gRPC, edge route",
+            "bare gRPC echo (transport only)",
+            await _time_async(lambda: edge_client.infer(request("edge")), requests),
+        )
+        record(
+            "cloud service over gRPC",
+            "raw torch (cloud model, unbatched)",
+            await _time_async(lambda: cloud_client.infer(request("cloud")), requests),
+        )
+        record(
+            "edge agent over gRPC, cloud route",
+            "cloud service over gRPC",
+            await _time_async(lambda: edge_client.infer(request("cloud")), requests),
+        )
     return results
 
 
