@@ -67,9 +67,18 @@ class ServerProcess:
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM (graceful shutdown) and wait; returns the exit code."""
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Wait for the process to exit on its own (say after a signal the caller sent); returns the
+        exit code, and kills it if it has not exited within the timeout.
+
+        After a shutdown signal, wait rather than terminate: a second signal that lands while the
+        interpreter tears down (its handlers already gone) kills it instead of letting it exit 0.
+        """
         if self._process is None:
             return 0
-        self.signal(signal.SIGTERM)
         try:
             return self._process.wait(timeout)
         except subprocess.TimeoutExpired:
