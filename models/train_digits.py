@@ -55,6 +55,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn import functional as nnf
 
+from offload.router.calibration import fit_temperature
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "offload" / "models" / "repository" / "digits"
 
 MODEL_NAME = "digits"
@@ -97,6 +99,8 @@ EDGE_DISAGREEMENT_SCALE = 32.0
 # 1 - 8e-13), still below 1 after a router temperature down to about 0.8. Only rows whose runner-up
 # class is below e^-30 are affected (they tie at the top); the ranking below is unchanged.
 EDGE_LOG_PROBABILITY_FLOOR = -30.0
+# Temperature scaling searches this range (the router's default range stops at 0.05, above this model's fit).
+TEMPERATURE_SEARCH_BOUNDS = (math.exp(-8.0), math.exp(8.0))
 
 # Cloud: an ensemble of small CNNs, each from its own seed.
 CLOUD_MEMBERS = 3
@@ -303,32 +307,6 @@ def edge_weights(model: EdgeModel) -> int:
     return sum(int(tensor.numel()) for tensor in [*model.parameters(), *model.buffers()])
 
 
-def fit_temperature(logits: npt.NDArray[np.float64], labels: IntArray) -> float:
-    """The temperature with the least log loss: golden-section search on log(1 / T), where the loss
-    is unimodal (convex in 1 / T), over [e^-8, e^8]; deterministic and safe for logits of any scale."""
-
-    def loss(log_inverse: float) -> float:
-        scaled = logits * math.exp(log_inverse)
-        shifted = scaled - scaled.max(axis=1, keepdims=True)
-        log_norm = np.log(np.exp(shifted).sum(axis=1))
-        return float(np.mean(log_norm - shifted[np.arange(len(labels)), labels]))
-
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    low, high = -8.0, 8.0
-    left, right = high - ratio * (high - low), low + ratio * (high - low)
-    loss_left, loss_right = loss(left), loss(right)
-    for _ in range(80):
-        if loss_left <= loss_right:
-            high, right, loss_right = right, left, loss_left
-            left = high - ratio * (high - low)
-            loss_left = loss(left)
-        else:
-            low, left, loss_left = left, right, loss_right
-            right = low + ratio * (high - low)
-            loss_right = loss(right)
-    return math.exp(-(low + high) / 2.0)
-
-
 def calibrate_edge(model: EdgeModel, validation: Split) -> float:
     """Temperature scaling: the temperature that minimises the validation log loss, folded into the
     MLP's output layer (the distance scaling divides the logits per row, so dividing the output layer
@@ -336,7 +314,8 @@ def calibrate_edge(model: EdgeModel, validation: Split) -> float:
     (half the validation rows below 0.5, although 97% are right): T comes out around 0.04."""
     with torch.no_grad():
         logits = model.damped(torch.from_numpy(validation.pixels)).numpy().astype(np.float64)
-    temperature = fit_temperature(logits, validation.labels)
+    # The shared fit (golden-section search on log T), with bounds wide enough for a T near 0.04.
+    temperature = fit_temperature(logits, validation.labels, bounds=TEMPERATURE_SEARCH_BOUNDS, tolerance=1e-9)
     with torch.no_grad():
         model.output.weight.div_(temperature)
         model.output.bias.div_(temperature)
