@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import datetime
 import platform
-import re
 import shlex
 import signal
 import sys
@@ -54,6 +53,7 @@ from offload.oip.types import InferRequest
 from offload.router.agent import load_edge_models
 from offload.router.cloud import CloudStats
 from offload.router.core import RoutedModel
+from results_file import RESULTS, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -72,7 +72,6 @@ from support.chaos import (  # noqa: E402  (the chaos proxy lives with the tests
 )
 
 HEADING = "## Faults (issue 3)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MACHINE = "2-core CPU, loopback"
 FAULTS = (
     "none",
@@ -85,6 +84,7 @@ FAULTS = (
     "breaker-open",
     "straggler+hedging",
 )
+
 DESCRIPTIONS = {
     "none": "healthy cloud, direct",
     "kill": "SIGKILL at 20%; dead to the end, then restarted on the same port",
@@ -392,18 +392,6 @@ def report(rows: list[Row], options: argparse.Namespace, command: str) -> str:
     return f"{header}\n\n{faults}\n\n{table(rows)}\n\n{reading}\n\n{verdict}"
 
 
-def write_section(path: Path, body: str) -> None:
-    """Put HEADING + body into path: replace that section if present, else append it; keep the rest."""
-    section = f"{HEADING}\n\n{body.rstrip()}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Fault benchmark: for each fault (kill, freeze, restart, flaky, slow, malformed, breaker-open, "
@@ -428,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     body = report(rows, options, command)
     print(f"{HEADING}\n\n{body}")
     if not options.no_write:
-        write_section(options.results, body)
+        write_section(options.results, HEADING, body)
         print(f"\nwritten to {options.results}", file=sys.stderr)
     failed = sum(row.summary.failed for row in rows)
     return 0 if failed == 0 and all(row.retries <= row.bound for row in rows) else 1

@@ -21,7 +21,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -36,8 +35,8 @@ from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.agent import load_edge_models
 from offload.router.core import Router
+from results_file import RESULTS, write_section
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Overhead (issue 2)"
 
 BARE_ECHO = """
@@ -190,24 +189,13 @@ def main() -> int:
     print(report)
     if options.write_results:
         command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
-        section = (
-            f"{SECTION}\n\nCommand: `{command.strip()}`; run {datetime.date.today()} on a 2-core CPU, loopback, "
+        body = (
+            f"Command: `{command.strip()}`; run {datetime.date.today()} on a 2-core CPU, loopback, "
             f"Python {platform.python_version()}, {options.requests} sequential requests per path after 10 warm-up "
-            "requests; the answer cache is off so every cloud-route request reaches the cloud.\n\n" + report + "\n"
+            "requests; the answer cache is off so every cloud-route request reaches the cloud.\n\n" + report
         )
-        _replace_section(section)
+        write_section(RESULTS, SECTION, body)
     return 0
-
-
-def _replace_section(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end:] if end != -1 else "")
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -51,9 +50,9 @@ from offload.router.calibration import (
     wilson_interval,
 )
 from offload.router.confidence import class_confidence, row_confidence, scaled_logits
+from results_file import RESULTS, write_section
 
 HEADING = "## Quality (issue 4)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MACHINE = "2-core CPU"
 MEASURES: tuple[ConfidenceMeasure, ...] = ("max_probability", "margin", "negative_entropy")
 
@@ -241,18 +240,6 @@ def run(repository: Path, model: str, budgets: list[float], target: float) -> tu
     return "\n".join(lines), summary
 
 
-def write_section(path: Path, body: str) -> None:
-    """Put `HEADING` + body into path: replace that section if present, else append it; keep the rest."""
-    section = f"{HEADING}\n\n{body.rstrip()}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Quality benchmark: routed vs oracle vs random accuracy at offload budgets on the demo "
@@ -281,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     report = f"{header}\n\n{body}"
     print(f"{HEADING}\n\n{report}")
     if not options.no_write:
-        write_section(options.results, report)
+        write_section(options.results, HEADING, report)
         print(f"\nwritten to {options.results}", file=sys.stderr)
     return 0
 
