@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,7 @@ import pytest
 
 from offload.cloud.dataplane import CloudDataPlane
 from offload.oip.client import OipClient
+from offload.oip.errors import NotFound
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
@@ -19,6 +21,7 @@ from offload.router.cache import RowCache
 from offload.router.cloud import CloudEndpoint
 from offload.router.core import RoutedModel, Router
 from offload.router.dataplane import RouterDataPlane
+from support.held import HeldCloud
 
 SCOPE = "digits@1->digits@"
 
@@ -120,6 +123,16 @@ async def test_a_new_cloud_version_drops_the_models_entries() -> None:
     assert not cache.plan(keys).hits
 
 
+async def test_the_byte_bound_counts_the_payload_of_bytes_outputs() -> None:
+    cache = RowCache(max_bytes=50_000, ttl_seconds=60)
+    keys = cache.keys(SCOPE, [Tensor.of("pixels", _pixels(2))], {})
+    plan = cache.plan(keys)
+    small, large = (np.array([b"x" * size], dtype=object) for size in (1_000, 100_000))
+    cache.fulfil(plan, "digits", "1", [{"text": small}, {"text": large}])
+    assert sorted(cache.plan(keys).hits) == [0], "a 100 kB answer does not fit a 50 kB cache"
+    assert 1_000 < cache.bytes_used < 2_000
+
+
 @pytest.fixture
 async def cached_router(
     demo_cloud_plane: CloudDataPlane, demo_edge_models: dict[str, RoutedModel], edge_executor: ThreadPoolExecutor
@@ -209,3 +222,95 @@ async def test_cloud_response_cache_is_off_by_default_and_answers_repeats_when_o
     assert again.id == "b"
     np.testing.assert_array_equal(again.outputs[0].data, first.outputs[0].data)
     assert not np.array_equal(other.outputs[0].data, first.outputs[0].data)
+
+
+async def test_routed_rows_answered_from_the_cache_say_cache_and_are_not_counted_as_offloaded(
+    cached_router: tuple[Router, str],
+) -> None:
+    router, address = cached_router
+    assert router.cloud is not None
+    pixels = _pixels(4, seed=11)
+    # Auto routing with a threshold no row reaches: every row is cloud-bound by confidence.
+    request = InferRequest(
+        "digits", [Tensor.of("pixels", pixels)], parameters={"offload_threshold": 1.0, "offload_details": True}
+    )
+    async with OipClient(address) as client:
+        first = await client.infer(request)
+        attempts = router.cloud.stats.attempts
+        second = await client.infer(request)
+    assert (first.parameters["offload_route"], first.parameters["offload_offloaded_rows"]) == ("cloud", 4)
+    assert (second.parameters["offload_route"], second.parameters["offload_offloaded_rows"]) == ("cache", 0)
+    assert _routes(second) == ["cache"] * 4
+    assert router.cloud.stats.attempts == attempts
+    np.testing.assert_array_equal(second.as_dict()["scores"].data, first.as_dict()["scores"].data)
+
+
+@pytest.fixture
+async def held_router(
+    demo_cloud_plane: CloudDataPlane, demo_edge_models: dict[str, RoutedModel], edge_executor: ThreadPoolExecutor
+) -> AsyncIterator[tuple[Router, HeldCloud]]:
+    held = HeldCloud(demo_cloud_plane)
+    cloud = OipServer(held, "held-cloud")
+    await cloud.start()
+    endpoint = CloudEndpoint(f"127.0.0.1:{cloud.port}", 30.0, 64 << 20)
+    router = Router(demo_edge_models, endpoint, edge_executor, cache=RowCache(64 << 20, 300))
+    try:
+        yield router, held
+    finally:
+        held.gate.set()
+        await router.close()
+        await cloud.stop(0)
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancelled"])
+async def test_a_request_waiting_on_an_identical_row_is_not_failed_by_its_senders_impatience(
+    held_router: tuple[Router, HeldCloud], how: str
+) -> None:
+    router, held = held_router
+    pixels = _pixels(2, seed=21)
+    request = _cloud_request(pixels)
+    required = InferRequest(
+        "digits",
+        [Tensor.of("pixels", pixels)],
+        parameters={"offload_route": "cloud", "offload_details": True, "offload_require_cloud": True},
+    )
+    # The sender: a short deadline (or a caller who goes away) while its call is held in the cloud.
+    sender = asyncio.create_task(router.infer(request, time.monotonic() + 0.3 if how == "deadline" else None))
+    await held.arrived.get()
+    waiter = asyncio.create_task(router.infer(required))  # no deadline; the same rows, so it waits
+    await asyncio.sleep(0)  # one turn of the loop: the waiter plans its rows before it first suspends
+    assert router.cache is not None
+    assert router.cache.stats.shared == 2, "the waiter waits on the sender's call for both rows"
+    if how == "cancelled":
+        sender.cancel()
+    else:
+        answer = await sender
+        assert answer.parameters["offload_degraded"], "the sender ran out of time and fell back to the edge"
+    await held.arrived.get()  # the waiter sends the rows itself ...
+    held.gate.set()  # ... and both calls may now finish
+    response = await waiter
+    assert response.parameters["offload_route"] == "cloud"
+    assert not response.parameters["offload_degraded"]
+    if how == "cancelled":
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+
+
+async def test_a_cloud_failure_is_shared_with_the_requests_waiting_on_its_rows(
+    held_router: tuple[Router, HeldCloud],
+) -> None:
+    router, held = held_router
+    assert router.cloud is not None
+    pixels = _pixels(2, seed=22)
+    sender = asyncio.create_task(router.infer(_cloud_request(pixels)))
+    await held.arrived.get()
+    waiter = asyncio.create_task(router.infer(_cloud_request(pixels)))
+    await asyncio.sleep(0)  # one turn of the loop: the waiter plans its rows before it first suspends
+    assert router.cache is not None
+    assert router.cache.stats.shared == 2, "the waiter waits on the sender's call for both rows"
+    held.failure = NotFound("model 'digits' was unloaded")  # not retried: one failed call
+    held.gate.set()
+    answers = await asyncio.gather(sender, waiter)
+    assert [answer.parameters["offload_degraded"] for answer in answers] == [True, True]
+    assert held.arrived.qsize() == 0, "the waiter took the sender's failure instead of calling again"
+    assert router.cloud.stats.attempts == 1

@@ -17,7 +17,8 @@ from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.cloud import CloudEndpoint
 from offload.router.confidence import max_probability
-from offload.router.core import RoutedModel, Router
+from offload.router.core import MAX_AUDITS_IN_FLIGHT, RoutedModel, Router
+from support.held import HeldCloud
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +123,31 @@ async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_rep
     assert router.audit.agreement is not None
     assert 0.9 < router.audit.agreement <= 1.0
     assert response.parameters["offload_offloaded_rows"] == int((~confident).sum())
+
+
+async def test_audits_waiting_on_a_slow_cloud_are_capped_and_the_rest_skipped(
+    demo_edge_models: dict[str, RoutedModel],
+    edge_executor: ThreadPoolExecutor,
+    demo_cloud_plane: CloudDataPlane,
+    traffic: npt.NDArray[np.float32],
+) -> None:
+    held = HeldCloud(demo_cloud_plane)
+    server = OipServer(held, "held-cloud")
+    await server.start()
+    router = _router(demo_edge_models, edge_executor, f"127.0.0.1:{server.port}", audit_share=1.0)
+    rows = 40
+    try:
+        for row in range(rows):  # one row a request, every row confident (threshold 0): an audit call each
+            request = InferRequest(
+                "digits", [Tensor.of("pixels", traffic[row : row + 1])], parameters={"offload_threshold": 0.0}
+            )
+            response = await router.infer(request)
+            assert response.parameters["offload_route"] == "edge"
+        held.gate.set()
+        await router.wait_for_audits()
+    finally:
+        await router.close()
+        await server.stop(0)
+    # While the cloud held them, at most MAX_AUDITS_IN_FLIGHT audit calls were outstanding; the rest were skipped.
+    assert router.audit.rows == MAX_AUDITS_IN_FLIGHT
+    assert router.audit.skipped == rows - MAX_AUDITS_IN_FLIGHT

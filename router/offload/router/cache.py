@@ -31,6 +31,11 @@ RowOutputs = dict[str, npt.NDArray[Any]]  # output name -> that row's values (no
 _ENTRY_OVERHEAD = 64
 
 
+class FetchAbandoned(Exception):
+    """The request that was fetching a row gave up on its own account (its deadline ran out or its
+    caller went away): the cloud did not fail, so a waiter with time left fetches the row itself."""
+
+
 @dataclass(slots=True)
 class CacheStats:
     hits: int = 0
@@ -124,7 +129,8 @@ class RowCache:
             self._release(key, answer, None)
 
     def fail(self, plan: RowPlan, error: BaseException) -> None:
-        """The call for the sent rows failed: waiters get the same failure."""
+        """The call for the sent rows failed: waiters get the same failure (FetchAbandoned when the
+        sender gave up on its own account, so that they fetch the rows themselves)."""
         for position in plan.sends:
             self._release(plan.keys[position], None, error)
 
@@ -149,4 +155,12 @@ class RowCache:
 
 
 def _entry_size(entry: tuple[str, RowOutputs]) -> int:
-    return _ENTRY_OVERHEAD + sum(int(np.asarray(array).nbytes) for array in entry[1].values())
+    return _ENTRY_OVERHEAD + sum(_array_bytes(array) for array in entry[1].values())
+
+
+def _array_bytes(array: npt.NDArray[Any]) -> int:
+    """Bytes an array holds, counting the payload of BYTES (object) elements, not just their pointers."""
+    values = np.asarray(array)
+    if values.dtype != object:
+        return int(values.nbytes)
+    return int(values.nbytes) + sum(len(item) if isinstance(item, bytes | str) else 0 for item in values.flat)

@@ -23,7 +23,7 @@ from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ParameterValue
 from offload.oip.validation import check_inputs, check_requested_outputs, check_tensor
 from offload.router.budget import AdaptiveThreshold
-from offload.router.cache import RowCache, RowOutputs
+from offload.router.cache import FetchAbandoned, RowCache, RowOutputs
 from offload.router.cloud import CloudEndpoint, CloudFailure
 from offload.router.confidence import row_confidence
 from offload.router.options import (
@@ -40,6 +40,8 @@ from offload.router.options import (
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, npt.NDArray[Any]]
+# Background audit calls outstanding at once, at most (each is one cloud request).
+MAX_AUDITS_IN_FLIGHT = 8
 
 
 class LocalModel(Protocol):
@@ -67,6 +69,13 @@ class RoutedModel:
     def score_output(self) -> str:
         return self.config.routing.output or self.edge.outputs[0].name
 
+    @property
+    def audits_classes(self) -> bool:
+        """Whether edge-cloud agreement means the same top class: a classifier's [batch, classes] scores.
+        Models with their own confidence output (regression, detection) have no such notion here."""
+        spec = next((spec for spec in self.edge.outputs if spec.name == self.score_output), None)
+        return self.config.routing.confidence != "output" and spec is not None and len(spec.shape) == 2
+
     def metadata(self) -> ModelMetadata:
         return ModelMetadata(
             self.config.name, (self.config.version,), "offload_router", self.edge.inputs, self.edge.outputs
@@ -80,6 +89,7 @@ class AuditStats:
     rows: int = 0
     agreed: int = 0
     failed: int = 0
+    skipped: int = 0  # picked while MAX_AUDITS_IN_FLIGHT audits were already waiting on the cloud
 
     @property
     def agreement(self) -> float | None:
@@ -198,8 +208,14 @@ class Router:
         answer: _Answer,
     ) -> None:
         """Send a random share of the confident rows to the cloud in the background, to measure agreement."""
+        if not model.audits_classes:
+            return
         picked = confident[self._rng.random(confident.size) < self.audit_share]
         if not picked.size:
+            return
+        if len(self._audits) >= MAX_AUDITS_IN_FLIGHT:
+            # Audits are a sample: when the cloud is slow, skip some rather than pile up calls.
+            self.audit.skipped += int(picked.size)
             return
         edge_scores = np.array(answer.outputs[model.score_output][picked], copy=True)
         task = asyncio.get_running_loop().create_task(self._audit(model, request, inputs, picked, edge_scores))
@@ -269,7 +285,7 @@ class Router:
             return
         answer.outputs.update(merged)
         answer.confidence[rows] = cloud.confidence
-        answer.routes[rows] = AnsweredBy.CLOUD
+        answer.routes[rows] = cloud.routes  # cloud, or cache for rows answered from the cache
 
     async def _cloud_answer(
         self,
@@ -335,35 +351,62 @@ class Router:
     ) -> tuple[Arrays, npt.NDArray[Any]]:
         plan = cache.plan(cache.keys(model.cache_scope, tensors, parameters))
         answers: dict[int, RowOutputs] = dict(plan.hits)
+        routes = np.full(len(plan.keys), AnsweredBy.CLOUD, dtype=object)
+        routes[list(plan.hits)] = AnsweredBy.CACHE
         if plan.sends:
             picked = np.asarray(plan.sends)
             to_send = [Tensor(t.name, t.datatype, t.data[picked]) for t in tensors]
             try:
                 outputs, version = await self._call_cloud(model, request_id, to_send, parameters, deadline)
             except BaseException as exc:
-                # Requests waiting on these rows fail the same way (and fall back the same way).
-                shared = exc if isinstance(exc, CloudFailure) else CloudFailure(f"the cloud call failed: {exc!r}")
-                cache.fail(plan, shared)
+                cache.fail(plan, _shared_failure(exc))
                 raise
             sent = [{name: array[i] for name, array in outputs.items()} for i in range(len(plan.sends))]
             cache.fulfil(plan, model.config.name, version, sent)
             answers.update(zip(plan.sends, sent, strict=True))
         if plan.waits:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            waiting = [asyncio.shield(future) for future in plan.waits.values()]
-            try:
-                shared_answers = await asyncio.wait_for(asyncio.gather(*waiting), timeout)
-            except TimeoutError as exc:
-                raise CloudFailure(
-                    "an identical request's cloud call did not finish in time", grpc.StatusCode.DEADLINE_EXCEEDED
-                ) from exc
-            answers.update(zip(plan.waits.keys(), shared_answers, strict=True))
+            refetch = await self._wait_for_shared_rows(plan.waits, answers, deadline)
+            if refetch:
+                # Their sender gave up early; fetch them under this request's own deadline.
+                picked = np.asarray(refetch)
+                subset = [Tensor(t.name, t.datatype, t.data[picked]) for t in tensors]
+                outputs, fetched = await self._cached_cloud_rows(cache, model, request_id, subset, parameters, deadline)
+                for i, position in enumerate(refetch):
+                    answers[position] = {name: array[i] for name, array in outputs.items()}
+                    routes[position] = fetched[i]
         for position, original in plan.duplicates.items():
             answers[position] = answers[original]
+            routes[position] = routes[original]
         rows = len(plan.keys)
         outputs = {spec.name: np.stack([answers[i][spec.name] for i in range(rows)]) for spec in model.edge.outputs}
-        routes = np.array([AnsweredBy.CACHE if i in plan.hits else AnsweredBy.CLOUD for i in range(rows)], dtype=object)
         return outputs, routes
+
+    @staticmethod
+    async def _wait_for_shared_rows(
+        waits: Mapping[int, asyncio.Future[RowOutputs]], answers: dict[int, RowOutputs], deadline: float | None
+    ) -> list[int]:
+        """Wait for rows another request is fetching; put them in `answers`. Returns the positions whose
+        sender gave up on its own account (deadline, cancellation), which the caller fetches itself."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        waiting = [asyncio.shield(future) for future in waits.values()]
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), timeout)
+        except TimeoutError as exc:
+            raise CloudFailure(
+                "an identical request's cloud call did not finish in time", grpc.StatusCode.DEADLINE_EXCEEDED
+            ) from exc
+        refetch: list[int] = []
+        for position, result in zip(waits, results, strict=True):
+            if isinstance(result, FetchAbandoned):
+                refetch.append(position)
+            elif isinstance(result, CloudFailure):
+                # A fresh exception per waiter: one instance raised in many tasks would share a traceback.
+                raise CloudFailure(str(result), result.status)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                answers[position] = result
+        return refetch
 
     def _response(
         self,
@@ -412,6 +455,19 @@ def _check_cloud_outputs(model: RoutedModel, response: InferResponse, rows: int)
         check_tensor(tensor, spec, f"output {spec.name!r}")
         if tensor.shape[0] != rows:
             raise InvalidArgument(f"the answer has {tensor.shape[0]} rows of {spec.name!r} for {rows} sent")
+
+
+def _shared_failure(exc: BaseException) -> BaseException:
+    """What requests waiting on a failed call's rows get: the cloud's failure as it is, but
+    FetchAbandoned when the sender gave up for its own reasons (its deadline, its caller gone), so
+    that a waiter with a later deadline is not failed by another caller's impatience."""
+    if isinstance(exc, asyncio.CancelledError):
+        return FetchAbandoned("the request fetching this row was cancelled")
+    if isinstance(exc, CloudFailure):
+        if exc.status == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return FetchAbandoned(f"the request fetching this row ran out of time: {exc}")
+        return exc
+    return CloudFailure(f"the cloud call failed: {exc!r}")
 
 
 def _merge_rows(edge: Arrays, cloud: Arrays, rows: npt.NDArray[np.intp]) -> Arrays:
