@@ -314,3 +314,13 @@ async def test_a_cloud_failure_is_shared_with_the_requests_waiting_on_its_rows(
     assert [answer.parameters["offload_degraded"] for answer in answers] == [True, True]
     assert held.arrived.qsize() == 0, "the waiter took the sender's failure instead of calling again"
     assert router.cloud.stats.attempts == 1
+
+
+def test_the_cloud_response_cache_counts_the_payload_of_bytes_outputs() -> None:
+    from offload.cloud.response_cache import ResponseCache
+
+    cache = ResponseCache(max_bytes=50_000, ttl_seconds=60)
+    for key, size in ((b"small", 1_000), (b"large", 100_000)):
+        cache.put(key, [Tensor.of("text", np.array([b"x" * size], dtype=object))])
+    assert cache.get(b"small") is not None
+    assert cache.get(b"large") is None, "a 100 kB answer does not fit a 50 kB cache"

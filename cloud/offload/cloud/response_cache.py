@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from cachetools import TTLCache
 
+from offload.oip.datatypes import payload_bytes
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import InferRequest
 
@@ -54,4 +55,4 @@ class ResponseCache:
 
 
 def _size(outputs: list[Tensor]) -> int:
-    return _ENTRY_OVERHEAD + sum(int(tensor.data.nbytes) for tensor in outputs)
+    return _ENTRY_OVERHEAD + sum(payload_bytes(tensor.data) for tensor in outputs)

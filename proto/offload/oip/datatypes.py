@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -60,3 +61,12 @@ def datatype_for(array: npt.NDArray[np.generic]) -> str:
     if name is None:
         raise TypeError(f"NumPy dtype {array.dtype} has no Open Inference Protocol datatype")
     return name
+
+
+def payload_bytes(array: npt.NDArray[Any]) -> int:
+    """Bytes an array holds, counting the payload of BYTES (object) elements, not just their pointers:
+    what a cache bounded in bytes must charge for it."""
+    values = np.asarray(array)
+    if values.dtype != object:
+        return int(values.nbytes)
+    return int(values.nbytes) + sum(len(item) if isinstance(item, bytes | str) else 0 for item in values.flat)

@@ -20,10 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 from cachetools import TTLCache
 
+from offload.oip.datatypes import payload_bytes
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import ParameterValue
 
@@ -155,12 +155,4 @@ class RowCache:
 
 
 def _entry_size(entry: tuple[str, RowOutputs]) -> int:
-    return _ENTRY_OVERHEAD + sum(_array_bytes(array) for array in entry[1].values())
-
-
-def _array_bytes(array: npt.NDArray[Any]) -> int:
-    """Bytes an array holds, counting the payload of BYTES (object) elements, not just their pointers."""
-    values = np.asarray(array)
-    if values.dtype != object:
-        return int(values.nbytes)
-    return int(values.nbytes) + sum(len(item) if isinstance(item, bytes | str) else 0 for item in values.flat)
+    return _ENTRY_OVERHEAD + sum(payload_bytes(array) for array in entry[1].values())
