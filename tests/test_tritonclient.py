@@ -148,6 +148,41 @@ def test_bad_routing_parameter_from_tritonclient_is_invalid_argument(
         assert client.is_server_ready()
 
 
+def _shared_memory_output() -> Any:
+    output = triton.InferRequestedOutput("scores")
+    output.set_shared_memory("region", 4 * 10 * ROWS)
+    return output
+
+
+@pytest.mark.parametrize(
+    ("requested", "fragments"),
+    [
+        pytest.param(
+            lambda: triton.InferRequestedOutput("scores", class_count=3),
+            ("output 'scores'", "parameter 'classification' is not supported", "classification extension"),
+            id="classification",
+        ),
+        pytest.param(
+            _shared_memory_output,
+            ("output 'scores'", "is not supported", "shared memory is not implemented"),
+            id="shared-memory",
+        ),
+    ],
+)
+def test_requested_output_parameters_we_do_not_implement_are_invalid_argument(
+    client: Any, test_set: TestSet, requested: Any, fragments: tuple[str, ...]
+) -> None:
+    """Answering FP32 [N, 10] to a request for the top 3 classes would be a wrong answer, not a fallback."""
+    pixels, _ = test_set
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("digits", _inputs(pixels), outputs=[requested()], client_timeout=TIMEOUT)
+    assert "INVALID_ARGUMENT" in str(caught.value.status())
+    for fragment in fragments:
+        assert fragment in caught.value.message()
+    plain = client.infer("digits", _inputs(pixels), outputs=[triton.InferRequestedOutput("scores")])
+    assert plain.as_numpy("scores").shape == (ROWS, 10)
+
+
 def test_typed_contents_get_a_typed_answer(
     client: Any, demo_processes: Processes, server: str, test_set: TestSet
 ) -> None:

@@ -55,6 +55,7 @@ class CloudModel:
         self._module: torch.nn.Module | None = None
         self._array_model: ArrayModel | None = None
         section = config.cloud
+        program_rows: int | None = None
         if section.factory is not None:
             self.platform = "python"
             loaded = _call_factory(section.factory)
@@ -63,7 +64,9 @@ class CloudModel:
             path = entry.artifact_path(section.artifact)
             if path.suffix == ".pt2":
                 self.platform = "pytorch_torchexport"
-                loaded = torch.export.load(str(path)).module()
+                program = torch.export.load(str(path))
+                program_rows = _program_max_rows(program)
+                loaded = program.module()
             else:
                 self.platform = "pytorch_libtorch"
                 loaded = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
@@ -80,6 +83,9 @@ class CloudModel:
                 "expected a torch.nn.Module or an object with predict(inputs)"
             )
         self._warmup_rows = section.warmup_rows
+        # The most rows one call of the model takes: a batch over it runs in chunks.
+        limits = [rows for rows in (program_rows, section.max_batch_rows) if rows is not None]
+        self.max_batch_rows: int | None = min(limits) if limits else None
 
     def warm_up(self) -> None:
         """Run one batch so that lazy initialisation (CUDA context, kernels) happens before ready."""
@@ -92,6 +98,19 @@ class CloudModel:
         self.predict(inputs)
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
+        rows = _rows(inputs)
+        limit = self.max_batch_rows
+        if limit is None or rows <= limit:
+            return self._predict_batch(inputs)
+        # Every declared tensor is batched along its first dimension (the repository insists on it),
+        # so a batch the model cannot take in one call is the concatenation of its chunks' answers.
+        chunks = [
+            self._predict_batch({name: array[start : start + limit] for name, array in inputs.items()})
+            for start in range(0, rows, limit)
+        ]
+        return {spec.name: np.concatenate([chunk[spec.name] for chunk in chunks]) for spec in self.outputs}
+
+    def _predict_batch(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
         if self._array_model is not None:
             produced = dict(self._array_model.predict(inputs))
         else:
@@ -117,6 +136,34 @@ class CloudModel:
                 f"model {self.name!r} returned {len(results)} tensors for {len(self.outputs)} declared outputs"
             )
         return {spec.name: _to_numpy(tensor, spec.datatype) for spec, tensor in zip(self.outputs, results, strict=True)}
+
+
+def _rows(inputs: Mapping[str, npt.NDArray[Any]]) -> int:
+    return int(next(iter(inputs.values())).shape[0]) if inputs else 0
+
+
+def _program_max_rows(program: torch.export.ExportedProgram) -> int | None:
+    """The largest batch an exported program takes: the least upper bound of its inputs' first
+    dimensions (`Dim(max=...)` at export time), or None where the batch is unbounded or static."""
+    user_inputs = {
+        spec.arg.name
+        for spec in program.graph_signature.input_specs
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT
+        and isinstance(spec.arg, torch.export.graph_signature.TensorArgument)
+    }
+    bounds: list[int] = []
+    for node in program.graph.nodes:
+        value = node.meta.get("val")
+        if node.op != "placeholder" or node.name not in user_inputs or not isinstance(value, torch.Tensor):
+            continue
+        batch = value.shape[0] if value.dim() else None
+        if not isinstance(batch, torch.SymInt):
+            continue
+        value_range = program.range_constraints.get(batch.node.expr)
+        # sympy Integer for a finite bound; torch's int_oo (no bound) is not one.
+        if value_range is not None and getattr(value_range.upper, "is_Integer", False):
+            bounds.append(int(value_range.upper))
+    return min(bounds) if bounds else None
 
 
 def _call_factory(reference: str) -> Any:

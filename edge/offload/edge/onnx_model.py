@@ -35,14 +35,19 @@ _ORT_TYPES = {
 }
 
 
+def _dims(arg: Any) -> tuple[int, ...]:
+    """The model's own dimensions, symbolic or unknown ones as -1 (any size)."""
+    return tuple(dim if isinstance(dim, int) and dim > 0 else -1 for dim in arg.shape)
+
+
 def _spec(arg: Any, path: Path) -> TensorSpec:
     datatype = _ORT_TYPES.get(arg.type)
     if datatype is None:
         raise ConfigurationError(f"{path}: tensor {arg.name!r} has type {arg.type}, which OIP cannot carry")
-    # Symbolic or unknown dimensions are variable (-1). The first is the batch.
-    dims = [dim if isinstance(dim, int) and dim > 0 else -1 for dim in arg.shape]
+    dims = list(_dims(arg))
     if not dims:
         raise ConfigurationError(f"{path}: tensor {arg.name!r} is a scalar; edge models need a batch dimension")
+    # The first dimension is the batch (variable); check_declared catches a model that fixes it.
     dims[0] = BATCH_DIM
     return TensorSpec(name=arg.name, datatype=datatype, shape=tuple(dims))
 
@@ -76,6 +81,11 @@ class OnnxModel:
         self.providers = tuple(self._session.get_providers())
         self.inputs = tuple(_spec(arg, path) for arg in self._session.get_inputs())
         self.outputs = tuple(_spec(arg, path) for arg in self._session.get_outputs())
+        # Shapes as the file declares them (symbolic names kept, for messages), to check model.toml against.
+        self._file_shapes = {
+            arg.name: (_dims(arg), list(arg.shape))
+            for arg in (*self._session.get_inputs(), *self._session.get_outputs())
+        }
         if any(spec.datatype == "BF16" for spec in self.inputs):
             raise ConfigurationError(
                 f"{path}: BF16 inputs are not supported by the edge runtime (NumPy has no bfloat16)"
@@ -96,9 +106,18 @@ class OnnxModel:
                         f"{self.path}: {kind} {spec.name!r} is {found.datatype} in the model, "
                         f"{spec.datatype} in model.toml"
                     )
+                # A symbolic dimension in the file matches -1; a fixed one must be the same number,
+                # the batch included: a model fixed to one batch size cannot take routed batches.
+                dims, shown = self._file_shapes[spec.name]
+                if dims != spec.shape:
+                    raise ConfigurationError(
+                        f"{self.path}: {kind} {spec.name!r} has shape {shown} in the model, "
+                        f"{list(spec.shape)} in model.toml; a symbolic dimension in the model must be -1 "
+                        "there and a fixed one the same number"
+                    )
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        feeds = {name: _to_ort(array) for name, array in inputs.items()}
+        feeds = {name: _to_ort(name, array) for name, array in inputs.items()}
         try:
             results = self._session.run(None, feeds)
         except Exception as exc:  # e.g. a shape the graph rejects at run time
@@ -106,13 +125,23 @@ class OnnxModel:
         return {spec.name: _from_ort(result, spec.datatype) for spec, result in zip(self.outputs, results, strict=True)}
 
 
-def _to_ort(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    # ONNX Runtime takes strings as an object array of str.
-    if array.dtype == np.dtype(object):
-        out = np.empty(array.shape, dtype=object)
-        out.ravel()[:] = [item.decode("utf-8", "surrogateescape") for item in array.ravel().tolist()]
-        return out
-    return array
+def _to_ort(name: str, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    # ONNX Runtime takes strings as an object array of str and keeps them as UTF-8 text, so
+    # bytes that are not UTF-8 cannot reach it: say so here, naming the input and the element.
+    if array.dtype != np.dtype(object):
+        return array
+    text: list[str] = []
+    for index, item in enumerate(array.ravel().tolist()):
+        try:
+            text.append(item.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(
+                f"input {name!r}: BYTES element {index} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                "the edge model (ONNX Runtime string tensors) needs UTF-8 text"
+            ) from exc
+    out = np.empty(array.shape, dtype=object)
+    out.ravel()[:] = text
+    return out
 
 
 def _from_ort(result: Any, datatype: str) -> npt.NDArray[Any]:

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.errors import InvalidArgument
-from offload.oip.tensors import Tensor, decode, fill_typed, needs_raw, raw_bytes
+from offload.oip.repository import TensorSpec
+from offload.oip.tensors import (
+    CheckedTensor,
+    Tensor,
+    check_wire,
+    decode,
+    decode_checked,
+    fill_typed,
+    needs_raw,
+    raw_bytes,
+    with_raw,
+)
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ParameterValue, ServerMetadata
+from offload.oip.validation import check_declared_inputs
 
 DEFAULT_MAX_ELEMENTS = 1 << 28
 
@@ -37,21 +50,83 @@ def parameters_to_pb(values: Mapping[str, ParameterValue], target: MutableMappin
             parameter.string_param = value
 
 
-def _raw_list(raw: list[bytes], count: int, kind: str, where: str) -> list[bytes] | None:
-    if not raw:
-        return None
-    if len(raw) != count:
+def _raw_given(entries: int, count: int, kind: str, where: str) -> bool:
+    """Whether the message uses raw contents: then it has exactly one entry per tensor."""
+    if entries and entries != count:
         raise InvalidArgument(
-            f"{where}: {len(raw)} raw_{kind}_contents entries for {count} {kind}s; send one per {kind}"
+            f"{where}: {entries} raw_{kind}_contents entries for {count} {kind}s; send one per {kind}"
         )
-    return raw
+    return entries > 0
 
 
-def request_from_pb(message: pb.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS) -> InferRequest:
+# Output parameters this server understands. tritonclient's HTTP client sends binary_data to choose
+# binary or JSON output encoding; over gRPC outputs are always protobuf, so it changes nothing here.
+# Anything else (Triton's classification, shared-memory regions) asks for an answer we do not give,
+# so it is refused rather than silently ignored.
+_OUTPUT_PARAMETERS = {"binary_data": "bool_param"}
+_UNSUPPORTED_WHY = {
+    "classification": " (Triton's classification extension is not implemented; take the top classes "
+    "from the full output)",
+    "shared_memory_region": " (shared memory is not implemented; outputs travel in the response)",
+    "shared_memory_byte_size": " (shared memory is not implemented; outputs travel in the response)",
+    "shared_memory_offset": " (shared memory is not implemented; outputs travel in the response)",
+}
+
+# The model's declared inputs, by model name and version; raises NotFound for a model not served.
+ModelInputs = Callable[[str, str], Sequence[TensorSpec]]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRequest:
+    """A request whose names, parameters and declared sizes are checked, its tensors not yet decoded."""
+
+    message: pb.ModelInferRequest
+    inputs: list[CheckedTensor]
+    parameters: dict[str, ParameterValue]
+    outputs: list[str]
+    raw: bool
+
+    @property
+    def decode_cost(self) -> int:
+        """Elements decoding touches one by one: what decides whether it runs off the event loop."""
+        return sum(tensor.decode_cost for tensor in self.inputs)
+
+
+def _requested_outputs(message: pb.ModelInferRequest) -> list[str]:
+    names: list[str] = []
+    for wire in message.outputs:
+        for key, parameter in wire.parameters.items():
+            choice = parameter.WhichOneof("parameter_choice")
+            wanted = _OUTPUT_PARAMETERS.get(key)
+            if wanted is None:
+                raise InvalidArgument(
+                    f"output {wire.name!r}: parameter {key!r} is not supported{_UNSUPPORTED_WHY.get(key, '')}; "
+                    f"the output parameters understood are {sorted(_OUTPUT_PARAMETERS)}"
+                )
+            if choice != wanted:
+                raise InvalidArgument(
+                    f"output {wire.name!r}: parameter {key!r} must be a {wanted}, got {choice or 'no value'}"
+                )
+        names.append(wire.name)
+    return names
+
+
+def check_request(
+    message: pb.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
+) -> CheckedRequest:
+    """Every check that needs no tensor value: the model (with `model_inputs`), parameters, each
+    input's name, datatype, shape and content sizes, and the inputs against the model's.
+
+    Cheap in the size of the message (it reads lengths, never values), so a wrong request is
+    refused before anything in it is decoded, however large it is.
+    """
     if not message.model_name:
         raise InvalidArgument("model_name is empty; name the model to run")
-    raw = _raw_list(list(message.raw_input_contents), len(message.inputs), "input", "request")
-    inputs: list[Tensor] = []
+    specs = None if model_inputs is None else model_inputs(message.model_name, message.model_version)
+    parameters = parameters_from_pb(message.parameters, "request")
+    outputs = _requested_outputs(message)
+    raw_given = _raw_given(len(message.raw_input_contents), len(message.inputs), "input", "request")
+    inputs: list[CheckedTensor] = []
     seen: set[str] = set()
     for index, wire in enumerate(message.inputs):
         where = f"input {wire.name!r}" if wire.name else f"input #{index}"
@@ -60,16 +135,33 @@ def request_from_pb(message: pb.ModelInferRequest, max_elements: int = DEFAULT_M
         if wire.name in seen:
             raise InvalidArgument(f"{where}: given twice")
         seen.add(wire.name)
-        inputs.append(decode(wire, raw[index] if raw else None, where, max_elements))
+        inputs.append(check_wire(wire, raw_given, where, max_elements))
+    if specs is not None:
+        check_declared_inputs(message.model_name, inputs, specs)
+    if raw_given:
+        # Reading raw contents out of the message copies them, so only a request that fits the model pays.
+        inputs = [with_raw(tensor, raw) for tensor, raw in zip(inputs, message.raw_input_contents, strict=True)]
+    return CheckedRequest(message, inputs, parameters, outputs, raw_given)
+
+
+def decode_request(checked: CheckedRequest) -> InferRequest:
+    """Decode the tensors of a checked request (blocking; proportional to `decode_cost`)."""
+    message = checked.message
     return InferRequest(
         model_name=message.model_name,
         model_version=message.model_version,
         id=message.id,
-        inputs=inputs,
-        parameters=parameters_from_pb(message.parameters, "request"),
-        outputs=[output.name for output in message.outputs],
-        raw=raw is not None,
+        inputs=[decode_checked(tensor) for tensor in checked.inputs],
+        parameters=checked.parameters,
+        outputs=checked.outputs,
+        raw=checked.raw,
     )
+
+
+def request_from_pb(
+    message: pb.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
+) -> InferRequest:
+    return decode_request(check_request(message, max_elements, model_inputs))
 
 
 class _WireList(Protocol):
@@ -87,6 +179,13 @@ def _encode_tensors(tensors: list[Tensor], wire: _WireList, raw_contents: list[b
             raw_contents.append(raw_bytes(tensor))
         else:
             fill_typed(entry.contents, tensor)
+
+
+def encode_cost(tensors: Iterable[Tensor], raw: bool) -> int:
+    """Elements that encoding touches one by one (typed contents, BYTES); raw fixed-size is one copy."""
+    tensors = list(tensors)
+    use_raw = raw or needs_raw(tensors)
+    return sum(tensor.data.size for tensor in tensors if not use_raw or tensor.datatype == "BYTES")
 
 
 def request_to_pb(request: InferRequest, raw: bool = True) -> pb.ModelInferRequest:
@@ -110,7 +209,8 @@ def response_to_pb(response: InferResponse, raw: bool) -> pb.ModelInferResponse:
 def response_from_pb(
     message: pb.ModelInferResponse, where: str = "response", max_elements: int = DEFAULT_MAX_ELEMENTS
 ) -> InferResponse:
-    raw = _raw_list(list(message.raw_output_contents), len(message.outputs), "output", where)
+    raw_given = _raw_given(len(message.raw_output_contents), len(message.outputs), "output", where)
+    raw = list(message.raw_output_contents) if raw_given else None
     outputs = [
         decode(wire, raw[index] if raw else None, f"{where} output {wire.name!r}", max_elements)
         for index, wire in enumerate(message.outputs)

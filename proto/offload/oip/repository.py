@@ -16,6 +16,7 @@ tensors the edge model takes to the cloud model.
     [cloud]
     artifact = "cloud.pt2"       # torch.export program (.pt2), TorchScript (.pt/.ts)
     # factory = "pkg.module:fn"  # or a Python factory returning an nn.Module
+    # max_batch_rows = 4096      # run larger batches in chunks of this many rows
 
     [routing]
     output = "scores"            # the output that confidence is computed from
@@ -86,6 +87,9 @@ class CloudSection(_Strict):
     factory: str | None = None
     # Rows of the warm-up batch run before the model reports ready.
     warmup_rows: Annotated[int, Field(ge=0)] = 8
+    # Larger batches are run in chunks of at most this many rows and the outputs joined (to bound
+    # memory per call). A torch.export program's own bound on its batch dimension applies anyway.
+    max_batch_rows: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:

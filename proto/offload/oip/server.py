@@ -24,16 +24,25 @@ from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.errors import Unavailable, status_for, trailers_for
 from offload.oip.messages import (
+    ModelInputs,
+    check_request,
+    decode_request,
+    encode_cost,
     model_metadata_to_pb,
-    request_from_pb,
     response_to_pb,
     server_metadata_to_pb,
 )
-from offload.oip.types import DataPlane
+from offload.oip.repository import TensorSpec
+from offload.oip.types import DataPlane, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Decoding or encoding that touches more elements one by one than this runs in a worker thread,
+# so one large request cannot hold the event loop (every other call on this server) for its
+# duration. Below it the work is too small to matter: 4096 elements take about 0.25 ms typed,
+# 1.5 ms as raw BYTES, against about 0.1 ms for the hand-off itself.
+INLINE_CODEC_ELEMENTS = 1 << 12
 _Reply = TypeVar("_Reply")
 
 
@@ -44,6 +53,25 @@ class ServerLimits:
     max_message_bytes: int = 64 * 1024 * 1024
     # Upper bound on the elements of one tensor a request may declare.
     max_elements: int = 1 << 26
+
+
+async def read_request(
+    message: pb.ModelInferRequest, max_elements: int, model_inputs: ModelInputs | None
+) -> InferRequest:
+    """Check a request against the model, then decode it, off the event loop when it is large."""
+    # Everything that needs no tensor value is checked first, against the model's metadata, so a
+    # wrong request costs next to nothing however large it is; only a request that can run is decoded.
+    checked = check_request(message, max_elements, model_inputs)
+    if checked.decode_cost > INLINE_CODEC_ELEMENTS:
+        return await asyncio.to_thread(decode_request, checked)
+    return decode_request(checked)
+
+
+async def write_response(response: InferResponse, raw: bool) -> pb.ModelInferResponse:
+    """The response message, encoded off the event loop when that is much work (typed or BYTES outputs)."""
+    if encode_cost(response.outputs, raw) > INLINE_CODEC_ELEMENTS:
+        return await asyncio.to_thread(response_to_pb, response, raw)
+    return response_to_pb(response, raw)
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -133,17 +161,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._guard(context, call)
 
+    def _model_inputs(self, name: str, version: str) -> tuple[TensorSpec, ...]:
+        return self._plane.model_metadata(name, version).inputs
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         async def call() -> pb.ModelInferResponse:
             if self._draining:
                 raise Unavailable("the server is shutting down; retry on another replica")
-            infer_request = request_from_pb(request, self._limits.max_elements)
+            infer_request = await read_request(request, self._limits.max_elements, self._model_inputs)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             response = await self._plane.infer(infer_request, deadline)
-            return response_to_pb(response, raw=infer_request.raw)
+            return await write_response(response, infer_request.raw)
 
         self._in_flight += 1
         self._idle.clear()

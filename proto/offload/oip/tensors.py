@@ -1,8 +1,11 @@
 """Tensors between NumPy and the wire: typed `contents` and raw bytes.
 
-Decoding checks every size a peer declares (shape, element count, raw length,
-BYTES element lengths) before it is used, so a malformed message gets an
+Every size a peer declares (shape, element count, raw length, BYTES element
+lengths) is checked before it is used, so a malformed message gets an
 INVALID_ARGUMENT naming the field and never a large allocation or a crash.
+Checking is split from decoding: `check_wire` reads only the declared datatype,
+shape and content lengths, so a server can also hold them against the model
+before it pays for `decode_checked`, whose work is bounded by the checked shape.
 Raw fixed-size contents decode without a copy (a read-only view of the bytes).
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -88,31 +91,100 @@ def datatype_spec(datatype: str, where: str) -> Datatype:
     return spec
 
 
-def decode(wire: _WireTensor, raw: bytes | None, where: str, max_elements: int) -> Tensor:
-    """One wire tensor (with its raw bytes if the message used raw contents) to a Tensor."""
+@dataclass(frozen=True, slots=True)
+class CheckedTensor:
+    """A wire tensor whose declared datatype, shape and content sizes are checked, not yet decoded.
+
+    Everything here is read from protobuf fields without touching the values, so a
+    request can be checked against the model before any of it is decoded. Raw contents
+    are attached (`with_raw`) only after that: reading them from the message copies them.
+    """
+
+    wire: _WireTensor
+    spec: Datatype
+    shape: tuple[int, ...]
+    count: int
+    where: str
+    raw_given: bool
+    raw: bytes | None = None
+
+    @property
+    def name(self) -> str:
+        return self.wire.name
+
+    @property
+    def datatype(self) -> str:
+        return self.spec.name
+
+    @property
+    def decode_cost(self) -> int:
+        """Elements that decoding touches one by one; raw fixed-size contents are a view, nearly free."""
+        return 0 if self.raw_given and self.spec.name != "BYTES" else self.count
+
+
+def check_wire(wire: _WireTensor, raw_given: bool, where: str, max_elements: int) -> CheckedTensor:
+    """Check a wire tensor's declared datatype and shape and the form of its contents, reading no value."""
     spec = datatype_spec(wire.datatype, where)
     shape = tuple(wire.shape)
     count = element_count(shape, where, max_elements)
+    # len() of a repeated field is its stored length: no value is read.
     set_fields = [name for name in _CONTENT_FIELDS if len(getattr(wire.contents, name))]
-    if raw is not None:
+    if raw_given:
         if set_fields:
             raise InvalidArgument(
                 f"{where}: has both typed contents ({set_fields[0]}) and raw contents; send one or the other"
             )
-        data = _decode_raw(spec, raw, shape, count, where)
+    elif spec.contents_field is None:
+        if count:
+            raise InvalidArgument(f"{where}: {spec.name} can only be sent as raw contents (raw_input_contents)")
     else:
-        data = _decode_typed(spec, wire.contents, set_fields, shape, count, where)
-    return Tensor(wire.name, spec.name, data)
+        wrong = [name for name in set_fields if name != spec.contents_field]
+        if wrong:
+            raise InvalidArgument(
+                f"{where}: datatype {spec.name} takes contents.{spec.contents_field}, not contents.{wrong[0]}"
+            )
+        given = len(getattr(wire.contents, spec.contents_field))
+        if given != count:
+            raise InvalidArgument(
+                f"{where}: contents.{spec.contents_field} has {given} elements but shape {list(shape)} needs {count}"
+            )
+    return CheckedTensor(wire, spec, shape, count, where, raw_given)
+
+
+def with_raw(checked: CheckedTensor, raw: bytes) -> CheckedTensor:
+    """Attach a tensor's raw contents, checking their size against the shape for fixed-size datatypes."""
+    assert checked.raw_given, "with_raw on a tensor sent with typed contents"
+    expected = checked.count * checked.spec.itemsize
+    if checked.spec.name != "BYTES" and len(raw) != expected:
+        raise InvalidArgument(
+            f"{checked.where}: raw contents are {len(raw)} bytes but shape {list(checked.shape)} "
+            f"of {checked.spec.name} needs {expected}"
+        )
+    return replace(checked, raw=raw)
+
+
+def decode(wire: _WireTensor, raw: bytes | None, where: str, max_elements: int) -> Tensor:
+    """One wire tensor (with its raw bytes if the message used raw contents) to a Tensor."""
+    checked = check_wire(wire, raw is not None, where, max_elements)
+    return decode_checked(checked if raw is None else with_raw(checked, raw))
+
+
+def decode_checked(checked: CheckedTensor) -> Tensor:
+    """The values of a checked wire tensor; the work is bounded by its checked element count."""
+    spec, shape, count, where = checked.spec, checked.shape, checked.count, checked.where
+    if checked.raw_given:
+        assert checked.raw is not None, "decode_checked before with_raw"
+        data = _decode_raw(spec, checked.raw, shape, count, where)
+    elif spec.contents_field is None:
+        data = np.empty(shape, dtype=spec.dtype)  # no elements (check_wire refused any)
+    else:
+        data = _decode_typed(spec, getattr(checked.wire.contents, spec.contents_field), shape, where)
+    return Tensor(checked.wire.name, spec.name, data)
 
 
 def _decode_raw(spec: Datatype, raw: bytes, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
     if spec.name == "BYTES":
         return _decode_raw_bytes(raw, shape, count, where)
-    expected = count * spec.itemsize
-    if len(raw) != expected:
-        raise InvalidArgument(
-            f"{where}: raw contents are {len(raw)} bytes but shape {list(shape)} of {spec.name} needs {expected}"
-        )
     array = np.frombuffer(raw, dtype=spec.dtype).reshape(shape)
     if spec.name == "BOOL" and array.size and int(array.view(np.uint8).max()) > 1:
         raise InvalidArgument(f"{where}: raw BOOL contents must be bytes 0 or 1")
@@ -120,21 +192,24 @@ def _decode_raw(spec: Datatype, raw: bytes, shape: tuple[int, ...], count: int, 
 
 
 def _decode_raw_bytes(raw: bytes, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
+    # At most count + 1 trips (and at most one per 4 bytes): the checked shape bounds the work,
+    # whatever the contents claim. Slicing the bytes object copies each element once.
     items: list[bytes] = []
-    view = memoryview(raw)
+    append, unpack, prefix = items.append, _LENGTH.unpack_from, _LENGTH.size
+    end = len(raw)
     offset = 0
-    while offset < len(view):
+    while offset < end:
         if len(items) == count:
             raise InvalidArgument(f"{where}: raw BYTES contents hold more than the {count} elements of the shape")
-        if offset + _LENGTH.size > len(view):
+        if offset + prefix > end:
             raise InvalidArgument(f"{where}: raw BYTES contents end inside a 4-byte length prefix at byte {offset}")
-        (length,) = _LENGTH.unpack_from(view, offset)
-        offset += _LENGTH.size
-        if offset + length > len(view):
+        (length,) = unpack(raw, offset)
+        offset += prefix
+        if offset + length > end:
             raise InvalidArgument(
-                f"{where}: raw BYTES element {len(items)} declares {length} bytes but only {len(view) - offset} remain"
+                f"{where}: raw BYTES element {len(items)} declares {length} bytes but only {end - offset} remain"
             )
-        items.append(bytes(view[offset : offset + length]))
+        append(raw[offset : offset + length])
         offset += length
     if len(items) != count:
         raise InvalidArgument(
@@ -149,35 +224,19 @@ def _object_array(items: list[bytes], shape: tuple[int, ...]) -> npt.NDArray[Any
     return array.reshape(shape)
 
 
-def _decode_typed(
-    spec: Datatype,
-    contents: pb.InferTensorContents,
-    set_fields: list[str],
-    shape: tuple[int, ...],
-    count: int,
-    where: str,
-) -> npt.NDArray[Any]:
-    if spec.contents_field is None:
-        if count == 0:
-            return np.empty(shape, dtype=spec.dtype)
-        raise InvalidArgument(f"{where}: {spec.name} can only be sent as raw contents (raw_input_contents)")
-    wrong = [name for name in set_fields if name != spec.contents_field]
-    if wrong:
-        raise InvalidArgument(
-            f"{where}: datatype {spec.name} takes contents.{spec.contents_field}, not contents.{wrong[0]}"
-        )
-    values = getattr(contents, spec.contents_field)
-    if len(values) != count:
-        raise InvalidArgument(
-            f"{where}: contents.{spec.contents_field} has {len(values)} elements but shape {list(shape)} needs {count}"
-        )
+def _decode_typed(spec: Datatype, values: Sequence[Any], shape: tuple[int, ...], where: str) -> npt.NDArray[Any]:
     if spec.name == "BYTES":
         return _object_array(list(values), shape)
     if spec.name in _NARROW_INTS:
         wide = np.array(values, dtype=np.int64)
         info = np.iinfo(spec.dtype.str)
-        if wide.size and (int(wide.min()) < info.min or int(wide.max()) > info.max):
-            raise InvalidArgument(f"{where}: values outside the range of {spec.name} [{info.min}, {info.max}]")
+        outside = np.flatnonzero((wide < info.min) | (wide > info.max))
+        if outside.size:
+            first = int(outside[0])
+            raise InvalidArgument(
+                f"{where}: values outside the range of {spec.name} [{info.min}, {info.max}]: "
+                f"{int(wide[first])} at element {first}"
+            )
         return wide.astype(spec.dtype).reshape(shape)
     return np.array(values, dtype=spec.dtype).reshape(shape)
 

@@ -1,29 +1,49 @@
-"""Checks of a request against a model's declared inputs and outputs, shared by every data plane."""
+"""Checks of a request against a model's declared inputs and outputs, shared by every data plane.
+
+The checks look only at each tensor's name, datatype and shape, so they run the
+same on decoded tensors (`check_inputs`, for in-process callers) and on a
+message's protobuf fields before anything in it is decoded (`check_declared_inputs`,
+which the gRPC server calls with the model's metadata).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from offload.oip.errors import InvalidArgument
 from offload.oip.repository import TensorSpec
-from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
+
+
+class DeclaredTensor(Protocol):
+    """What a check needs of a tensor: a decoded Tensor and a protobuf input both have it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def datatype(self) -> str: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
 
 
 def check_inputs(request: InferRequest, specs: Sequence[TensorSpec]) -> int:
     """Validate names, datatypes and shapes; return the shared batch size (rows)."""
+    return check_declared_inputs(request.model_name, request.inputs, specs)
+
+
+def check_declared_inputs(model_name: str, tensors: Sequence[DeclaredTensor], specs: Sequence[TensorSpec]) -> int:
+    """Validate the names, datatypes and shapes the request declares; return the shared batch size (rows)."""
     expected = {spec.name: spec for spec in specs}
-    given = {tensor.name for tensor in request.inputs}
+    given = {tensor.name for tensor in tensors}
     unknown = sorted(given - expected.keys())
     if unknown:
-        raise InvalidArgument(
-            f"model {request.model_name!r} has no input {unknown[0]!r}; its inputs are {sorted(expected)}"
-        )
+        raise InvalidArgument(f"model {model_name!r} has no input {unknown[0]!r}; its inputs are {sorted(expected)}")
     missing = sorted(expected.keys() - given)
     if missing:
-        raise InvalidArgument(f"model {request.model_name!r} needs input {missing[0]!r}, which the request lacks")
+        raise InvalidArgument(f"model {model_name!r} needs input {missing[0]!r}, which the request lacks")
     rows: int | None = None
-    for tensor in request.inputs:
+    for tensor in tensors:
         spec = expected[tensor.name]
         check_tensor(tensor, spec, f"input {tensor.name!r}")
         if rows is None:
@@ -36,12 +56,12 @@ def check_inputs(request: InferRequest, specs: Sequence[TensorSpec]) -> int:
     return rows or 0
 
 
-def check_tensor(tensor: Tensor, spec: TensorSpec, where: str) -> None:
+def check_tensor(tensor: DeclaredTensor, spec: TensorSpec, where: str) -> None:
     if tensor.datatype != spec.datatype:
         raise InvalidArgument(f"{where}: datatype {tensor.datatype}, expected {spec.datatype}")
-    shape = tensor.shape
+    shape = list(tensor.shape)
     if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)):
-        raise InvalidArgument(f"{where}: shape {list(shape)}, expected {list(spec.shape)} (-1: any size)")
+        raise InvalidArgument(f"{where}: shape {shape}, expected {list(spec.shape)} (-1: any size)")
 
 
 def check_requested_outputs(request: InferRequest, specs: Sequence[TensorSpec]) -> list[str]:

@@ -1,0 +1,164 @@
+"""The cloud runtime's model formats and batch limits, through a real cloud server on loopback.
+
+Each model is made here, small, in a temporary model repository: a torch.export program
+with a bounded batch dimension, a TorchScript file, and a Python factory returning an
+nn.Module. Answers are compared with the same module run eagerly.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+
+from offload.cloud.dataplane import CloudDataPlane
+from offload.cloud.runtime import CloudModel
+from offload.cloud.settings import CloudSettings
+from offload.models import DEMO_REPOSITORY
+from offload.oip.client import OipClient
+from offload.oip.repository import load_model, load_repository
+from offload.oip.server import OipServer
+from offload.oip.tensors import Tensor
+from offload.oip.types import InferRequest
+
+TIMEOUT = 60.0
+EXPORT_MAX_ROWS = 1 << 16  # the bound the demo's cloud.pt2 was exported with
+
+
+def _tiny() -> torch.nn.Module:
+    """Four features in, three scores out; seeded, so every copy has the same weights. The dropout
+    makes training mode visible: only in eval mode is the answer a function of the input."""
+    torch.manual_seed(7)
+    layers = torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)
+    return torch.nn.Sequential(*layers).eval()
+
+
+def _write_model(root: Path, name: str, cloud_section: str) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "model.toml").write_text(
+        'inputs = [{ name = "x", datatype = "FP32", shape = [-1, 4] }]\n'
+        'outputs = [{ name = "y", datatype = "FP32", shape = [-1, 3] }]\n'
+        f"[cloud]\n{cloud_section}\nwarmup_rows = 2\n"
+    )
+    return folder
+
+
+def _rows(count: int) -> npt.NDArray[np.float32]:
+    return np.random.default_rng(3).normal(size=(count, 4)).astype(np.float32)
+
+
+def _eager(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    with torch.inference_mode():
+        scores: npt.NDArray[np.float32] = _tiny()(torch.from_numpy(rows)).numpy()
+    return scores
+
+
+@asynccontextmanager
+async def _cloud(repository: Path) -> AsyncIterator[OipClient]:
+    plane = CloudDataPlane.load(
+        load_repository(repository), CloudSettings(model_repository=repository), torch.device("cpu")
+    )
+    server = OipServer(plane, "test-cloud")
+    try:
+        await server.start()
+        async with OipClient(f"127.0.0.1:{server.port}") as client:
+            yield client
+    finally:
+        await server.stop(0)
+        plane.close()
+
+
+async def _scores(client: OipClient, model: str, rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    response = await client.infer(InferRequest(model, [Tensor.of("x", rows)]), timeout=TIMEOUT)
+    scores: npt.NDArray[np.float32] = response.as_dict()["y"].data
+    return scores
+
+
+def test_the_demo_programs_batch_bound_is_read_from_its_range_constraints() -> None:
+    model = CloudModel(load_model(DEMO_REPOSITORY / "digits"), torch.device("cpu"))
+    assert model.max_batch_rows == EXPORT_MAX_ROWS
+
+
+async def test_a_batch_over_the_exported_programs_bound_is_answered_in_chunks(tmp_path: Path) -> None:
+    folder = _write_model(tmp_path, "exported", 'artifact = "cloud.pt2"')
+    _export(folder / "cloud.pt2")
+    rows = _rows(70_000)
+
+    async with _cloud(tmp_path) as client:
+        whole = await _scores(client, "exported", rows)
+        first = await _scores(client, "exported", rows[:EXPORT_MAX_ROWS])
+        rest = await _scores(client, "exported", rows[EXPORT_MAX_ROWS:])
+
+    assert whole.shape == (70_000, 3)
+    np.testing.assert_array_equal(whole, np.concatenate([first, rest]))
+    np.testing.assert_allclose(whole, _eager(rows), rtol=1e-5, atol=1e-6)
+
+
+def _export(path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=EXPORT_MAX_ROWS)
+    program = torch.export.export(_tiny(), (torch.zeros(2, 4),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+
+
+async def test_max_batch_rows_in_model_toml_chunks_batches_below_the_programs_bound(tmp_path: Path) -> None:
+    folder = _write_model(tmp_path, "bounded", 'artifact = "cloud.pt2"\nmax_batch_rows = 3')
+    _export(folder / "cloud.pt2")
+    rows = _rows(7)
+
+    async with _cloud(tmp_path) as client:
+        whole = await _scores(client, "bounded", rows)
+        chunks = [await _scores(client, "bounded", rows[start : start + 3]) for start in (0, 3, 6)]
+
+    np.testing.assert_array_equal(whole, np.concatenate(chunks))
+    np.testing.assert_allclose(whole, _eager(rows), rtol=1e-5, atol=1e-6)
+
+
+# torch deprecates TorchScript in favour of torch.export, but files made with it are still served.
+@pytest.mark.filterwarnings("ignore:`torch.jit.(script|load)` is deprecated:DeprecationWarning")
+async def test_a_torchscript_file_is_served(tmp_path: Path) -> None:
+    folder = _write_model(tmp_path, "scripted", 'artifact = "model.pt"')
+    torch.jit.script(_tiny()).save(str(folder / "model.pt"))  # type: ignore[no-untyped-call]
+    rows = _rows(7)
+
+    async with _cloud(tmp_path) as client:
+        metadata = await client.model_metadata("scripted", timeout=TIMEOUT)
+        scores = await _scores(client, "scripted", rows)
+
+    assert metadata.platform == "pytorch_libtorch"
+    np.testing.assert_allclose(scores, _eager(rows), rtol=1e-5, atol=1e-6)
+
+
+async def test_a_factory_returning_a_torch_module_is_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The factory is a real module on the import path, as a user's would be.
+    (tmp_path / "tiny_cloud_factory.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+
+            def make() -> torch.nn.Module:
+                torch.manual_seed(7)
+                layers = torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)
+                return torch.nn.Sequential(*layers)  # in training mode, as nn.Modules are made
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    repository = tmp_path / "repository"
+    _write_model(repository, "factory", 'factory = "tiny_cloud_factory:make"')
+    rows = _rows(5)
+
+    async with _cloud(repository) as client:
+        metadata = await client.model_metadata("factory", timeout=TIMEOUT)
+        scores = await _scores(client, "factory", rows)
+
+    assert metadata.platform == "python"
+    # The runtime put the module in eval mode and ran it under inference_mode: the eager answer.
+    np.testing.assert_allclose(scores, _eager(rows), rtol=1e-5, atol=1e-6)
