@@ -18,7 +18,7 @@ retries against the budget's bound (max_tokens/2 + 1 + token_ratio * successes),
 hedges, requests the open breaker kept off the wire, latency percentiles, recovery
 (seconds from the fault's end to the first cloud answer) and problems (rows that
 are neither the cloud's answer nor a flagged edge answer, or answers past the
-deadline + 0.3 s; see chaos.check).
+deadline + MARGIN (0.3 s); see chaos.check).
 
     python benchmarks/faults.py                        # print and write benchmarks/RESULTS.md
     python benchmarks/faults.py --requests 100 --no-write
@@ -72,6 +72,9 @@ from support.chaos import (  # noqa: E402  (the chaos proxy lives with the tests
 )
 
 HEADING = "## Faults (issue 3)"
+# How far past the app's deadline an answer may come before it counts as a problem. A timing,
+# so it is checked here, where it is measured and reported, and not asserted in the tests.
+MARGIN = 0.3
 MACHINE = "2-core CPU, loopback"
 FAULTS = (
     "none",
@@ -261,7 +264,7 @@ class FaultRun:
                 stats.hedges,
                 stats.short_circuited,
                 None,
-                len(check(calls, self.env.reference, deadline=options.deadline)),
+                len(check(calls, self.env.reference, deadline=options.deadline, margin=MARGIN)),
             )
             if self.fault == "kill":
                 self.restart_now()
@@ -359,7 +362,8 @@ def report(rows: list[Row], options: argparse.Namespace, command: str) -> str:
     )
     faults = "\n".join(f"- **{fault}**: {DESCRIPTIONS[fault]}" for fault in (row.fault for row in rows))
     failed = sum(row.summary.failed for row in rows)
-    within = all(row.retries <= row.bound for row in rows)
+    # Hedges draw on the same budget as retries: together they stay within its bound.
+    within = all(row.retries + row.hedges <= row.bound for row in rows)
     problems = sum(row.problems for row in rows)
     restart = next((row for row in rows if row.fault == "restart"), None)
     kill = next((row for row in rows if row.fault == "kill"), None)
@@ -375,10 +379,10 @@ def report(rows: list[Row], options: argparse.Namespace, command: str) -> str:
         "while the cloud is down, up to 120 s, so the longer the outage the longer recovery takes"
     )
     verdict = (
-        f"Failed requests with fallback allowed: **{failed}** in all. Retries within the budget's bound under "
-        f"every fault: **{'yes' if within else 'NO'}**. Rows that were neither the cloud's answer nor a flagged "
-        f"edge answer, or answers past the deadline + 0.3 s: **{problems}**. Recovery to cloud answers after a "
-        f"restart on the same port: {recoveries or 'not measured'} ({backoff})."
+        f"Failed requests with fallback allowed: **{failed}** in all. Retries and hedges within the budget's bound "
+        f"under every fault: **{'yes' if within else 'NO'}**. Rows that were neither the cloud's answer nor a "
+        f"flagged edge answer, or answers past the deadline + {MARGIN:g} s: **{problems}**. Recovery to cloud "
+        f"answers after a restart on the same port: {recoveries or 'not measured'} ({backoff})."
     )
     reading = (
         "Reading the table: *cloud attempts / cloud-bound request* is below 1 where the open breaker answered "

@@ -9,15 +9,18 @@ and a 1.5 s gRPC deadline, which the edge propagates to the cloud.
 
 Each burst is checked row by row (`chaos.check`): every request answered, no error
 to the app unless it asked for `offload_require_cloud`, a row meant for the cloud is
-either the cloud's answer or flagged degraded and the edge's answer, latency within
-the deadline plus 0.3 s, retries within the retry budget and, through the proxy,
-exactly as many calls arriving as the endpoint made. After each fault the cloud
-comes back and the test polls until a cloud answer arrives again.
+either the cloud's answer or flagged degraded and the edge's answer, retries and
+hedges within the retry budget and, through the proxy, exactly as many calls
+arriving as the endpoint made. After each fault the cloud comes back and the test
+polls until a cloud answer arrives again. No test asserts a timing (how long an
+answer took depends on the machine's load); benchmarks/faults.py measures and
+reports latency against the deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,18 +31,23 @@ import numpy as np
 import pytest
 
 from conftest import SUBPROCESS_ENV
+from offload.cloud.dataplane import CloudDataPlane
+from offload.cloud.settings import CloudSettings
 from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import UpstreamError
 from offload.oip.messages import request_to_pb, response_from_pb
 from offload.oip.process import ServerProcess
-from offload.oip.server import channel_options
+from offload.oip.repository import load_repository
+from offload.oip.server import OipServer, channel_options
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.core import RoutedModel
 from offload.router.options import REQUIRE_CLOUD
 from offload.router.resilience import BreakerState
+from offload.router.settings import EdgeSettings
+from offload.router.status import StatusLog
 from support import gate
 from support.chaos import (
     ALL_TO_CLOUD,
@@ -60,7 +68,6 @@ from support.chaos import (
 
 Code = grpc.StatusCode
 DEADLINE = 1.5  # the app's gRPC deadline per request
-MARGIN = 0.3  # what a request may take past it
 
 
 def cloud_process(port: int | str = 0, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
@@ -108,12 +115,12 @@ def assert_sound(
     calls: list[Call], reference: Reference, edge: Edge, proxy: ChaosProxy | None = None, errors_allowed: bool = False
 ) -> None:
     """The checks every burst must pass, whatever the fault."""
-    problems = check(calls, reference, deadline=DEADLINE, margin=MARGIN, errors_allowed=errors_allowed)
+    problems = check(calls, reference, errors_allowed=errors_allowed)
     assert problems == [], "\n".join(problems[:20])
     if not errors_allowed:
         assert all(call.response is not None for call in calls)
     stats = edge.endpoint.stats
-    assert stats.retries <= retry_bound(edge.endpoint), f"retries past the budget: {stats}"
+    assert stats.retries + stats.hedges <= retry_bound(edge.endpoint), f"retries and hedges past the budget: {stats}"
     sent_calls = stats.calls - stats.short_circuited
     assert stats.attempts <= sent_calls + stats.retries + stats.hedges, stats
     if proxy is not None:
@@ -200,8 +207,7 @@ async def test_cloud_killed_under_load_then_restarted_on_the_same_port(
             assert await restart == address
             assert any(all_degraded(call, reference) for call in during)
 
-            recovered = await wait_for_cloud_answer(edge, reference)
-            assert recovered < 15.0
+            await wait_for_cloud_answer(edge, reference)
             again = await burst(edge.client, reference, 12, tag="again", concurrency=6, timeout=DEADLINE)
             assert all(call.from_cloud for call in again)
             assert_sound(calls + during + again, reference, edge)
@@ -309,19 +315,25 @@ async def test_breaker_opens_on_a_failing_cloud_and_closes_when_it_recovers(
 async def test_hedging_answers_for_stragglers_within_the_budget(
     proxy: ChaosProxy, reference: Reference, models: dict[str, RoutedModel], edge_executor: ThreadPoolExecutor
 ) -> None:
-    # Each request's first attempt straggles for 2 s (what "every other call is slow" is, at worst).
-    async with edge_under_test(proxy.address, models, edge_executor, hedge_delay_seconds=0.05) as edge:
+    # Each request's first attempt straggles for 2 s (what "every other call is slow" is, at worst), past
+    # the 1.5 s deadline: only a hedge can answer. Each hedge takes a retry token, so the budget is sized
+    # for one hedge per request (the default budget's limit is in test_resilience_units).
+    async with edge_under_test(
+        proxy.address, models, edge_executor, hedge_delay_seconds=0.05, retry_budget_max_tokens=100.0
+    ) as edge:
         proxy.delay_first_attempt_seconds = 2.0
         calls = await burst(edge.client, reference, 16, tag="hedge", concurrency=8, timeout=DEADLINE)
         assert_sound(calls, reference, edge, proxy)
-        assert all(call.from_cloud for call in calls)
-        assert max(call.seconds for call in calls) < 1.0, "answered by the hedge, long before the 2 s straggler"
+        assert all(call.from_cloud for call in calls), "answered by the hedge, within the deadline"
         stats = edge.endpoint.stats
         assert stats.hedges == stats.calls == 16, "one hedge per request, no more"
         assert stats.retries == 0
         assert proxy.calls == stats.attempts == 32
         assert proxy.distinct_ids == 16
-        assert edge.endpoint.throttle.tokens == edge.endpoint.throttle.max_tokens
+        assert proxy.answered == {call.id for call in calls}
+        assert stats.by_outcome == {"OK": 16}, "the stragglers, cancelled, record nothing"
+        # 100 tokens, one taken per hedge, 0.1 paid back per success.
+        assert edge.endpoint.throttle.tokens == pytest.approx(100 - 16 + 16 * 0.1)
         await eventually(lambda: proxy.cancelled == 16, "the stragglers were cancelled on the wire")
 
 
@@ -339,8 +351,6 @@ async def test_backpressure_admits_capacity_and_refuses_the_rest_at_once(tmp_pat
             def request(index: int) -> InferRequest:
                 return InferRequest("gate", [Tensor.of("x", np.full((1, 1), index, dtype=np.float32))])
 
-            loop = asyncio.get_running_loop()
-            started = loop.time()
             tasks = [asyncio.ensure_future(client.infer(request(index), timeout=60)) for index in range(6)]
             pending: set[asyncio.Future[InferResponse]] = set(tasks)
             refused: list[UpstreamError] = []
@@ -352,18 +362,263 @@ async def test_backpressure_admits_capacity_and_refuses_the_rest_at_once(tmp_pat
                         error = task.exception()
                         assert isinstance(error, UpstreamError), f"past capacity yet answered: {task}"
                         refused.append(error)
-                refused_after = loop.time() - started
+                # Refused while the gate still holds the admitted ones: at once, not after a wait in a queue.
                 assert len(pending) == capacity, "exactly capacity requests are admitted, the gate holds them"
-                assert (gate_dir / "arrived").exists()
+                await eventually((gate_dir / "arrived").exists, "an admitted request reached the model")
+                assert len(gate.started(gate_dir)) == 1, "one thread: one model call at a time"
             finally:
                 (gate_dir / "open").touch()
             for error in refused:
                 assert error.status == Code.RESOURCE_EXHAUSTED
                 assert error.pushback_ms == 100, "with the grpc-retry-pushback-ms trailer"
-            assert refused_after < 5.0, "refused at once, not queued"
             answers = await asyncio.gather(*pending)  # the admitted ones finish once the gate opens
             assert len(answers) == capacity
             assert all(answer.outputs[0].data.shape == (1, 1) for answer in answers)
             # Capacity is free again once they finish.
             answer = await client.infer(request(9), timeout=30)
             np.testing.assert_array_equal(answer.outputs[0].data, [[9.0]])
+
+
+CALLER_DEADLINE = 1.0  # callers in the admission test give up after this long
+
+
+async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot is the job's, not its caller's: a caller that gives up frees it only once its job is gone."""
+    import torch
+
+    repository = gate.write_repository(tmp_path / "repository")
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    monkeypatch.setenv(gate.MARKER_ENV, str(gate_dir))
+    settings = CloudSettings(model_repository=repository, inference_threads=1, max_queue=1)
+    plane = CloudDataPlane.load(load_repository(repository), settings, torch.device("cpu"))
+    capacity = plane.capacity
+    assert capacity == 2  # one call running, one queued
+    server = OipServer(plane, "gated-cloud")
+    await server.start()
+    try:
+        async with OipClient(f"127.0.0.1:{server.port}") as client:
+
+            def request(value: float) -> InferRequest:
+                return InferRequest("gate", [Tensor.of("x", np.full((1, 1), value, dtype=np.float32))])
+
+            # A call reaches the model and stays there (the gate is shut); its caller gives up.
+            with pytest.raises(UpstreamError) as late:
+                await client.infer(request(0), timeout=CALLER_DEADLINE)
+            assert late.value.status == Code.DEADLINE_EXCEEDED
+            assert gate.started(gate_dir) == {gate.started_marker(0)}
+            assert plane.admitted == 1, "its job still runs, so it keeps its slot"
+            # Rounds of callers with short deadlines: the stuck call still holds its slot, so one
+            # call is queued (until its caller gives up) and the other is refused at once.
+            for round_ in (1, 2):
+                values = (10.0 * round_, 10.0 * round_ + 1)
+                results = await asyncio.gather(
+                    *(client.infer(request(value), timeout=CALLER_DEADLINE) for value in values),
+                    return_exceptions=True,
+                )
+                errors = [result for result in results if isinstance(result, UpstreamError)]
+                assert len(errors) == 2, results
+                assert sorted(error.status.name for error in errors) == ["DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"]
+                refused = next(error for error in errors if error.status == Code.RESOURCE_EXHAUSTED)
+                assert refused.pushback_ms == settings.pushback_ms
+                await eventually(lambda: plane.admitted == 1, "the queued job left with its caller")
+            assert plane.peak <= capacity, "admitted work never exceeded capacity"
+            assert gate.started(gate_dir) == {gate.started_marker(0)}, "no job whose caller had gone ever ran"
+            assert plane.dropped == 2
+            assert plane.rejected == 2
+            (gate_dir / "open").touch()
+            await eventually(lambda: plane.admitted == 0, "the stuck call's slot is freed when it ends")
+            answer = await client.infer(request(5), timeout=30)
+            np.testing.assert_array_equal(answer.outputs[0].data, [[5.0]])
+    finally:
+        (gate_dir / "open").touch()
+        await server.stop(0)
+        plane.close()
+
+
+async def test_a_failing_cloud_with_the_row_cache_on_answers_cached_rows_and_degrades_the_rest(
+    proxy: ChaosProxy, reference: Reference, models: dict[str, RoutedModel], edge_executor: ThreadPoolExecutor
+) -> None:
+    cache_bytes = EdgeSettings.model_fields["cache_max_bytes"].default  # on, as the agent has it
+    async with edge_under_test(proxy.address, models, edge_executor, cache_max_bytes=cache_bytes) as edge:
+        cache = edge.router.cache
+        assert cache is not None
+        warm = await burst(edge.client, reference, 10, tag="warm", concurrency=5, timeout=DEADLINE)
+        assert all(call.from_cloud for call in warm)
+
+        proxy.fail_rate = 1.0
+        # The warm rows again (cached), and new rows, each asked twice at once (single-flight).
+        cached, fresh, twin = await asyncio.gather(
+            burst(edge.client, reference, 10, tag="cached", concurrency=5, timeout=DEADLINE),
+            burst(edge.client, reference, 10, tag="fresh", concurrency=5, timeout=DEADLINE, first_index=10),
+            burst(edge.client, reference, 10, tag="twin", concurrency=5, timeout=DEADLINE, first_index=10),
+        )
+        assert_sound(warm + cached + fresh + twin, reference, edge, proxy)
+        for call in cached:
+            assert not call.degraded, f"{call.id}: its rows were cached"
+            assert "cloud" not in call.routes
+            assert "cache" in call.routes
+        assert not any(request_id.startswith("cached-") for request_id in proxy.request_ids), "never sent"
+        assert cache.stats.hits == sum(int(cloud_bound(reference, call.rows).sum()) for call in cached)
+        assert all(all_degraded(call, reference) for call in fresh + twin)
+        assert proxy.injected > 0
+
+        proxy.heal()
+        await wait_for_cloud_answer(edge, reference)
+        again = await burst(edge.client, reference, 10, tag="again", concurrency=5, timeout=DEADLINE, first_index=10)
+        assert all(call.from_cloud for call in again), "the rows that failed were not cached"
+        assert_sound(again, reference, edge, proxy)
+
+
+async def test_an_overloaded_cloud_is_retried_after_its_pushback_then_the_edge_answers(
+    tmp_path: Path, reference: Reference, models: dict[str, RoutedModel], edge_executor: ThreadPoolExecutor
+) -> None:
+    # A cloud serving the demo model and the gate, with room for one call; the gate holds that one.
+    repository = gate.write_repository(tmp_path / "repository")
+    (repository / "digits").symlink_to(DEMO_REPOSITORY / "digits", target_is_directory=True)
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    pushback_ms = 50
+    env = {
+        gate.MARKER_ENV: str(gate_dir),
+        "OFFLOAD_CLOUD_MAX_QUEUE": "0",
+        "OFFLOAD_CLOUD_PUSHBACK_MS": str(pushback_ms),
+    }
+    args = ("--model-repository", str(repository), "--inference-threads", "1")
+    with cloud_process(0, *args, env=env) as process:
+        address = await asyncio.to_thread(process.start)
+        async with OipClient(address) as holder:
+            held = asyncio.ensure_future(
+                holder.infer(InferRequest("gate", [Tensor.of("x", np.full((1, 1), 7, dtype=np.float32))]), timeout=60)
+            )
+            try:
+                await eventually(lambda: gate.started_marker(7) in gate.started(gate_dir), "the one slot is taken")
+                backoffs: list[float] = []
+
+                async def sleep(seconds: float) -> None:
+                    backoffs.append(seconds)
+                    await asyncio.sleep(seconds)  # the backoff itself, recorded
+
+                async with edge_under_test(address, models, edge_executor, sleep=sleep) as edge:
+                    (first,) = await burst(edge.client, reference, 1, tag="busy", concurrency=1, timeout=DEADLINE)
+                    assert edge.endpoint.stats.by_outcome == {"RESOURCE_EXHAUSTED": 3}, "all attempts were made"
+                    assert backoffs == [pushback_ms / 1000] * 2, "each retry waited as long as the cloud asked"
+                    assert all_degraded(first, reference)
+                    more = await burst(
+                        edge.client, reference, 8, tag="busy", concurrency=4, timeout=DEADLINE, first_index=1
+                    )
+                    assert_sound([first, *more], reference, edge)
+                    assert all(all_degraded(call, reference) for call in more)
+                    assert set(backoffs) == {pushback_ms / 1000}
+                    (gate_dir / "open").touch()
+                    await held
+                    await wait_for_cloud_answer(edge, reference)
+            finally:
+                (gate_dir / "open").touch()
+                await asyncio.gather(held, return_exceptions=True)
+
+
+async def test_an_app_deadline_shorter_than_the_cloud_timeout_reaches_the_cloud(
+    proxy: ChaosProxy, reference: Reference, models: dict[str, RoutedModel], edge_executor: ThreadPoolExecutor
+) -> None:
+    cloud_timeout = 30.0
+    # gRPC rounds a timeout up on the wire (grpc-timeout, three significant figures): below 1 s by
+    # at most a millisecond, well inside the edge's 20 ms deadline reserve; for 30 s by up to 1%.
+    app_deadline = 0.8
+    async with edge_under_test(proxy.address, models, edge_executor, cloud_timeout_seconds=cloud_timeout) as edge:
+        (call,) = await burst(edge.client, reference, 1, tag="short", concurrency=1, timeout=app_deadline)
+        assert call.from_cloud
+        (time_left,) = proxy.time_left
+        assert time_left is not None, "the cloud call carries a deadline"
+        assert time_left <= app_deadline, "the app's deadline, not the longer cloud_timeout_seconds"
+        # Without an app deadline, cloud_timeout_seconds bounds the cloud call.
+        rows = reference.rows(1)
+        request = InferRequest(
+            "digits", [Tensor.of("pixels", reference.pixels[rows])], id="no-deadline", parameters=dict(ALL_TO_CLOUD)
+        )
+        await edge.client.infer(request)
+        untimed = proxy.time_left[1]
+        assert untimed is not None
+        assert app_deadline < untimed <= cloud_timeout * 1.01
+
+
+async def test_the_status_line_says_what_happened_since_the_last_one(
+    proxy: ChaosProxy, reference: Reference, models: dict[str, RoutedModel], edge_executor: ThreadPoolExecutor
+) -> None:
+    cache_bytes = EdgeSettings.model_fields["cache_max_bytes"].default
+    overrides = {"cache_max_bytes": cache_bytes, "breaker_cooldown_seconds": 60.0}
+    async with edge_under_test(proxy.address, models, edge_executor, **overrides) as edge:
+        now = [0.0]
+        status = StatusLog(edge.plane, 60.0, clock=lambda: now[0])
+        assert status.line() is None, "nothing happened yet"
+
+        await burst(edge.client, reference, 4, tag="warm", concurrency=2, timeout=DEADLINE)
+        again = await burst(edge.client, reference, 4, tag="again", concurrency=2, timeout=DEADLINE)
+        rows = sum(int(cloud_bound(reference, call.rows).sum()) for call in again)
+        calls = sum(bool(cloud_bound(reference, call.rows).any()) for call in again)
+        now[0] = 60.0
+        assert status.line() == (
+            f"status over the last 60s: 8 requests (0 degraded, 0 errors); cloud {proxy.address}: circuit closed, "
+            f"retry tokens 10.0/10, {calls} calls (0 failed, 0 short-circuited, 0 retries, 0 hedges); "
+            f"cache hit rate 50.0% ({rows} of {2 * rows} rows)"
+        )
+        assert status.line() is None, "nothing happened since the last line"
+
+        proxy.fail_rate = 1.0
+        # One at a time: the first request makes 3 attempts (10 -> 7 tokens), the second 2 (-> 5, not
+        # above half: no more retries), which is 5 failures in a row: the circuit opens for 60 s.
+        down = await burst(edge.client, reference, 6, tag="down", concurrency=1, timeout=DEADLINE, first_index=20)
+        assert all(call.degraded for call in down)
+        now[0] = 180.0
+        line = status.line()
+        assert line is not None
+        assert line.startswith(
+            f"status over the last 120s: 6 requests (6 degraded, 0 errors); cloud {proxy.address}: circuit open "
+            "(1 change), retry tokens 5.0/10, 6 calls (2 failed, 4 short-circuited, 3 retries, 0 hedges); "
+            "cache hit rate 0.0% (0 of "
+        ), line
+
+
+async def test_the_status_line_is_written_every_interval_only_when_something_happened(
+    proxy: ChaosProxy,
+    reference: Reference,
+    models: dict[str, RoutedModel],
+    edge_executor: ThreadPoolExecutor,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="offload.router.status")
+    async with edge_under_test(proxy.address, models, edge_executor, audit_share=1.0) as edge:
+        # The interval passes when the test says so: the injected sleep waits for a tick.
+        ticks: asyncio.Queue[None] = asyncio.Queue()
+        naps: list[float] = []
+
+        async def nap(seconds: float) -> None:
+            naps.append(seconds)
+            await ticks.get()
+
+        status = StatusLog(edge.plane, 30.0, sleep=nap)
+        loop = asyncio.create_task(status.run())
+        try:
+            await eventually(lambda: len(naps) == 1, "the loop waits for its first interval")
+            ticks.put_nowait(None)  # an interval with nothing in it
+            await eventually(lambda: len(naps) == 2, "the loop went round")
+            assert caplog.records == []
+
+            # Auto routing at the model's threshold: the confident rows are audited (audit_share 1).
+            await burst(edge.client, reference, 6, tag="audit", concurrency=3, timeout=DEADLINE, parameters={})
+            await edge.router.wait_for_audits()
+            audit = edge.router.audit
+            assert audit.agreement is not None
+            ticks.put_nowait(None)
+            await eventually(lambda: len(naps) == 3, "the loop went round")
+            (record,) = caplog.records
+            assert record.levelno == logging.INFO
+            message = record.getMessage()
+            assert message.startswith("status over the last ")
+            assert "6 requests (0 degraded, 0 errors)" in message
+            assert message.endswith(f"; audit agreement {100 * audit.agreement:.1f}% over {audit.rows} rows")
+            assert naps == [30.0] * 3
+        finally:
+            loop.cancel()

@@ -20,6 +20,7 @@ from offload.oip.errors import UpstreamError
 from offload.oip.process import ServerProcess
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
+from offload.router.options import RESPONSE_DEGRADED, RESPONSE_ROUTE, ROUTE
 from support import gate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,78 @@ async def test_shutdown_answers_calls_in_flight_refuses_new_ones_and_exits_zero(
         # The one signal above is all it takes: the server exits by itself once drained.
         code = await asyncio.to_thread(server.wait)
     assert code == 0, server.output()
+
+
+async def test_cloud_exits_after_its_grace_period_even_with_a_model_call_stuck(tmp_path: Path) -> None:
+    repository = gate.write_repository(tmp_path / "repository")
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    env = {**SUBPROCESS_ENV, gate.MARKER_ENV: str(gate_dir), "OFFLOAD_CLOUD_MAX_QUEUE": "1"}
+    args = ["cloud", "--grpc-port", "0", "--model-repository", str(repository), "--inference-threads", "1"]
+    with ServerProcess([*args, "--grace-seconds", "1"], env=env) as server:
+        address = server.start()
+
+        def request(value: float) -> InferRequest:
+            return InferRequest("gate", [Tensor.of("x", np.full((1, 1), value, dtype=np.float32))])
+
+        async with OipClient(address) as client:
+            # One call stuck in the model (the gate never opens), one queued behind it: capacity is 2,
+            # so of two more calls one is queued and the other refused, whichever comes first.
+            stuck = asyncio.create_task(client.infer(request(0), timeout=60))
+            await asyncio.to_thread(_wait_for, gate_dir / gate.started_marker(0))
+            more = [asyncio.create_task(client.infer(request(value), timeout=60)) for value in (1, 2)]
+            done, _ = await asyncio.wait(more, return_when=asyncio.FIRST_COMPLETED)
+            (refused,) = done
+            error = refused.exception()
+            assert isinstance(error, UpstreamError)
+            assert error.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+            queued_value = 2 if refused is more[0] else 1
+
+            server.signal(signal.SIGTERM)
+            # The process ends by itself: the grace period is over and the stuck call is abandoned.
+            code = await asyncio.to_thread(server.wait, 30.0)
+            for call in (stuck, *more):
+                with pytest.raises(UpstreamError):
+                    await call
+    assert code == 0, server.output()
+    assert "1 model call(s) still running after the 1.0s grace period; exiting without waiting" in server.output()
+    assert gate.started(gate_dir) == {gate.started_marker(0)}, (
+        f"the queued call ({queued_value}) was dropped, never run"
+    )
+
+
+async def test_edge_agent_drains_on_sigterm(tmp_path: Path) -> None:
+    repository = gate.write_repository(tmp_path / "repository", edge=True)
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    env = {**SUBPROCESS_ENV, gate.MARKER_ENV: str(gate_dir)}
+    common = ["--grpc-port", "0", "--model-repository", str(repository), "--grace-seconds", "30"]
+    with ServerProcess(["cloud", *common], env=env) as cloud:
+        cloud_address = cloud.start()
+        # A long cloud deadline, so that the call held in the cloud stays in flight at the edge.
+        edge_args = ["edge", *common, "--cloud", cloud_address, "--cloud-timeout-seconds", "60"]
+        with ServerProcess(edge_args, env=env) as edge:
+            address = edge.start()
+            request = InferRequest(
+                "gate",
+                [Tensor.of("x", np.ones((1, 1), dtype=np.float32))],
+                parameters={ROUTE: "cloud"},
+            )
+            async with OipClient(address) as client:
+                in_flight = asyncio.create_task(client.infer(request, timeout=60))
+                await asyncio.to_thread(_wait_for, gate_dir / "arrived")  # it waits in the cloud's model
+                edge.signal(signal.SIGTERM)
+                await _wait_until_not_serving(address)
+                with pytest.raises(UpstreamError) as refused:
+                    await client.infer(request, timeout=5)
+                assert refused.value.status == grpc.StatusCode.UNAVAILABLE
+                assert "shutting down" in str(refused.value)
+                (gate_dir / "open").touch()
+                response = await in_flight
+            assert response.parameters[RESPONSE_ROUTE] == "cloud", "answered by the cloud while the edge drained"
+            assert not response.parameters[RESPONSE_DEGRADED]
+            code = await asyncio.to_thread(edge.wait)
+        assert code == 0, edge.output()
 
 
 def test_demo_json_meets_the_acceptance_figures() -> None:

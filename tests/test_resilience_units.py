@@ -9,6 +9,7 @@ echo server, so every attempt is a real RPC the proxy can count and inspect.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from offload.oip.errors import NotFound
+from offload.oip.errors import PUSHBACK_DO_NOT_RETRY, NotFound, parse_pushback
 from offload.oip.repository import TensorSpec
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
@@ -26,6 +28,7 @@ from offload.oip.types import InferRequest, InferResponse, ModelMetadata, Server
 from offload.router import cloud as cloud_module
 from offload.router.cloud import CloudEndpoint, CloudFailure, RetryPolicy
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryThrottle
+from offload.router.settings import EdgeSettings
 from support.chaos import ChaosProxy, eventually
 
 Code = grpc.StatusCode
@@ -537,3 +540,203 @@ async def test_no_hedge_when_the_retry_budget_is_spent(rig: Rig) -> None:
     np.testing.assert_array_equal(response.outputs[0].data, [[1.0]])
     assert endpoint.stats.hedges == 0
     assert rig.proxy.request_ids == ["patient"]
+
+
+# --- Hedging: cancellation, the retry budget, probes ---
+
+
+async def test_a_call_cancelled_during_the_hedge_delay_cancels_its_attempt(rig: Rig) -> None:
+    # The first attempt takes 1 s at the proxy; the hedge would come only after 30 s.
+    rig.proxy.delay_first_attempt_seconds = 1.0
+    endpoint = _endpoint(rig, hedge_delay_seconds=30.0, fake_clock=False)
+    call = asyncio.create_task(endpoint.infer(_request("gone"), deadline=time.monotonic() + 10.0))
+    await eventually(lambda: rig.proxy.calls == 1, "the first attempt reached the proxy")
+    call.cancel()  # the app's call went away while the endpoint waited for the hedge delay
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    # The attempt's RPC ends one way or the other: cancelled on the wire, or (if it leaked) answered.
+    await eventually(lambda: rig.proxy.cancelled + len(rig.proxy.answered) >= 1, "the first attempt ended")
+    assert rig.proxy.cancelled == 1, "the attempt was cancelled with the call"
+    assert rig.proxy.answered == set()
+    assert endpoint.stats.by_outcome == {}, "a cancelled attempt records no outcome"
+    assert endpoint.throttle.tokens == endpoint.throttle.max_tokens
+    assert state(endpoint.breaker) is BreakerState.CLOSED
+    assert endpoint.stats.hedges == 0
+
+
+async def test_a_hedge_takes_a_retry_token_even_when_it_wins(rig: Rig) -> None:
+    rig.proxy.delay_first_attempt_seconds = 30.0
+    endpoint = _endpoint(rig, throttle=RetryThrottle(10, 0.1), hedge_delay_seconds=0.01, fake_clock=False)
+    await endpoint.infer(_request("hedged"), deadline=time.monotonic() + 5.0)
+    assert endpoint.stats.hedges == 1
+    # 10, minus the hedge's token, plus the ratio its success pays back; the straggler was cancelled.
+    assert endpoint.throttle.tokens == pytest.approx(9.1)
+    assert endpoint.stats.by_outcome == {"OK": 1}
+
+
+async def test_hedges_against_a_slow_but_healthy_cloud_stop_when_the_budget_is_spent(rig: Rig) -> None:
+    # Every call succeeds, but only a hedge answers quickly: without the charge, every call would be hedged.
+    rig.proxy.delay_first_attempt_seconds = 30.0
+    endpoint = _endpoint(rig, throttle=RetryThrottle(4, 0.1), hedge_delay_seconds=0.01, fake_clock=False)
+    for index in range(3):  # 4 -> 3.1 -> 2.2 -> 1.3: each hedge costs 1, each success pays back 0.1
+        await endpoint.infer(_request(f"slow-{index}"), deadline=time.monotonic() + 5.0)
+    assert endpoint.stats.hedges == 3
+    assert endpoint.throttle.tokens == pytest.approx(1.3)
+    assert not endpoint.throttle.allows_retry(), "no more hedges until successes refill the budget"
+    rig.proxy.heal()
+    await endpoint.infer(_request("fast"), deadline=time.monotonic() + 5.0)
+    assert endpoint.stats.hedges == 3
+    assert rig.proxy.request_ids.count("fast") == 1
+
+
+async def test_the_half_open_probe_is_never_hedged(rig: Rig) -> None:
+    endpoint = _endpoint(
+        rig,
+        retry=RetryPolicy(max_attempts=1),
+        breaker=BreakerPolicy(consecutive_failures=2, cooldown_seconds=5.0),
+        hedge_delay_seconds=0.01,
+    )
+    await _open_then_cool_down(rig, endpoint)
+    hedges = endpoint.stats.hedges
+    # The probe's answer takes longer than the hedge delay: a hedge would go out if the probe could hedge.
+    rig.proxy.delay_first_attempt_seconds = 0.2
+    await endpoint.infer(_request("probe"), deadline=None)
+    assert state(endpoint.breaker) is BreakerState.CLOSED
+    assert rig.proxy.request_ids.count("probe") == 1, "one probe, one RPC"
+    assert endpoint.stats.hedges == hedges
+
+
+# --- The retry budget follows gRPC A6 ---
+
+
+def _drained(tokens: float = 6.0) -> RetryThrottle:
+    throttle = RetryThrottle(10, 0.1)
+    throttle.tokens = tokens
+    return throttle
+
+
+@pytest.mark.parametrize(
+    "code", [Code.NOT_FOUND, Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION, Code.DEADLINE_EXCEEDED, Code.INTERNAL]
+)
+async def test_failures_that_are_not_retried_leave_the_tokens_unchanged(rig: Rig, code: grpc.StatusCode) -> None:
+    rig.proxy.fail_rate = 1.0
+    rig.proxy.fail_code = code
+    endpoint = _endpoint(rig, throttle=_drained())
+    with pytest.raises(CloudFailure):
+        await endpoint.infer(_request(), deadline=None)
+    assert endpoint.throttle.tokens == 6.0, "neither a failure (-1) nor a success (+0.1)"
+
+
+async def test_resource_exhausted_without_pushback_leaves_the_tokens_but_counts_against_the_breaker(rig: Rig) -> None:
+    rig.proxy.exhausted = True
+    endpoint = _endpoint(rig, throttle=_drained(), breaker=BreakerPolicy(consecutive_failures=2, min_calls=1000))
+    for _ in range(2):
+        with pytest.raises(CloudFailure):
+            await endpoint.infer(_request(), deadline=None)
+    assert rig.proxy.calls == 2, "not retried: the server did not say when to come back"
+    assert endpoint.throttle.tokens == 6.0
+    assert state(endpoint.breaker) is BreakerState.OPEN, "an overloaded cloud is an unwell one"
+
+
+async def test_resource_exhausted_with_pushback_is_a_retryable_failure_and_takes_tokens(rig: Rig) -> None:
+    rig.proxy.exhausted = True
+    rig.proxy.pushback_ms = 10
+    endpoint = _endpoint(rig, retry=RetryPolicy(max_attempts=2), throttle=_drained(9.0))
+    with pytest.raises(CloudFailure):
+        await endpoint.infer(_request(), deadline=None)
+    assert rig.proxy.calls == 2
+    assert endpoint.throttle.tokens == 7.0
+
+
+@pytest.mark.parametrize("pushback", ["-1", "-250", "soon", "1.5", "99999999999"])
+@pytest.mark.parametrize("code", [Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED])
+async def test_a_negative_or_unparseable_pushback_means_do_not_retry(
+    rig: Rig, code: grpc.StatusCode, pushback: str
+) -> None:
+    rig.proxy.fail_rate = 1.0
+    rig.proxy.fail_code = code
+    rig.proxy.pushback_ms = pushback
+    endpoint = _endpoint(rig, retry=RetryPolicy(max_attempts=3), throttle=RetryThrottle(10, 0.1))
+    with pytest.raises(CloudFailure) as failure:
+        await endpoint.infer(_request(), deadline=None)
+    assert failure.value.status == code
+    assert rig.proxy.calls == 1, "the server asked not to be retried (and the budget would have allowed it)"
+    assert rig.fake.sleeps == []
+    assert endpoint.throttle.tokens == 9.0, "A6: a pushback that forbids retrying counts as a failure"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", 0),
+        ("250", 250),
+        (b"250", 250),
+        (" 7 ", 7),
+        ("-1", PUSHBACK_DO_NOT_RETRY),
+        ("-250", PUSHBACK_DO_NOT_RETRY),
+        ("", PUSHBACK_DO_NOT_RETRY),
+        ("soon", PUSHBACK_DO_NOT_RETRY),
+        ("1.5", PUSHBACK_DO_NOT_RETRY),
+        (str(2**31), PUSHBACK_DO_NOT_RETRY),  # past a signed 32-bit integer
+    ],
+)
+def test_parse_pushback(value: str | bytes, expected: int) -> None:
+    assert parse_pushback(value) == expected
+
+
+# --- The breaker's state, visible in the log ---
+
+
+async def test_every_breaker_transition_is_logged_with_its_reason_and_the_retry_tokens(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="offload.router.resilience")
+    endpoint = _endpoint(
+        rig, retry=RetryPolicy(max_attempts=1), breaker=BreakerPolicy(consecutive_failures=2, cooldown_seconds=5.0)
+    )
+    await _open_then_cool_down(rig, endpoint)
+    await endpoint.infer(_request(), deadline=None)  # the probe, which succeeds
+    lines = [(record.levelno, record.getMessage()) for record in caplog.records]
+    target = rig.proxy.address
+    assert lines == [
+        (
+            logging.WARNING,
+            f"cloud {target}: circuit closed -> open: 2 consecutive failures (last: UNAVAILABLE); answering on the "
+            "edge for 5s, then one probe call; retry tokens 98.0/100",
+        ),
+        (
+            logging.INFO,
+            f"cloud {target}: circuit open -> half_open: the 5s cool-down is over; letting one probe call through; "
+            "retry tokens 98.0/100",
+        ),
+        (logging.INFO, f"cloud {target}: circuit half_open -> closed: the probe call succeeded; retry tokens 98.1/100"),
+    ]
+
+
+def test_a_failure_rate_and_a_failed_probe_are_named_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="offload.router.resilience")
+    clock = FakeTime()
+    breaker = _breaker(clock, consecutive_failures=100, failure_rate=0.5, window=4, min_calls=4, cooldown_seconds=1.0)
+    breaker.record_success()
+    breaker.record_failure("INTERNAL")
+    breaker.record_success()
+    breaker.record_failure("DEADLINE_EXCEEDED")  # 2 of 4
+    clock.now += 1.0
+    assert breaker.allow()
+    breaker.record_failure("UNAVAILABLE")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0].startswith(
+        "cloud cloud:1: circuit closed -> open: 2 of the last 4 calls failed (last: DEADLINE_EXCEEDED)"
+    )
+    assert messages[2].startswith("cloud cloud:1: circuit half_open -> open: the probe call failed (UNAVAILABLE)")
+    assert breaker.transitions == 3
+
+
+# --- Settings ---
+
+
+def test_status_log_seconds_is_a_validated_setting() -> None:
+    assert EdgeSettings().status_log_seconds == 60.0
+    assert EdgeSettings(status_log_seconds=0).status_log_seconds == 0.0
+    with pytest.raises(ValidationError, match="status_log_seconds"):
+        EdgeSettings(status_log_seconds=-1)

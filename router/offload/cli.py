@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _server_flags(edge, 8001)
     edge.add_argument("--cloud", help="the cloud's HOST:PORT (any OIP server); omit to answer on the edge only")
-    edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (2)")
+    edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (1)")
     edge.add_argument("--edge-threads", type=int, help="threads that run edge models (default 1)")
 
     cloud = commands.add_parser(

@@ -6,7 +6,7 @@ import grpc
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
-from offload.oip.errors import PUSHBACK_KEY, UpstreamError
+from offload.oip.errors import PUSHBACK_KEY, UpstreamError, parse_pushback
 from offload.oip.messages import DEFAULT_MAX_ELEMENTS, request_to_pb, response_from_pb
 from offload.oip.repository import TensorSpec
 from offload.oip.server import channel_options
@@ -97,6 +97,7 @@ class OipClient:
 def _upstream(exc: grpc.aio.AioRpcError, target: str) -> UpstreamError:
     pushback = None
     for key, value in exc.trailing_metadata() or ():
-        if key == PUSHBACK_KEY and isinstance(value, str) and value.isdigit():
-            pushback = int(value)
+        if key == PUSHBACK_KEY:
+            # A negative or garbled value is kept as "do not retry" (gRPC A6), not dropped.
+            pushback = parse_pushback(value)
     return UpstreamError(exc.code(), f"{target}: {exc.code().name}: {exc.details()}", pushback)

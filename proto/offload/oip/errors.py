@@ -7,6 +7,7 @@ for the caller: they name the field, what was expected and what was given.
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import grpc
@@ -57,7 +58,12 @@ class Internal(OffloadError):
 
 
 class UpstreamError(OffloadError):
-    """A peer server (the cloud) failed; carries the peer's own status."""
+    """A peer server (the cloud) failed; carries the peer's own status.
+
+    `pushback_ms` is the peer's `grpc-retry-pushback-ms`: None when it sent none, the
+    milliseconds to wait before a retry, or PUSHBACK_DO_NOT_RETRY (negative) when it
+    asked not to be retried at all.
+    """
 
     def __init__(self, code: grpc.StatusCode, message: str, pushback_ms: int | None = None) -> None:
         super().__init__(message)
@@ -76,6 +82,26 @@ class ConfigurationError(OffloadError):
 
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# What a pushback that forbids retrying is read as (any negative value means that).
+PUSHBACK_DO_NOT_RETRY = -1
+_PUSHBACK_VALUE = re.compile(r"-?[0-9]+")
+
+
+def parse_pushback(value: str | bytes) -> int:
+    """A `grpc-retry-pushback-ms` value: milliseconds to wait, or PUSHBACK_DO_NOT_RETRY.
+
+    gRPC A6: the value is a signed 32-bit integer in ASCII; a negative or unparseable
+    value means the server asks the client not to retry at all. Reading a garbled
+    value as "retry" would do the opposite of what a server under stress most likely meant.
+    """
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    text = text.strip()
+    if not _PUSHBACK_VALUE.fullmatch(text):
+        return PUSHBACK_DO_NOT_RETRY
+    milliseconds = int(text)
+    if milliseconds < 0 or milliseconds > 2**31 - 1:
+        return PUSHBACK_DO_NOT_RETRY
+    return milliseconds
 
 
 def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:

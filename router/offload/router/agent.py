@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,11 +14,12 @@ from offload.oip.errors import ConfigurationError
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
-from offload.router.cloud import CloudEndpoint, RetryPolicy
+from offload.router.cloud import CloudEndpoint, RetryPolicy, Sleep
 from offload.router.core import RoutedModel, Router
 from offload.router.dataplane import SERVER_NAME, RouterDataPlane
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryThrottle
 from offload.router.settings import EdgeSettings
+from offload.router.status import StatusLog
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,11 @@ def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
 
 
 def build_cloud_endpoint(
-    settings: EdgeSettings, on_breaker_change: Callable[[BreakerState], None] | None = None
+    settings: EdgeSettings,
+    on_breaker_change: Callable[[BreakerState], None] | None = None,
+    sleep: Sleep | None = None,
 ) -> CloudEndpoint | None:
+    """The endpoint the settings describe; `sleep` replaces asyncio.sleep for its backoffs (tests)."""
     if not settings.cloud:
         return None
     return CloudEndpoint(
@@ -71,6 +77,7 @@ def build_cloud_endpoint(
         ),
         hedge_delay_seconds=settings.hedge_delay_seconds,
         on_breaker_change=on_breaker_change,
+        sleep=sleep or asyncio.sleep,
     )
 
 
@@ -102,13 +109,21 @@ async def run(settings: EdgeSettings) -> None:
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
     router = build_router(settings, breaker_changed)
-    server = OipServer(RouterDataPlane(router), SERVER_NAME, settings.limits)
+    plane = RouterDataPlane(router)
+    server = OipServer(plane, SERVER_NAME, settings.limits)
     port = await server.start(settings.host, settings.grpc_port)
     if router.cloud is not None:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
     cloud = settings.cloud or "none (edge answers only)"
     print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud})", flush=True)
+    status = StatusLog(plane, settings.status_log_seconds)
+    reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
     try:
         await serve_until_signalled(server, settings.grace_seconds)
     finally:
+        if reporter is not None:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            status.log()  # what happened since the last line, so a shutdown does not lose it
         await router.close()

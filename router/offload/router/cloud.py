@@ -5,8 +5,9 @@
   never past the deadline; the same request id on every attempt.
 - A retry budget shared by every call to this cloud (gRPC A6 throttling).
 - A circuit breaker: while open, calls fail at once and rows stay on the edge.
-- Optional hedging: a second attempt after a delay, first answer wins, drawing
-  on the same retry budget.
+- Optional hedging: a second attempt after a delay, first answer wins, the
+  other is cancelled; each hedge sent takes a token from the same retry budget.
+  A half-open breaker's probe is never hedged (one probe, one RPC).
 
 Every failure surfaces as CloudFailure, which the router answers from the edge.
 """
@@ -98,7 +99,7 @@ class CloudEndpoint:
         self.timeout_seconds = timeout_seconds
         self.retry = retry or RetryPolicy()
         self.throttle = throttle or RetryThrottle()
-        self.breaker = CircuitBreaker(target, breaker, clock, on_breaker_change)
+        self.breaker = CircuitBreaker(target, breaker, clock, on_breaker_change, describe=self._tokens_text)
         self.hedge_delay_seconds = hedge_delay_seconds
         self.stats = CloudStats()
         self._clock = clock
@@ -112,8 +113,15 @@ class CloudEndpoint:
         return {
             "cloud": self.target,
             "circuit": str(self.breaker.state),
-            "retry_tokens": f"{self.throttle.tokens:.1f}/{self.throttle.max_tokens:.0f}",
+            "retry_tokens": self.retry_tokens,
         }
+
+    @property
+    def retry_tokens(self) -> str:
+        return f"{self.throttle.tokens:.1f}/{self.throttle.max_tokens:g}"
+
+    def _tokens_text(self) -> str:
+        return f"retry tokens {self.retry_tokens}"
 
     async def infer(
         self, request: InferRequest, deadline: float | None, validate: Validator | None = None
@@ -145,7 +153,9 @@ class CloudEndpoint:
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self.stats.retries += 1
-                    return await self._hedged(request, end, validate)
+                    # A half-open probe is one RPC: a hedge would make it two, and
+                    # both would count as the probe's outcome.
+                    return await self._hedged(request, end, validate, may_hedge=not probes)
         except OffloadError as exc:
             self.stats.failures += 1
             raise _as_failure(exc) from exc
@@ -166,15 +176,11 @@ class CloudEndpoint:
         return True
 
     def _retryable(self, exc: BaseException) -> bool:
-        if not isinstance(exc, UpstreamError):
-            return False
-        if exc.status == grpc.StatusCode.UNAVAILABLE:
-            return True
-        return exc.status == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.pushback_ms is not None
+        return isinstance(exc, UpstreamError) and retryable(exc.status, exc.pushback_ms)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, UpstreamError) and exc.pushback_ms is not None:
+        if isinstance(exc, UpstreamError) and exc.pushback_ms is not None and exc.pushback_ms >= 0:
             return exc.pushback_ms / 1000
         ceiling = min(
             self.retry.max_backoff_seconds,
@@ -192,17 +198,21 @@ class CloudEndpoint:
         # No retry that could not finish: the backoff plus a minimal attempt must fit.
         return self._clock() + (state.upcoming_sleep or 0.0) + self.retry.min_attempt_seconds >= end
 
-    async def _hedged(self, request: InferRequest, end: float, validate: Validator | None) -> InferResponse:
-        if self.hedge_delay_seconds is None:
+    async def _hedged(
+        self, request: InferRequest, end: float, validate: Validator | None, may_hedge: bool
+    ) -> InferResponse:
+        if self.hedge_delay_seconds is None or not may_hedge:
             return await self._attempt(request, end, validate)
         first = asyncio.create_task(self._attempt(request, end, validate))
-        started, _ = await asyncio.wait({first}, timeout=self.hedge_delay_seconds)
-        if started or not self.throttle.allows_retry() or end - self._clock() < self.retry.min_attempt_seconds:
-            return await first
-        self.stats.hedges += 1
-        pending = {first, asyncio.create_task(self._attempt(request, end, validate))}
-        error: BaseException | None = None
+        attempts = {first}
         try:
+            started, _ = await asyncio.wait(attempts, timeout=self.hedge_delay_seconds)
+            if started or not self._send_hedge(end):
+                return await first
+            self.stats.hedges += 1
+            attempts.add(asyncio.create_task(self._attempt(request, end, validate)))
+            pending = set(attempts)
+            error: BaseException | None = None
             while pending:
                 finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
@@ -212,9 +222,18 @@ class CloudEndpoint:
             assert error is not None
             raise error
         finally:
-            # The slower attempt is cancelled: gRPC cancels its RPC on the wire too.
-            for task in pending:
+            # Whatever ends this call (an answer, an error, or the caller's own cancellation,
+            # which asyncio.wait does not pass on to what it waits for), no attempt outlives
+            # it: cancelling the task cancels its RPC on the wire, and an attempt cancelled
+            # this way records no outcome in the breaker or the budget.
+            for task in attempts:
                 task.cancel()
+
+    def _send_hedge(self, end: float) -> bool:
+        """Whether to hedge now: time for another attempt, and a retry token to pay for it."""
+        if end - self._clock() < self.retry.min_attempt_seconds:
+            return False
+        return self.throttle.take_for_hedge()
 
     async def _attempt(self, request: InferRequest, end: float, validate: Validator | None) -> InferResponse:
         timeout = end - self._clock()
@@ -226,7 +245,7 @@ class CloudEndpoint:
             if validate is not None:
                 validate(response)
         except UpstreamError as exc:
-            self._record(exc.status)
+            self._record(exc.status, exc.pushback_ms)
             raise
         except InvalidArgument as exc:
             # The answer did not decode or does not fit the request: a broken or wrong peer.
@@ -235,20 +254,41 @@ class CloudEndpoint:
         self._record(grpc.StatusCode.OK)
         return response
 
-    def _record(self, code: grpc.StatusCode) -> None:
+    def _record(self, code: grpc.StatusCode, pushback_ms: int | None = None) -> None:
         name = code.name
         self.stats.by_outcome[name] = self.stats.by_outcome.get(name, 0) + 1
         if code == grpc.StatusCode.OK:
             self.throttle.record_success()
             self.breaker.record_success()
             return
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        # The retry budget follows gRPC A6 to the letter: the only failures that take a token
+        # are those we would retry (UNAVAILABLE; RESOURCE_EXHAUSTED with a pushback to wait out)
+        # and those whose pushback forbids retrying. Every other status leaves the count as it
+        # is: a request the cloud judged wrong (NOT_FOUND, INVALID_ARGUMENT) says nothing about
+        # retries, and must not refill the bucket as a success would. RESOURCE_EXHAUSTED without
+        # a pushback is not retried here (the server did not say when more capacity comes), so
+        # it is no budget failure either; it still counts against the breaker below.
+        if retryable(code, pushback_ms) or (pushback_ms is not None and pushback_ms < 0):
             self.throttle.record_failure()
+        # The breaker judges health, not retries: it counts every sign of an unwell cloud, and
+        # an answered request (even a refusal) as a sign of a well one.
         if code in UNHEALTHY:
-            self.breaker.record_failure()
+            self.breaker.record_failure(name)
         else:
-            self.throttle.record_success()
             self.breaker.record_success()
+
+
+def retryable(code: grpc.StatusCode, pushback_ms: int | None) -> bool:
+    """Whether an attempt that failed with `code` (and this pushback, if any) is retried.
+
+    UNAVAILABLE is; RESOURCE_EXHAUSTED only when the server said how long to wait; nothing
+    is when the server's pushback said not to retry (a negative value, gRPC A6).
+    """
+    if pushback_ms is not None and pushback_ms < 0:
+        return False
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_ms is not None
 
 
 def _as_failure(exc: OffloadError) -> CloudFailure:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata
 from offload.router.core import Router
+from offload.router.options import RESPONSE_DEGRADED
 
 SERVER_NAME = "offload-edge"
 SERVER_VERSION = "0.1.0"
@@ -14,6 +15,10 @@ SERVER_VERSION = "0.1.0"
 class RouterDataPlane:
     def __init__(self, router: Router) -> None:
         self.router = router
+        # What the app saw, for the status line and health details.
+        self.requests = 0
+        self.degraded = 0  # answered, with some rows the edge's because the cloud failed
+        self.errors = 0  # answered with an error status
 
     def live(self) -> bool:
         return True
@@ -33,7 +38,12 @@ class RouterDataPlane:
         return self.router.model(name, version).metadata()
 
     def health_details(self) -> Mapping[str, str]:
-        details = {"models": ",".join(sorted(self.router.models))}
+        details = {
+            "models": ",".join(sorted(self.router.models)),
+            "requests": str(self.requests),
+            "degraded": str(self.degraded),
+            "errors": str(self.errors),
+        }
         agreement = self.router.audit.agreement
         if agreement is not None:
             details["audit_agreement"] = f"{agreement:.4f} over {self.router.audit.rows} rows"
@@ -43,4 +53,12 @@ class RouterDataPlane:
         return details
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        return await self.router.infer(request, deadline)
+        self.requests += 1
+        try:
+            response = await self.router.infer(request, deadline)
+        except Exception:
+            self.errors += 1
+            raise
+        if response.parameters.get(RESPONSE_DEGRADED):
+            self.degraded += 1
+        return response

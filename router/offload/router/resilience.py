@@ -20,10 +20,18 @@ Clock = Callable[[], float]
 class RetryThrottle:
     """gRPC's retry throttling (proposal A6): one token bucket per cloud, shared by all calls.
 
-    Each failed attempt (a retryable status) takes a token, each success returns
-    `token_ratio` of one. Retries and hedges are allowed only while more than half
-    the tokens remain, so when the cloud fails steadily, extra traffic from retries
+    Each failed attempt (a retryable status, or a pushback that forbids retrying)
+    takes a token, each success returns `token_ratio` of one; other statuses leave
+    the count alone. Retries and hedges are allowed only while more than half the
+    tokens remain, so when the cloud fails steadily, extra traffic from retries
     stops after about max_tokens / 2 failures instead of multiplying the load.
+
+    A hedge also takes a token when it is sent (`take_for_hedge`), whatever its
+    outcome. A6 throttles hedges with this same bucket; charging each one keeps
+    the extra load they cause bounded by what the budget refills: with the
+    default ratio 0.1, at most about one hedge per ten successful calls once the
+    first half of the bucket is spent. Without the charge a slow but healthy cloud,
+    whose every call succeeds, would get every call twice, forever.
     """
 
     def __init__(self, max_tokens: float = 10.0, token_ratio: float = 0.1) -> None:
@@ -41,6 +49,13 @@ class RetryThrottle:
 
     def allows_retry(self) -> bool:
         return self.tokens > self.max_tokens / 2
+
+    def take_for_hedge(self) -> bool:
+        """Take a token for a hedge if the budget allows one; False (nothing taken) if not."""
+        if not self.allows_retry():
+            return False
+        self.tokens = max(0.0, self.tokens - 1.0)
+        return True
 
 
 class BreakerState(StrEnum):
@@ -60,7 +75,11 @@ class BreakerPolicy:
 
 
 class CircuitBreaker:
-    """Per-endpoint breaker: open on consecutive failures or a failure rate, probe after a cool-down."""
+    """Per-endpoint breaker: open on consecutive failures or a failure rate, probe after a cool-down.
+
+    Every transition is logged with its reason (WARNING when it opens, INFO otherwise),
+    followed by `describe()` when given (the endpoint adds its retry-token count).
+    """
 
     def __init__(
         self,
@@ -68,24 +87,30 @@ class CircuitBreaker:
         policy: BreakerPolicy | None = None,
         clock: Clock = time.monotonic,
         on_change: Callable[[BreakerState], None] | None = None,
+        describe: Callable[[], str] | None = None,
     ) -> None:
         self.name = name
         self.policy = policy or BreakerPolicy()
         self._clock = clock
         self._on_change = on_change
+        self._describe = describe
         self.state = BreakerState.CLOSED
         self._consecutive = 0
         self._recent: collections.deque[bool] = collections.deque(maxlen=self.policy.window)
         self._opened_at = 0.0
         self._probe_in_flight = False
         self._probes = 0  # half-open probes let through so far (numbers them)
+        self.transitions = 0  # state changes so far (the agent's status line reports them)
 
     def allow(self) -> bool:
         """Whether a call may go out now (in HALF_OPEN: only the one probe)."""
         if self.state is BreakerState.OPEN:
             if self._clock() - self._opened_at < self.policy.cooldown_seconds:
                 return False
-            self._set(BreakerState.HALF_OPEN)
+            self._set(
+                BreakerState.HALF_OPEN,
+                f"the {self.policy.cooldown_seconds:g}s cool-down is over; letting one probe call through",
+            )
         if self.state is BreakerState.HALF_OPEN:
             if self._probe_in_flight:
                 return False
@@ -109,37 +134,46 @@ class CircuitBreaker:
         self._recent.append(True)
         self._probe_in_flight = False
         if self.state is not BreakerState.CLOSED:
+            reason = (
+                "the probe call succeeded"
+                if self.state is BreakerState.HALF_OPEN
+                else "a call sent before it opened succeeded"
+            )
             self._recent.clear()
-            self._set(BreakerState.CLOSED)
+            self._set(BreakerState.CLOSED, reason)
 
-    def record_failure(self) -> None:
+    def record_failure(self, cause: str = "failure") -> None:
+        """A call failed; `cause` (e.g. the status name) goes into the log line if this opens the breaker."""
         self._consecutive += 1
         self._recent.append(False)
         self._probe_in_flight = False
-        if self.state is BreakerState.HALF_OPEN or self._tripped():
-            self._opened_at = self._clock()
-            self._set(BreakerState.OPEN)
+        reason = f"the probe call failed ({cause})" if self.state is BreakerState.HALF_OPEN else self._tripped(cause)
+        if reason is None:
+            return
+        self._opened_at = self._clock()
+        self._set(
+            BreakerState.OPEN,
+            f"{reason}; answering on the edge for {self.policy.cooldown_seconds:g}s, then one probe call",
+        )
 
-    def _tripped(self) -> bool:
+    def _tripped(self, cause: str) -> str | None:
+        """Why the breaker must open now, or None if it need not."""
         if self._consecutive >= self.policy.consecutive_failures:
-            return True
+            return f"{self._consecutive} consecutive failures (last: {cause})"
         if len(self._recent) < self.policy.min_calls:
-            return False
+            return None
         failures = sum(1 for ok in self._recent if not ok)
-        return failures / len(self._recent) >= self.policy.failure_rate
+        if failures / len(self._recent) >= self.policy.failure_rate:
+            return f"{failures} of the last {len(self._recent)} calls failed (last: {cause})"
+        return None
 
-    def _set(self, state: BreakerState) -> None:
+    def _set(self, state: BreakerState, reason: str) -> None:
         if state is self.state:
             return
         previous, self.state = self.state, state
-        if state is BreakerState.OPEN:
-            log.warning(
-                "cloud %s: circuit %s -> open after repeated failures; answering on the edge for %.1fs, then probing",
-                self.name,
-                previous,
-                self.policy.cooldown_seconds,
-            )
-        else:
-            log.info("cloud %s: circuit %s -> %s", self.name, previous, state)
+        self.transitions += 1
+        context = f"; {self._describe()}" if self._describe is not None else ""
+        level = logging.WARNING if state is BreakerState.OPEN else logging.INFO
+        log.log(level, "cloud %s: circuit %s -> %s: %s%s", self.name, previous, state, reason, context)
         if self._on_change is not None:
             self._on_change(state)

@@ -69,5 +69,18 @@ class EdgeSettings(ServerSettings):
     ] = 0.0
     hedge_delay_seconds: Annotated[
         float | None,
-        Field(gt=0, description="Hedging (opt-in): send a second attempt after this delay; first answer wins."),
+        Field(
+            gt=0,
+            description="Hedging (opt-in): send a second attempt after this delay; first answer wins. "
+            "Each hedge takes a retry-budget token.",
+        ),
     ] = None
+    status_log_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="Seconds between INFO status lines (circuit, retry tokens, cloud calls, failures and "
+            "degraded answers since the last line, cache hit rate, audit agreement), written only when something "
+            "happened; 0: none.",
+        ),
+    ] = 60.0

@@ -1,0 +1,129 @@
+"""The edge agent's status line: every `status_log_seconds`, one INFO line on how the way to the cloud did.
+
+Circuit transitions are logged the moment they happen (offload.router.resilience);
+this line is the steady picture between them, for an operator reading the log of
+a device: the circuit's state, the retry tokens left, and since the previous line
+the requests, degraded answers and errors, the cloud calls and how many failed or
+were kept off the wire, the cache's hit rate and the audit's agreement. It is
+written only when something happened since the previous one, so an idle device
+does not fill its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
+
+from offload.router.dataplane import RouterDataPlane
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    """Running totals; a line reports the difference between two of these."""
+
+    requests: int = 0
+    degraded: int = 0
+    errors: int = 0
+    cloud_calls: int = 0
+    cloud_failures: int = 0
+    short_circuited: int = 0
+    retries: int = 0
+    hedges: int = 0
+    circuit_changes: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    audit_rows: int = 0
+
+    @classmethod
+    def of(cls, plane: RouterDataPlane) -> _Counts:
+        router = plane.router
+        cloud, cache = router.cloud, router.cache
+        return cls(
+            requests=plane.requests,
+            degraded=plane.degraded,
+            errors=plane.errors,
+            cloud_calls=cloud.stats.calls if cloud else 0,
+            cloud_failures=cloud.stats.failures if cloud else 0,
+            short_circuited=cloud.stats.short_circuited if cloud else 0,
+            retries=cloud.stats.retries if cloud else 0,
+            hedges=cloud.stats.hedges if cloud else 0,
+            circuit_changes=cloud.breaker.transitions if cloud else 0,
+            cache_hits=cache.stats.hits if cache else 0,
+            cache_misses=cache.stats.misses if cache else 0,
+            audit_rows=router.audit.rows,
+        )
+
+    def minus(self, other: _Counts) -> _Counts:
+        return _Counts(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
+
+
+class StatusLog:
+    """Writes the agent's status line every `interval_seconds` (clock and sleep injectable for tests)."""
+
+    def __init__(
+        self,
+        plane: RouterDataPlane,
+        interval_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.plane = plane
+        self.interval_seconds = interval_seconds
+        self._clock = clock
+        self._sleep = sleep
+        self._last = _Counts.of(plane)
+        self._last_at = clock()
+
+    def line(self) -> str | None:
+        """The status since the previous line, or None if nothing happened since (then the
+        next line still covers the time from the previous one)."""
+        now = _Counts.of(self.plane)
+        if now == self._last:
+            return None
+        change = now.minus(self._last)
+        elapsed = self._clock() - self._last_at
+        self._last, self._last_at = now, self._clock()
+        parts = [
+            f"status over the last {elapsed:.0f}s: {change.requests} requests "
+            f"({change.degraded} degraded, {change.errors} errors)"
+        ]
+        cloud = self.plane.router.cloud
+        if cloud is None:
+            parts.append("cloud: none")
+        else:
+            count = change.circuit_changes
+            changes = f" ({count} change{'s' if count != 1 else ''})" if count else ""
+            parts.append(
+                f"cloud {cloud.target}: circuit {cloud.breaker.state}{changes}, retry tokens {cloud.retry_tokens}, "
+                f"{change.cloud_calls} calls ({change.cloud_failures} failed, {change.short_circuited} "
+                f"short-circuited, {change.retries} retries, {change.hedges} hedges)"
+            )
+        if self.plane.router.cache is not None:
+            lookups = change.cache_hits + change.cache_misses
+            if lookups:
+                parts.append(
+                    f"cache hit rate {100 * change.cache_hits / lookups:.1f}% ({change.cache_hits} of {lookups} rows)"
+                )
+            else:
+                parts.append("cache: no lookups")
+        audit = self.plane.router.audit
+        if audit.agreement is not None:
+            parts.append(f"audit agreement {100 * audit.agreement:.1f}% over {audit.rows} rows")
+        return "; ".join(parts)
+
+    def log(self) -> None:
+        """Write the line, if anything happened since the previous one."""
+        text = self.line()
+        if text is not None:
+            log.info("%s", text)
+
+    async def run(self) -> None:
+        """Write the line every interval, until cancelled."""
+        while True:
+            await self._sleep(self.interval_seconds)
+            self.log()
