@@ -23,9 +23,11 @@ from offload.cloud.dataplane import CloudDataPlane
 from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
+from offload.oip.client import OipClient
+from offload.oip.errors import InvalidArgument
 from offload.oip.messages import request_to_pb
 from offload.oip.repository import TensorSpec
-from offload.oip.server import INLINE_CODEC_ELEMENTS, ServerLimits, read_request
+from offload.oip.server import INLINE_CODEC_ELEMENTS, OipServer, ServerLimits, read_request
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import InferRequest
 from offload.router.core import RoutedModel
@@ -496,3 +498,18 @@ async def test_rows_with_an_undefined_edge_confidence_are_offloaded(edge_stub: S
     reply = await edge_stub.ModelInfer(request, timeout=TIMEOUT)
     assert reply.parameters["offload_offloaded_rows"].int64_param == 1
     assert reply.parameters["offload_route"].string_param == "cloud"
+
+
+async def test_a_client_holds_a_peers_answer_to_its_own_element_limit(demo_cloud_plane: CloudDataPlane) -> None:
+    server = OipServer(demo_cloud_plane, "limit-cloud")
+    await server.start()
+    try:
+        request = InferRequest("digits", [Tensor.of("pixels", np.zeros((4, 64), dtype=np.float32))])
+        async with OipClient(f"127.0.0.1:{server.port}", max_elements=256) as client:
+            # 4 x 64 inputs fit the limit; the answer's 4 x 10 scores do too.
+            assert (await client.infer(request)).outputs[0].shape == (4, 10)
+        async with OipClient(f"127.0.0.1:{server.port}", max_elements=39) as client:
+            with pytest.raises(InvalidArgument, match="40 elements, over the limit of 39"):
+                await client.infer(InferRequest("digits", [Tensor.of("pixels", np.zeros((4, 64), np.float32))]))
+    finally:
+        await server.stop(0)

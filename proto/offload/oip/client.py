@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.errors import PUSHBACK_KEY, UpstreamError, parse_pushback
-from offload.oip.messages import DEFAULT_MAX_ELEMENTS, request_to_pb, response_from_pb
+from offload.oip.messages import DEFAULT_MAX_ELEMENTS, encode_cost, request_to_pb, response_from_pb
 from offload.oip.repository import TensorSpec
-from offload.oip.server import channel_options
+from offload.oip.server import INLINE_CODEC_ELEMENTS, channel_options
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata
 
 # gRPC's default reconnect backoff starts at 1 s and grows to 120 s while a peer is
@@ -25,8 +27,12 @@ RECONNECT_OPTIONS = [
 class OipClient:
     """One channel to one server. Calls raise UpstreamError carrying the server's status."""
 
-    def __init__(self, target: str, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self, target: str, max_message_bytes: int = 64 * 1024 * 1024, max_elements: int = DEFAULT_MAX_ELEMENTS
+    ) -> None:
         self.target = target
+        # The most elements one answer's tensor may declare: the peer's sizes are checked before decoding.
+        self.max_elements = max_elements
         options = [*channel_options(max_message_bytes), *RECONNECT_OPTIONS]
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
@@ -86,12 +92,31 @@ class OipClient:
         A malformed answer (sizes that do not match the shapes, unknown datatypes)
         raises InvalidArgument naming the output; the caller decides what that means.
         """
-        message = request_to_pb(request, raw=raw)
+        # Large requests and answers are encoded and decoded in a worker thread, as the servers do,
+        # so one big call does not hold up the caller's event loop (the edge agent's other requests).
+        if encode_cost(request.inputs, raw) > INLINE_CODEC_ELEMENTS:
+            message = await asyncio.to_thread(request_to_pb, request, raw)
+        else:
+            message = request_to_pb(request, raw=raw)
         try:
             reply = await self._stub.ModelInfer(message, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise _upstream(exc, self.target) from exc
-        return response_from_pb(reply, where=f"{self.target} response", max_elements=DEFAULT_MAX_ELEMENTS)
+        where = f"{self.target} response"
+        if _declared_elements(reply) > INLINE_CODEC_ELEMENTS:
+            return await asyncio.to_thread(response_from_pb, reply, where, self.max_elements)
+        return response_from_pb(reply, where=where, max_elements=self.max_elements)
+
+
+def _declared_elements(reply: pb.ModelInferResponse) -> int:
+    """How many elements the answer says it holds: arithmetic on its shapes only, nothing allocated."""
+    total = 0
+    for output in reply.outputs:
+        count = 1
+        for dim in output.shape:
+            count *= max(int(dim), 0)
+        total += count
+    return total
 
 
 def _upstream(exc: grpc.aio.AioRpcError, target: str) -> UpstreamError:

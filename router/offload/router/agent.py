@@ -62,6 +62,7 @@ def build_cloud_endpoint(
         settings.cloud,
         settings.cloud_timeout_seconds,
         settings.max_message_bytes,
+        max_elements=settings.max_elements,
         retry=RetryPolicy(
             max_attempts=settings.retry_max_attempts,
             initial_backoff_seconds=settings.retry_initial_backoff_seconds,

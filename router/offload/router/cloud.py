@@ -27,6 +27,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from offload.oip.client import OipClient
 from offload.oip.errors import DeadlineExceeded, InvalidArgument, OffloadError, UpstreamError
+from offload.oip.messages import DEFAULT_MAX_ELEMENTS
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryThrottle
 
@@ -94,6 +95,7 @@ class CloudEndpoint:
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         on_breaker_change: Callable[[BreakerState], None] | None = None,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
     ) -> None:
         self.target = target
         self.timeout_seconds = timeout_seconds
@@ -104,7 +106,7 @@ class CloudEndpoint:
         self.stats = CloudStats()
         self._clock = clock
         self._sleep = sleep
-        self._client = OipClient(target, max_message_bytes)
+        self._client = OipClient(target, max_message_bytes, max_elements)
 
     async def close(self) -> None:
         await self._client.close()
