@@ -391,7 +391,10 @@ def report(rows: list[Row], options: argparse.Namespace, command: str) -> str:
         "the fault's end (SIGCONT, proxy healed, restarted process listening) to the first cloud answer. "
         "Degraded requests are answered by the edge model, flagged `offload_degraded=true`. Under flaky-30%, a "
         "failed call is retried only while the budget has more than half its tokens, and the breaker's rate rule "
-        "(half of the last 20 calls failed) trips now and then on a 30% cloud: those requests are degraded."
+        "(half of the last 20 calls failed) trips now and then on a 30% cloud: those requests are degraded. "
+        "Under straggler+hedging every first attempt stalls: each hedge costs a retry token, so the budget stops "
+        "hedging after a few, the stalled requests run past their deadline and are degraded, and the breaker opens; "
+        "hedging is for a slow tail of a few percent of calls, which the budget's refill (token_ratio) pays for."
     )
     return f"{header}\n\n{faults}\n\n{table(rows)}\n\n{reading}\n\n{verdict}"
 
