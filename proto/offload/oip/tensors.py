@@ -51,8 +51,9 @@ class Tensor:
         return cls(name, datatype or datatype_for(array), array)
 
 
-class _WireTensor(Protocol):
-    """What request inputs and response outputs have in common on the wire."""
+class DeclaredTensor(Protocol):
+    """A tensor's declaration, what checks against a model need: a decoded Tensor and a protobuf
+    input or output both have it."""
 
     @property
     def name(self) -> str: ...
@@ -60,6 +61,11 @@ class _WireTensor(Protocol):
     def datatype(self) -> str: ...
     @property
     def shape(self) -> Sequence[int]: ...
+
+
+class _WireTensor(DeclaredTensor, Protocol):
+    """What request inputs and response outputs have in common on the wire."""
+
     @property
     def contents(self) -> pb.InferTensorContents: ...
 

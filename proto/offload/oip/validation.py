@@ -9,22 +9,11 @@ which the gRPC server calls with the model's metadata).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 from offload.oip.errors import InvalidArgument
 from offload.oip.repository import TensorSpec
+from offload.oip.tensors import DeclaredTensor
 from offload.oip.types import InferRequest
-
-
-class DeclaredTensor(Protocol):
-    """What a check needs of a tensor: a decoded Tensor and a protobuf input both have it."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def datatype(self) -> str: ...
-    @property
-    def shape(self) -> Sequence[int]: ...
 
 
 def check_inputs(request: InferRequest, specs: Sequence[TensorSpec]) -> int:
