@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ from offload.oip.client import OipClient
 from offload.oip.errors import UpstreamError
 from offload.oip.process import ServerProcess
 from offload.oip.tensors import Tensor
-from offload.oip.types import InferRequest
+from offload.oip.types import InferRequest, InferResponse
 from offload.router.options import RESPONSE_DEGRADED, RESPONSE_ROUTE, ROUTE
 from support import gate
 
@@ -47,6 +48,24 @@ async def _wait_until_not_serving(address: str) -> None:
     raise AssertionError("health never reported NOT_SERVING")
 
 
+async def _drain_with_a_call_in_flight(
+    address: str, request: InferRequest, gate_dir: Path, send_signal: Callable[[], None]
+) -> InferResponse:
+    """Hold a call in the gate model, signal the server, check that it drains (NOT_SERVING; new calls
+    refused with UNAVAILABLE rather than queued), then open the gate and return the held call's answer."""
+    async with OipClient(address) as client:
+        in_flight = asyncio.create_task(client.infer(request, timeout=60))
+        await asyncio.to_thread(_wait_for, gate_dir / "arrived")
+        send_signal()
+        await _wait_until_not_serving(address)
+        with pytest.raises(UpstreamError) as refused:
+            await client.infer(request, timeout=5)
+        assert refused.value.status == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in str(refused.value)
+        (gate_dir / "open").touch()
+        return await in_flight
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_shutdown_answers_calls_in_flight_refuses_new_ones_and_exits_zero(
     tmp_path: Path, signum: signal.Signals
@@ -60,18 +79,7 @@ async def test_shutdown_answers_calls_in_flight_refuses_new_ones_and_exits_zero(
     ) as server:
         address = server.start()
         request = InferRequest("gate", [Tensor.of("x", np.ones((1, 1), dtype=np.float32))])
-        async with OipClient(address) as client:
-            in_flight = asyncio.create_task(client.infer(request, timeout=60))
-            await asyncio.to_thread(_wait_for, gate_dir / "arrived")
-            server.signal(signum)
-            await _wait_until_not_serving(address)
-            # While draining, new calls are refused with a retryable status rather than queued.
-            with pytest.raises(UpstreamError) as refused:
-                await client.infer(request, timeout=5)
-            assert refused.value.status == grpc.StatusCode.UNAVAILABLE
-            assert "shutting down" in str(refused.value)
-            (gate_dir / "open").touch()
-            response = await in_flight
+        response = await _drain_with_a_call_in_flight(address, request, gate_dir, lambda: server.signal(signum))
         np.testing.assert_array_equal(response.outputs[0].data, [[1.0]])
         # The one signal above is all it takes: the server exits by itself once drained.
         code = await asyncio.to_thread(server.wait)
@@ -133,17 +141,10 @@ async def test_edge_agent_drains_on_sigterm(tmp_path: Path) -> None:
                 [Tensor.of("x", np.ones((1, 1), dtype=np.float32))],
                 parameters={ROUTE: "cloud"},
             )
-            async with OipClient(address) as client:
-                in_flight = asyncio.create_task(client.infer(request, timeout=60))
-                await asyncio.to_thread(_wait_for, gate_dir / "arrived")  # it waits in the cloud's model
-                edge.signal(signal.SIGTERM)
-                await _wait_until_not_serving(address)
-                with pytest.raises(UpstreamError) as refused:
-                    await client.infer(request, timeout=5)
-                assert refused.value.status == grpc.StatusCode.UNAVAILABLE
-                assert "shutting down" in str(refused.value)
-                (gate_dir / "open").touch()
-                response = await in_flight
+            # The call waits in the cloud's model while the edge drains.
+            response = await _drain_with_a_call_in_flight(
+                address, request, gate_dir, lambda: edge.signal(signal.SIGTERM)
+            )
             assert response.parameters[RESPONSE_ROUTE] == "cloud", "answered by the cloud while the edge drained"
             assert not response.parameters[RESPONSE_DEGRADED]
             code = await asyncio.to_thread(edge.wait)
