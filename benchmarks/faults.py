@@ -43,16 +43,16 @@ from typing import Any
 import grpc
 import numpy as np
 
+from offload.edge.agent import load_edge_models
 from offload.models import DEMO_REPOSITORY
 from offload.oip import client as client_module
 from offload.oip.client import OipClient
-from offload.oip.process import ServerProcess
 from offload.oip.server import channel_options
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
-from offload.router.agent import load_edge_models
-from offload.router.cloud import CloudStats
 from offload.router.core import RoutedModel
+from offload.router.upstream import CloudStats
+from offload.tools.process import ServerProcess
 from results_file import RESULTS, write_section
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,15 +26,15 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from offload.edge.agent import load_edge_models
 from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.client import OipClient
-from offload.oip.process import ServerProcess
 from offload.oip.repository import load_repository
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
-from offload.router.agent import load_edge_models
 from offload.router.core import Router
+from offload.tools.process import ServerProcess
 from results_file import RESULTS, write_section
 
 SECTION = "## Overhead (issue 2)"

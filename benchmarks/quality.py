@@ -32,17 +32,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from offload.edge.agent import load_edge_models
 from offload.models import DEMO_REPOSITORY
 from offload.oip.repository import ConfidenceMeasure, RoutingSection
-from offload.router.agent import load_edge_models
 from offload.router.calibration import (
     Target,
     calibrate_predictions,
-    edge_predictions,
     expected_calibration_error,
     fit_temperature,
-    load_inputs,
-    local_cloud_scores,
     oracle_correct,
     point_for_offload,
     predicted_classes,
@@ -50,6 +47,7 @@ from offload.router.calibration import (
     wilson_interval,
 )
 from offload.router.confidence import class_confidence, row_confidence, scaled_logits
+from offload.tools.calibrate import edge_predictions, load_inputs, local_cloud_scores
 from results_file import RESULTS, write_section
 
 HEADING = "## Quality (issue 4)"

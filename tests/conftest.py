@@ -13,14 +13,14 @@ import pytest
 
 from offload.cloud.dataplane import CloudDataPlane
 from offload.cloud.settings import CloudSettings
+from offload.edge.agent import load_edge_models
+from offload.edge.dataplane import RouterDataPlane
 from offload.models import DEMO_REPOSITORY
-from offload.oip.process import ServerProcess
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, ServerLimits
-from offload.router.agent import load_edge_models
-from offload.router.cloud import CloudEndpoint
 from offload.router.core import RoutedModel, Router
-from offload.router.dataplane import RouterDataPlane
+from offload.router.upstream import CloudEndpoint
+from offload.tools.process import ServerProcess
 from support.repos import write_echo_repository
 
 TESTS = Path(__file__).resolve().parent

@@ -12,15 +12,15 @@ import numpy.typing as npt
 import pytest
 
 from offload.cloud.dataplane import CloudDataPlane
+from offload.edge.dataplane import RouterDataPlane
 from offload.oip.client import OipClient
 from offload.oip.errors import NotFound
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.cache import RowCache
-from offload.router.cloud import CloudEndpoint
 from offload.router.core import RoutedModel, Router
-from offload.router.dataplane import RouterDataPlane
+from offload.router.upstream import CloudEndpoint
 from support.held import HeldCloud
 
 SCOPE = "digits@1->digits@"

@@ -12,28 +12,26 @@ import numpy.typing as npt
 import pytest
 
 from conftest import Processes
-from offload.cli import main
 from offload.cloud.dataplane import CloudDataPlane
+from offload.edge.agent import load_edge_models
 from offload.models import DEMO_REPOSITORY
 from offload.oip.errors import ConfigurationError
 from offload.oip.repository import load_model
-from offload.router.agent import load_edge_models
 from offload.router.calibration import (
     CalibrationError,
     expected_calibration_error,
     fit_temperature,
-    load_inputs,
     oracle_correct,
     point_for_accuracy,
     point_for_offload,
     routing_curve,
     threshold_between,
     wilson_interval,
-    with_routing_values,
-    write_routing,
 )
 from offload.router.confidence import class_confidence, log_softmax, row_confidence
 from offload.router.core import RoutedModel
+from offload.tools.calibrate import load_inputs, with_routing_values, write_routing
+from offload.tools.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 Split = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
@@ -234,7 +232,7 @@ def test_calibrate_target_offload_lands_near_the_target_on_held_out_data(reposit
         [
             sys.executable,
             "-m",
-            "offload.cli",
+            "offload.tools.cli",
             *_args(
                 repository, repository / "digits" / "validation.npz", "--target-offload", "0.15", "--plot", str(plot)
             ),

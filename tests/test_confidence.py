@@ -17,12 +17,12 @@ from pydantic import ValidationError
 from conftest import running_stack
 from offload.cloud.dataplane import CloudDataPlane
 from offload.cloud.settings import CloudSettings
+from offload.edge.agent import load_edge_models
 from offload.models import DEMO_REPOSITORY
 from offload.oip.errors import ConfigurationError, Internal
 from offload.oip.repository import OutputKind, RoutingSection, load_model, load_repository
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
-from offload.router.agent import load_edge_models
 from offload.router.confidence import class_confidence, max_probability, output_confidence, row_confidence
 from offload.router.core import RoutedModel
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offload.cli import build_parser
 from offload.cloud.settings import CloudSettings
-from offload.router.settings import EdgeSettings
+from offload.edge.settings import EdgeSettings
+from offload.tools.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 ROOT = DEPLOY.parent

@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from offload.edge.agent import load_edge_models
 from offload.oip.errors import ConfigurationError
-from offload.router.agent import load_edge_models
 
 Dims = list[int | str | None]
 

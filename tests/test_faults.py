@@ -33,12 +33,13 @@ import pytest
 from conftest import SUBPROCESS_ENV
 from offload.cloud.dataplane import CloudDataPlane
 from offload.cloud.settings import CloudSettings
+from offload.edge.settings import EdgeSettings
+from offload.edge.status import StatusLog
 from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import UpstreamError
 from offload.oip.messages import request_to_pb, response_from_pb
-from offload.oip.process import ServerProcess
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, channel_options
 from offload.oip.tensors import Tensor
@@ -46,8 +47,7 @@ from offload.oip.types import InferRequest, InferResponse
 from offload.router.core import RoutedModel
 from offload.router.options import REQUIRE_CLOUD
 from offload.router.resilience import BreakerState
-from offload.router.settings import EdgeSettings
-from offload.router.status import StatusLog
+from offload.tools.process import ServerProcess
 from support import gate
 from support.chaos import (
     ALL_TO_CLOUD,
@@ -588,7 +588,7 @@ async def test_the_status_line_is_written_every_interval_only_when_something_hap
     edge_executor: ThreadPoolExecutor,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="offload.router.status")
+    caplog.set_level(logging.INFO, logger="offload.edge.status")
     async with edge_under_test(proxy.address, models, edge_executor, audit_share=1.0) as edge:
         # The interval passes when the test says so: the injected sleep waits for a tick.
         ticks: asyncio.Queue[None] = asyncio.Queue()

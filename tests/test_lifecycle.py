@@ -18,10 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import SUBPROCESS_ENV
 from offload.oip.client import OipClient
 from offload.oip.errors import UpstreamError
-from offload.oip.process import ServerProcess
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.options import RESPONSE_DEGRADED, RESPONSE_ROUTE, ROUTE
+from offload.tools.process import ServerProcess
 from support import gate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ async def test_edge_agent_drains_on_sigterm(tmp_path: Path) -> None:
 
 def test_demo_json_meets_the_acceptance_figures() -> None:
     completed = subprocess.run(
-        [sys.executable, "-m", "offload.cli", "demo", "--json"],
+        [sys.executable, "-m", "offload.tools.cli", "demo", "--json"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -178,8 +178,8 @@ def test_generated_protocol_code_is_up_to_date() -> None:
 
 def test_edge_side_never_imports_torch() -> None:
     code = (
-        "import sys, offload.router, offload.router.agent, offload.edge, offload.cli; "
-        "from offload.router.agent import load_edge_models; from offload.models import DEMO_REPOSITORY; "
+        "import sys, offload.router, offload.edge.agent, offload.edge, offload.tools.cli; "
+        "from offload.edge.agent import load_edge_models; from offload.models import DEMO_REPOSITORY; "
         "load_edge_models(DEMO_REPOSITORY); "
         "assert 'torch' not in sys.modules and 'offload.cloud' not in sys.modules, 'edge imported torch'"
     )
@@ -190,7 +190,7 @@ def test_edge_side_never_imports_torch() -> None:
 @pytest.mark.parametrize("command", [[], ["demo"], ["edge"], ["cloud"]])
 def test_every_command_has_help(command: list[str]) -> None:
     completed = subprocess.run(
-        [sys.executable, "-m", "offload.cli", *command, "--help"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "offload.tools.cli", *command, "--help"], capture_output=True, text=True, check=False
     )
     assert completed.returncode == 0
     assert "usage: offload" in completed.stdout
@@ -201,7 +201,7 @@ def test_bad_model_repository_is_a_clear_start_up_error(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "model.toml").write_text('[routing]\nthreshold = 2.0\n[cloud]\nartifact = "missing.pt2"\n')
     completed = subprocess.run(
-        [sys.executable, "-m", "offload.cli", "cloud", "--grpc-port", "0", "--model-repository", str(tmp_path)],
+        [sys.executable, "-m", "offload.tools.cli", "cloud", "--grpc-port", "0", "--model-repository", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,

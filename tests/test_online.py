@@ -15,9 +15,9 @@ from offload.oip.repository import OutputKind
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
-from offload.router.cloud import CloudEndpoint
 from offload.router.confidence import max_probability
 from offload.router.core import MAX_AUDITS_IN_FLIGHT, RoutedModel, Router
+from offload.router.upstream import CloudEndpoint
 from support.held import HeldCloud
 
 

@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from offload.edge.settings import EdgeSettings
 from offload.oip.errors import PUSHBACK_DO_NOT_RETRY, NotFound, parse_pushback
 from offload.oip.repository import TensorSpec
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata
-from offload.router import cloud as cloud_module
-from offload.router.cloud import CloudEndpoint, CloudFailure, RetryPolicy
+from offload.router import upstream as cloud_module
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryThrottle
-from offload.router.settings import EdgeSettings
+from offload.router.upstream import CloudEndpoint, CloudFailure, RetryPolicy
 from support.chaos import ChaosProxy, eventually
 
 Code = grpc.StatusCode

@@ -47,6 +47,9 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from offload.edge.agent import CLOUD_HEALTH_SERVICE, build_cloud_endpoint
+from offload.edge.dataplane import RouterDataPlane
+from offload.edge.settings import EdgeSettings
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
@@ -55,12 +58,9 @@ from offload.oip.messages import response_from_pb, response_to_pb
 from offload.oip.server import OipServer, channel_options
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
-from offload.router.agent import CLOUD_HEALTH_SERVICE, build_cloud_endpoint
 from offload.router.cache import RowCache
-from offload.router.cloud import CloudEndpoint, Sleep
 from offload.router.confidence import row_confidence
 from offload.router.core import RoutedModel, Router
-from offload.router.dataplane import RouterDataPlane
 from offload.router.options import (
     DETAILS,
     RESPONSE_DEGRADED,
@@ -68,7 +68,7 @@ from offload.router.options import (
     THRESHOLD,
 )
 from offload.router.resilience import BreakerState
-from offload.router.settings import EdgeSettings
+from offload.router.upstream import CloudEndpoint, Sleep
 
 if TYPE_CHECKING:
     from offload.oip.grpc_service_pb2_grpc import GRPCInferenceServiceAsyncStub

@@ -1,29 +1,28 @@
-"""The router: per-row routing between the edge model and the cloud, in-process or behind gRPC.
+"""The router: per-row routing policy between a local model and an upstream OIP server.
 
-In-process use, with no server in between:
+Transport-free and runtime-free: it imports neither ONNX Runtime nor torch, and takes the local
+model as anything with `predict` (offload.edge's OnnxModel on a device). To build one configured
+like the edge agent, use `offload.edge.build_router`:
 
-    from offload.router import EdgeSettings, build_router, InferRequest, Tensor
+    from offload.edge import EdgeSettings, build_router
+    from offload.router import InferRequest, Tensor
 
     router = build_router(EdgeSettings(cloud="cloud-host:8101"))
     response = await router.infer(InferRequest("digits", [Tensor.of("pixels", rows)]))
-    response.parameters["offload_route"]   # "edge", "cloud" or "mixed"
+    response.parameters["offload_route"]   # "edge", "cloud", "cache" or "mixed"
 """
 
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse
-from offload.router.agent import build_router
 from offload.router.core import Router
 from offload.router.options import AnsweredBy, Route, RoutingOptions
-from offload.router.settings import EdgeSettings
 
 __all__ = [
     "AnsweredBy",
-    "EdgeSettings",
     "InferRequest",
     "InferResponse",
     "Route",
     "Router",
     "RoutingOptions",
     "Tensor",
-    "build_router",
 ]

@@ -24,7 +24,6 @@ from offload.oip.types import InferRequest, InferResponse, ModelMetadata, Parame
 from offload.oip.validation import check_inputs, check_requested_outputs, check_tensor
 from offload.router.budget import AdaptiveThreshold
 from offload.router.cache import FetchAbandoned, RowCache, RowOutputs
-from offload.router.cloud import CloudEndpoint, CloudFailure
 from offload.router.confidence import row_confidence
 from offload.router.options import (
     RESPONSE_CONFIDENCE,
@@ -36,6 +35,7 @@ from offload.router.options import (
     RoutingOptions,
     forwarded,
 )
+from offload.router.upstream import CloudEndpoint, CloudFailure
 
 log = logging.getLogger(__name__)
 

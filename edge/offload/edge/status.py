@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 
-from offload.router.dataplane import RouterDataPlane
+from offload.edge.dataplane import RouterDataPlane
 
 log = logging.getLogger(__name__)
 

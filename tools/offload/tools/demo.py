@@ -20,11 +20,11 @@ import numpy.typing as npt
 
 from offload.models import DEMO_REPOSITORY
 from offload.oip.client import OipClient
-from offload.oip.process import ServerProcess
 from offload.oip.repository import load_model
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, ParameterValue
 from offload.router.options import RESPONSE_ROUTE, ROUTE, THRESHOLD
+from offload.tools.process import ServerProcess
 
 MODEL = "digits"
 

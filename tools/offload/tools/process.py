@@ -19,10 +19,10 @@ _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
 class ServerProcess:
-    """One `python -m offload.cli <kind> ...` child process."""
+    """One `python -m offload.tools.cli <kind> ...` child process."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
-        self.args = [sys.executable, "-m", "offload.cli", *args]
+        self.args = [sys.executable, "-m", "offload.tools.cli", *args]
         self._env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self._lines: collections.deque[str] = collections.deque(maxlen=200)
         self._ready = threading.Event()

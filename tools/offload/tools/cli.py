@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     try:
         if options.command == "demo":
-            from offload.router.demo import run_demo
+            from offload.tools.demo import run_demo
 
             return run_demo(json_output=options.json, samples=options.samples, threshold=options.threshold)
         if options.command == "edge":
-            from offload.router import agent
-            from offload.router.settings import EdgeSettings
+            from offload.edge import agent
+            from offload.edge.settings import EdgeSettings
 
             edge_settings = load_settings(
                 EdgeSettings,
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if options.command == "calibrate":
             from offload.models import DEMO_REPOSITORY
-            from offload.router.calibration import CalibrateOptions, Target, run_calibrate
+            from offload.router.calibration import Target
+            from offload.tools.calibrate import CalibrateOptions, run_calibrate
 
             run_calibrate(
                 CalibrateOptions(

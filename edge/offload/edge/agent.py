@@ -9,17 +9,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
 from offload.edge.onnx_model import OnnxModel
+from offload.edge.settings import EdgeSettings
+from offload.edge.status import StatusLog
 from offload.oip.errors import ConfigurationError
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
-from offload.router.cloud import CloudEndpoint, RetryPolicy, Sleep
 from offload.router.core import RoutedModel, Router
-from offload.router.dataplane import SERVER_NAME, RouterDataPlane
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryThrottle
-from offload.router.settings import EdgeSettings
-from offload.router.status import StatusLog
+from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep
 
 log = logging.getLogger(__name__)
 
