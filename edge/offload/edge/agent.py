@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
-from offload.edge.onnx_model import OnnxModel
+from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES, OnnxModel
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
 from offload.oip.errors import ConfigurationError
@@ -24,13 +24,14 @@ from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep
 log = logging.getLogger(__name__)
 
 
-def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
+def load_edge_models(repository: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, RoutedModel]:
+    """The [edge] models of a repository; each runs a batch in chunks of at most `chunk_bytes` of input."""
     models: dict[str, RoutedModel] = {}
     for name, entry in load_repository(repository).items():
         section = entry.config.edge
         if section is None:
             continue
-        onnx = OnnxModel(entry.artifact_path(section.artifact), section)
+        onnx = OnnxModel(entry.artifact_path(section.artifact), section, chunk_bytes)
         onnx.check_declared(entry.config.inputs, entry.config.outputs)
         routed = RoutedModel(entry.config, onnx)
         if routed.score_output not in {spec.name for spec in onnx.outputs}:
@@ -87,7 +88,7 @@ def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerSta
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     return Router(
-        load_edge_models(settings.model_repository),
+        load_edge_models(settings.model_repository, settings.edge_chunk_bytes),
         build_cloud_endpoint(settings, on_breaker_change),
         executor,
         deadline_reserve_seconds=settings.deadline_reserve_seconds,

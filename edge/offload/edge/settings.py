@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES
 from offload.models import DEMO_REPOSITORY
 from offload.oip.settings import ServerSettings
 
@@ -29,6 +30,10 @@ class EdgeSettings(ServerSettings):
         float, Field(ge=0, description="Time kept back from the caller's deadline to answer from the edge.")
     ] = 0.02
     edge_threads: Annotated[int, Field(ge=1, description="Threads that run edge models off the event loop.")] = 1
+    edge_chunk_bytes: Annotated[
+        int,
+        Field(ge=1, description="Most input bytes one run of an edge model takes; larger batches run in chunks."),
+    ] = DEFAULT_CHUNK_BYTES
 
     retry_max_attempts: Annotated[int, Field(ge=1, description="Attempts per cloud request, the first included.")] = 3
     retry_initial_backoff_seconds: Annotated[
