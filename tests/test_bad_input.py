@@ -25,7 +25,7 @@ from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import InvalidArgument
-from offload.oip.messages import request_to_pb
+from offload.oip.messages import receive_infer_request, request_to_pb
 from offload.oip.repository import TensorSpec
 from offload.oip.server import INLINE_CODEC_ELEMENTS, OipServer, ServerLimits, read_request
 from offload.oip.tensors import Tensor, raw_bytes
@@ -250,6 +250,21 @@ async def test_bad_request_is_rejected_and_the_server_keeps_serving(
     await _assert_rejected(stub, build(), code, fragments)
 
 
+@pytest.mark.parametrize("server", SERVERS)
+async def test_bytes_that_are_no_protobuf_message_are_invalid_argument(demo_stack: Stack, server: str) -> None:
+    async with grpc.aio.insecure_channel(_address(demo_stack, server)) as channel:
+        send_bytes: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send_bytes(_digits().SerializeToString()[:-3], timeout=TIMEOUT)  # cut inside the raw contents
+        assert caught.value.code() == Code.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        assert details.startswith("the request is not a ModelInferRequest in protobuf: field 7 at byte "), details
+        assert details.endswith(" runs past the end of the message"), details
+        await _assert_serves(pb_grpc.GRPCInferenceServiceStub(channel))
+
+
 async def test_huge_declared_shape_is_refused_before_any_allocation(stub: Stub) -> None:
     start = time.monotonic()
     await _assert_rejected(
@@ -446,7 +461,8 @@ async def test_a_large_request_is_decoded_off_the_event_loop() -> None:
     message.raw_input_contents.append(b"".join(LENGTH.pack(len(item)) + item for item in items))
     spec = TensorSpec(name="text", datatype="BYTES", shape=(-1, 1))
 
-    read = asyncio.create_task(read_request(message, 1 << 26, lambda name, version: (spec,)))
+    received = receive_infer_request(message.SerializeToString())
+    read = asyncio.create_task(read_request(received, 1 << 26, lambda name, version: (spec,)))
     await asyncio.sleep(0)
     assert not read.done()
     request = await read

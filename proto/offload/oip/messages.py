@@ -6,11 +6,14 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from google.protobuf.message import DecodeError
+
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.errors import InvalidArgument
 from offload.oip.repository import TensorSpec
 from offload.oip.tensors import (
     CheckedTensor,
+    RawContents,
     Tensor,
     check_wire,
     decode,
@@ -22,8 +25,10 @@ from offload.oip.tensors import (
 )
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ParameterValue, ServerMetadata
 from offload.oip.validation import check_declared_inputs
+from offload.oip.wire import split_field
 
 DEFAULT_MAX_ELEMENTS = 1 << 28
+_RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 
 
 def parameters_from_pb(parameters: Mapping[str, pb.InferParameter], where: str) -> dict[str, ParameterValue]:
@@ -77,6 +82,36 @@ ModelInputs = Callable[[str, str], Sequence[TensorSpec]]
 
 
 @dataclass(frozen=True, slots=True)
+class ReceivedRequest:
+    """A ModelInfer request as a server received it: the message without its raw contents, and those as views
+    of the bytes received (protobuf would copy them into the message, and again out of it)."""
+
+    message: pb.ModelInferRequest
+    raw_contents: Sequence[RawContents]
+    size: int  # bytes on the wire
+    # Why the bytes are no ModelInferRequest at all, refused as INVALID_ARGUMENT by check_request (an
+    # exception from gRPC's deserializer would reach the caller as UNKNOWN).
+    unreadable: str | None = None
+
+    @classmethod
+    def of(cls, message: pb.ModelInferRequest) -> ReceivedRequest:
+        """A message already parsed (in-process callers): its raw contents are read out of it."""
+        return cls(message, list(message.raw_input_contents), message.ByteSize())
+
+
+def receive_infer_request(data: bytes) -> ReceivedRequest:
+    """gRPC's deserializer for ModelInfer requests: the raw contents stay in the bytes received."""
+    try:
+        split = split_field(data, _RAW_INPUT_CONTENTS)
+        if split is None:
+            return ReceivedRequest.of(pb.ModelInferRequest.FromString(data))
+        rest, raw_contents = split
+        return ReceivedRequest(pb.ModelInferRequest.FromString(rest), raw_contents, len(data))
+    except DecodeError as exc:
+        return ReceivedRequest(pb.ModelInferRequest(), [], len(data), unreadable=str(exc))
+
+
+@dataclass(frozen=True, slots=True)
 class CheckedRequest:
     """A request whose names, parameters and declared sizes are checked, its tensors not yet decoded."""
 
@@ -112,7 +147,7 @@ def _requested_outputs(message: pb.ModelInferRequest) -> list[str]:
 
 
 def check_request(
-    message: pb.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
+    received: ReceivedRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
 ) -> CheckedRequest:
     """Every check that needs no tensor value: the model (with `model_inputs`), parameters, each
     input's name, datatype, shape and content sizes, and the inputs against the model's.
@@ -120,12 +155,15 @@ def check_request(
     Cheap in the size of the message (it reads lengths, never values), so a wrong request is
     refused before anything in it is decoded, however large it is.
     """
+    if received.unreadable is not None:
+        raise InvalidArgument(f"the request is not a ModelInferRequest in protobuf: {received.unreadable}")
+    message = received.message
     if not message.model_name:
         raise InvalidArgument("model_name is empty; name the model to run")
     specs = None if model_inputs is None else model_inputs(message.model_name, message.model_version)
     parameters = parameters_from_pb(message.parameters, "request")
     outputs = _requested_outputs(message)
-    raw_given = _raw_given(len(message.raw_input_contents), len(message.inputs), "input", "request")
+    raw_given = _raw_given(len(received.raw_contents), len(message.inputs), "input", "request")
     inputs: list[CheckedTensor] = []
     seen: set[str] = set()
     for index, wire in enumerate(message.inputs):
@@ -139,8 +177,7 @@ def check_request(
     if specs is not None:
         check_declared_inputs(message.model_name, inputs, specs)
     if raw_given:
-        # Reading raw contents out of the message copies them, so only a request that fits the model pays.
-        inputs = [with_raw(tensor, raw) for tensor, raw in zip(inputs, message.raw_input_contents, strict=True)]
+        inputs = [with_raw(tensor, raw) for tensor, raw in zip(inputs, received.raw_contents, strict=True)]
     return CheckedRequest(message, inputs, parameters, outputs, raw_given)
 
 
@@ -161,7 +198,7 @@ def decode_request(checked: CheckedRequest) -> InferRequest:
 def request_from_pb(
     message: pb.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
 ) -> InferRequest:
-    return decode_request(check_request(message, max_elements, model_inputs))
+    return decode_request(check_request(ReceivedRequest.of(message), max_elements, model_inputs))
 
 
 class _WireList(Protocol):

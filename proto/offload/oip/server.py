@@ -14,21 +14,22 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from offload.oip import grpc_service_pb2 as pb
-from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.errors import Unavailable, status_for, trailers_for
 from offload.oip.messages import (
     ModelInputs,
+    ReceivedRequest,
     check_request,
     decode_request,
     encode_cost,
     model_metadata_to_pb,
+    receive_infer_request,
     response_to_pb,
     server_metadata_to_pb,
 )
@@ -55,13 +56,11 @@ class ServerLimits:
     max_elements: int = 1 << 26
 
 
-async def read_request(
-    message: pb.ModelInferRequest, max_elements: int, model_inputs: ModelInputs | None
-) -> InferRequest:
+async def read_request(received: ReceivedRequest, max_elements: int, model_inputs: ModelInputs | None) -> InferRequest:
     """Check a request against the model, then decode it, off the event loop when it is large."""
     # Everything that needs no tensor value is checked first, against the model's metadata, so a
     # wrong request costs next to nothing however large it is; only a request that can run is decoded.
-    checked = check_request(message, max_elements, model_inputs)
+    checked = check_request(received, max_elements, model_inputs)
     if checked.decode_cost > INLINE_CODEC_ELEMENTS:
         return await asyncio.to_thread(decode_request, checked)
     return decode_request(checked)
@@ -81,8 +80,8 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over a DataPlane."""
+class InferenceServicer:
+    """GRPCInferenceService over a DataPlane (its handlers: `add_inference_service`)."""
 
     def __init__(self, data_plane: DataPlane, limits: ServerLimits) -> None:
         self._plane = data_plane
@@ -165,7 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._plane.model_metadata(name, version).inputs
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: ReceivedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         async def call() -> pb.ModelInferResponse:
             if self._draining:
@@ -186,6 +185,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._idle.set()
 
 
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated handlers, but for how ModelInfer's request is read: `receive_infer_request` keeps its
+    raw contents in the bytes gRPC received, where protobuf's parser would copy them in and out again."""
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "ServerLive": unary(
+            servicer.ServerLive, pb.ServerLiveRequest.FromString, pb.ServerLiveResponse.SerializeToString
+        ),
+        "ServerReady": unary(
+            servicer.ServerReady, pb.ServerReadyRequest.FromString, pb.ServerReadyResponse.SerializeToString
+        ),
+        "ModelReady": unary(
+            servicer.ModelReady, pb.ModelReadyRequest.FromString, pb.ModelReadyResponse.SerializeToString
+        ),
+        "ServerMetadata": unary(
+            servicer.ServerMetadata, pb.ServerMetadataRequest.FromString, pb.ServerMetadataResponse.SerializeToString
+        ),
+        "ModelMetadata": unary(
+            servicer.ModelMetadata, pb.ModelMetadataRequest.FromString, pb.ModelMetadataResponse.SerializeToString
+        ),
+        "ModelInfer": unary(servicer.ModelInfer, receive_infer_request, pb.ModelInferResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class OipServer:
     """One gRPC server: OIP, health (grpc.health.v1) and reflection, on one port."""
 
@@ -198,7 +223,7 @@ class OipServer:
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(options=channel_options(self.limits.max_message_bytes))
         self._servicer = InferenceServicer(data_plane, self.limits)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
+        add_inference_service(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=pb.DESCRIPTOR.pool
