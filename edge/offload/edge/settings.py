@@ -34,6 +34,10 @@ class EdgeSettings(ServerSettings):
         int,
         Field(ge=1, description="Most input bytes one run of an edge model takes; larger batches run in chunks."),
     ] = DEFAULT_CHUNK_BYTES
+    # A device's limit, not a server's: a request costs the agent about three times its size (README).
+    max_message_bytes: Annotated[
+        int, Field(ge=1024, description="Largest gRPC message sent or received; larger ones get RESOURCE_EXHAUSTED.")
+    ] = 16 * 1024 * 1024
 
     retry_max_attempts: Annotated[int, Field(ge=1, description="Attempts per cloud request, the first included.")] = 3
     retry_initial_backoff_seconds: Annotated[

@@ -9,6 +9,7 @@ after any bad request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.errors import Unavailable, status_for, trailers_for
+from offload.oip.memory import give_back_freed_memory
 from offload.oip.messages import (
     ModelInputs,
     ReceivedRequest,
@@ -83,9 +85,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class InferenceServicer:
     """GRPCInferenceService over a DataPlane (its handlers: `add_inference_service`)."""
 
-    def __init__(self, data_plane: DataPlane, limits: ServerLimits) -> None:
+    def __init__(self, data_plane: DataPlane, limits: ServerLimits, give_back_after_bytes: int | None = None) -> None:
         self._plane = data_plane
         self._limits = limits
+        self._give_back_after_bytes = give_back_after_bytes
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -175,6 +178,10 @@ class InferenceServicer:
             response = await self._plane.infer(infer_request, deadline)
             return await write_response(response, infer_request.raw)
 
+        if self._give_back_after_bytes is not None and request.size >= self._give_back_after_bytes:
+            # Once the call has ended, its request and answer freed, the memory it took goes back to the system.
+            done = functools.partial(_give_back_after, request.size)
+            context.add_done_callback(done)  # type: ignore[arg-type]  # stubs: a class, not a Protocol
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -183,6 +190,16 @@ class InferenceServicer:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+
+def _give_back_after(size: int, _: object) -> None:
+    """A large call has ended: the C allocator's free memory goes back to the system, on a worker thread."""
+
+    def give_back() -> None:
+        give_back_freed_memory()
+        log.debug("gave the allocator's free memory back to the system after a call of %d bytes", size)
+
+    asyncio.get_running_loop().run_in_executor(None, give_back)
 
 
 def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
@@ -214,7 +231,15 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
 class OipServer:
     """One gRPC server: OIP, health (grpc.health.v1) and reflection, on one port."""
 
-    def __init__(self, data_plane: DataPlane, name: str, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        data_plane: DataPlane,
+        name: str,
+        limits: ServerLimits | None = None,
+        give_back_after_bytes: int | None = None,
+    ) -> None:
+        """`give_back_after_bytes`: after an inference call whose request was at least this large, the
+        memory the C allocator holds free is given back to the system (`offload.oip.memory`)."""
         self.name = name
         self.data_plane = data_plane
         self.limits = limits or ServerLimits()
@@ -222,7 +247,7 @@ class OipServer:
         self._background: set[asyncio.Task[None]] = set()
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(options=channel_options(self.limits.max_message_bytes))
-        self._servicer = InferenceServicer(data_plane, self.limits)
+        self._servicer = InferenceServicer(data_plane, self.limits, give_back_after_bytes)
         add_inference_service(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
