@@ -29,7 +29,7 @@ from offload.oip.types import InferRequest, ParameterValue
 from offload.tools.process import ServerProcess
 from results_file import RESULTS, write_section
 
-SECTION = "## Memory (issue 6)"
+SECTION = "## Memory"
 MiB = 1 << 20
 PER_REQUEST, CALLERS = 128, 6
 
@@ -43,7 +43,7 @@ def _pixels(start: int, rows: int) -> npt.NDArray[np.float32]:
 
 async def _requests(sizes: list[int]) -> list[str]:
     lines = [
-        "| rows | request MB | before MiB | peak MiB | peak - before | x request | after MiB |",
+        "| rows | request MB | before MiB | peak MiB | peak - before MiB | x request | after MiB |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     args = ["edge", "--grpc-port", "0", "--max-message-bytes", str(64 * MiB), "--log-level", "DEBUG"]
