@@ -36,10 +36,12 @@ def test_image_installs_its_extra_copies_what_exists_and_sets_only_known_setting
     instructions = _instructions(DEPLOY / "docker" / f"{image}.Dockerfile")
     runs = " ".join(args for op, args in instructions if op == "RUN")
     assert f"'.[{extra}]'" in runs
-    for op, args in instructions:
-        if op == "COPY":
-            for source in args.split()[:-1]:
-                assert (ROOT / source).exists(), f"COPY {source}: no such path"
+    copied = {source for op, args in instructions if op == "COPY" for source in args.split()[:-1]}
+    for source in copied:
+        assert (ROOT / source).exists(), f"COPY {source}: no such path"
+    # `pip install .` builds the wheel from every wing folder: a folder left out breaks the image build.
+    wing_folders = {package.split("/")[0] for package in _wheel_packages()}
+    assert wing_folders <= copied, f"the image does not copy {sorted(wing_folders - copied)}"
     prefix = settings.model_config.get("env_prefix", "")
     for name in _env_names(instructions):
         assert name.startswith(prefix)
@@ -54,6 +56,14 @@ def test_edge_image_never_installs_torch() -> None:
     instructions = _instructions(DEPLOY / "docker" / "edge.Dockerfile")
     assert not any("torch" in args for op, args in instructions if op in ("FROM", "RUN"))
     assert not any("torch" in dependency for dependency in _edge_extra())
+
+
+def _wheel_packages() -> list[str]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages: list[str] = project["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    return packages
 
 
 def _edge_extra() -> list[str]:

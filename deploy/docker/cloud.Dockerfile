@@ -11,6 +11,7 @@ COPY proto proto
 COPY edge edge
 COPY cloud cloud
 COPY router router
+COPY tools tools
 COPY models models
 # torch comes with the base image; the [cloud] range (torch>=2.4) accepts it as it is.
 RUN pip install --no-cache-dir '.[cloud]' && useradd --system --uid 10001 offload

@@ -9,6 +9,7 @@ COPY proto proto
 COPY edge edge
 COPY cloud cloud
 COPY router router
+COPY tools tools
 COPY models models
 # The [edge] extra brings onnxruntime and never torch.
 RUN pip install --no-cache-dir '.[edge]' && useradd --system --uid 10001 offload
