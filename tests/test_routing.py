@@ -17,7 +17,8 @@ from offload.oip.repository import OutputKind
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.confidence import max_probability
-from offload.router.core import RoutedModel, Router
+from offload.router.core import Router
+from offload.router.models import RoutedModel
 
 THRESHOLD = 0.9
 
@@ -144,7 +145,7 @@ async def test_model_threshold_applies_without_override(
     model = demo_edge_models["digits"]
     confidence = max_probability(_edge_scores(demo_edge_models, inputs), OutputKind.LOGITS)
     response = await _infer(demo_stack, _request(inputs))
-    assert response.parameters["offload_offloaded_rows"] == int(np.sum(confidence < model.config.routing.threshold))
+    assert response.parameters["offload_offloaded_rows"] == int(np.sum(confidence < model.routing.threshold))
     # Without offload_details the answer carries only the model's outputs.
     assert [tensor.name for tensor in response.outputs] == ["scores"]
 
