@@ -98,6 +98,14 @@ async def test_online_budget_keeps_the_offload_share_near_its_target_when_traffi
         await adaptive.close()
     assert static_share > 2 * target, "the shift should blow a static threshold's budget"
     assert adaptive_share == pytest.approx(target, abs=0.05)
+    # The snapshot says which threshold each router judges rows by now: the budget's follows the
+    # traffic it saw (all of it fits the budget's window), the static one is the model's.
+    model = demo_edge_models["digits"]
+    assert static.stats().thresholds == {"digits": model.routing.threshold}
+    threshold = adaptive.stats().thresholds["digits"]
+    assert threshold != model.routing.threshold
+    confidence = model.confidence(model.edge.predict({"pixels": shifted}))
+    assert float(np.mean(confidence < threshold)) == pytest.approx(target, abs=0.01)
 
 
 async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_reports_agreement(
