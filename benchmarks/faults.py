@@ -50,8 +50,7 @@ from offload.oip.client import OipClient
 from offload.oip.server import channel_options
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
-from offload.router.core import RoutedModel
-from offload.router.upstream import CloudStats
+from offload.router.models import RoutedModel
 from offload.tools.process import ServerProcess
 from results_file import RESULTS, write_section
 
@@ -239,10 +238,10 @@ class FaultRun:
             overrides["hedge_delay_seconds"] = 0.05
         async with edge_under_test(self.target, self.env.models, self.env.executor, **overrides) as edge:
             # Warm up first (connecting the channels, the cloud model's first calls at this batch size),
-            # so that the figures are about the fault; then fresh counters.
+            # so that the figures are about the fault; then count from here on.
             await wait_for_cloud_answer(edge, self.env.reference, timeout=30.0, tag="warm-up")
             await burst(edge.client, self.env.reference, 20, tag="warm-up", concurrency=4, timeout=options.deadline)
-            edge.endpoint.stats = CloudStats()
+            before = edge.endpoint.stats()
             calls = await burst(
                 edge.client,
                 self.env.reference,
@@ -253,16 +252,16 @@ class FaultRun:
                 rate=options.rate,
                 on_send=self.on_send,
             )
-            stats = edge.endpoint.stats
+            stats = edge.endpoint.stats()
             row = Row(
                 self.fault,
                 Summary.of(calls),
-                stats.calls,
-                stats.attempts,
-                stats.retries,
-                retry_bound(edge.endpoint),
-                stats.hedges,
-                stats.short_circuited,
+                stats.calls - before.calls,
+                stats.attempts - before.attempts,
+                stats.retries - before.retries,
+                retry_bound(edge.endpoint, since=before),
+                stats.hedges - before.hedges,
+                stats.short_circuited - before.short_circuited,
                 None,
                 len(check(calls, self.env.reference, deadline=options.deadline, margin=MARGIN)),
             )

@@ -177,7 +177,7 @@ def held_out_table(
 
 def run(repository: Path, model: str, budgets: list[float], target: float) -> tuple[str, dict[str, Any]]:
     routed = load_edge_models(repository)[model]
-    base = routed.config.routing
+    base = routed.routing
     score_output = routed.score_output
     validation = load_split(repository, model, "validation")
     test = load_split(repository, model, "test")

@@ -18,7 +18,8 @@ from offload.edge.dataplane import RouterDataPlane
 from offload.models import DEMO_REPOSITORY
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, ServerLimits
-from offload.router.core import RoutedModel, Router
+from offload.router.core import Router
+from offload.router.models import RoutedModel
 from offload.router.upstream import CloudEndpoint
 from offload.tools.process import ServerProcess
 from support.repos import write_echo_repository

@@ -30,7 +30,7 @@ from offload.oip.repository import TensorSpec
 from offload.oip.server import INLINE_CODEC_ELEMENTS, OipServer, ServerLimits, read_request
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import InferRequest
-from offload.router.core import RoutedModel
+from offload.router.models import RoutedModel
 from support.repos import SAMPLES, TEXT_BYTES, TYPED
 
 if TYPE_CHECKING:

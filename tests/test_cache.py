@@ -19,7 +19,9 @@ from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.cache import RowCache
-from offload.router.core import RoutedModel, Router
+from offload.router.core import Router
+from offload.router.models import RoutedModel
+from offload.router.stats import CacheStats, UpstreamStats
 from offload.router.upstream import CloudEndpoint
 from support.held import HeldCloud
 
@@ -119,7 +121,7 @@ async def test_a_new_cloud_version_drops_the_models_entries() -> None:
     other = cache.keys(SCOPE, [Tensor.of("pixels", _pixels(1, seed=5))], {})
     cache.fulfil(cache.plan(other), "digits", "2", [{"scores": np.ones(10)}])
     assert len(cache) == 1
-    assert cache.stats.invalidations == 1
+    assert cache.stats().invalidations == 1
     assert not cache.plan(keys).hits
 
 
@@ -157,22 +159,33 @@ def _cloud_request(pixels: npt.NDArray[np.float32]) -> InferRequest:
     )
 
 
+def _cloud(router: Router) -> UpstreamStats:
+    stats = router.stats().cloud
+    assert stats is not None
+    return stats
+
+
+def _cache(router: Router) -> CacheStats:
+    stats = router.stats().cache
+    assert stats is not None
+    return stats
+
+
 def _routes(response: InferResponse) -> list[str]:
     return [item.decode() for item in response.as_dict()["offload_route"].data.tolist()]
 
 
 async def test_a_repeated_cloud_bound_request_is_answered_from_cache(cached_router: tuple[Router, str]) -> None:
     router, address = cached_router
-    assert router.cloud is not None
     pixels = _pixels(4)
     async with OipClient(address) as client:
         first = await client.infer(_cloud_request(pixels))
-        attempts = router.cloud.stats.attempts
+        attempts = _cloud(router).attempts
         second = await client.infer(_cloud_request(pixels))
     assert first.parameters["offload_route"] == "cloud"
     assert second.parameters["offload_route"] == "cache"
     assert _routes(second) == ["cache"] * 4
-    assert router.cloud.stats.attempts == attempts, "a full hit never touches the network"
+    assert _cloud(router).attempts == attempts, "a full hit never touches the network"
     np.testing.assert_array_equal(second.as_dict()["scores"].data, first.as_dict()["scores"].data)
 
 
@@ -184,24 +197,22 @@ async def test_only_rows_not_yet_cached_are_sent(cached_router: tuple[Router, st
         response = await client.infer(_cloud_request(np.concatenate([old[:1], new[:1], old[1:], new[1:]])))
     assert _routes(response) == ["cache", "cloud", "cache", "cache", "cloud"]
     assert response.parameters["offload_route"] == "mixed"
-    assert router.cache is not None
-    assert router.cache.stats.misses == 3 + 2
+    assert _cache(router).misses == 3 + 2
 
 
 async def test_identical_requests_in_flight_share_one_cloud_call(cached_router: tuple[Router, str]) -> None:
     router, address = cached_router
-    assert router.cloud is not None
     pixels = _pixels(6, seed=3)
     async with OipClient(address) as client:
         responses = await asyncio.gather(*(client.infer(_cloud_request(pixels)) for _ in range(12)))
     scores = [response.as_dict()["scores"].data for response in responses]
     for other in scores[1:]:
         np.testing.assert_array_equal(other, scores[0])
-    assert router.cache is not None
     # Each distinct row went to the cloud once: later requests hit the cache or waited for that call.
-    assert router.cache.stats.misses == 6
-    assert router.cloud.stats.attempts <= 12
-    assert router.cache.stats.hits + router.cache.stats.shared == 11 * 6
+    cache = _cache(router)
+    assert cache.misses == 6
+    assert _cloud(router).attempts <= 12
+    assert cache.hits + cache.shared == 11 * 6
 
 
 async def test_cloud_response_cache_is_off_by_default_and_answers_repeats_when_on(
@@ -228,7 +239,6 @@ async def test_routed_rows_answered_from_the_cache_say_cache_and_are_not_counted
     cached_router: tuple[Router, str],
 ) -> None:
     router, address = cached_router
-    assert router.cloud is not None
     pixels = _pixels(4, seed=11)
     # Auto routing with a threshold no row reaches: every row is cloud-bound by confidence.
     request = InferRequest(
@@ -236,12 +246,12 @@ async def test_routed_rows_answered_from_the_cache_say_cache_and_are_not_counted
     )
     async with OipClient(address) as client:
         first = await client.infer(request)
-        attempts = router.cloud.stats.attempts
+        attempts = _cloud(router).attempts
         second = await client.infer(request)
     assert (first.parameters["offload_route"], first.parameters["offload_offloaded_rows"]) == ("cloud", 4)
     assert (second.parameters["offload_route"], second.parameters["offload_offloaded_rows"]) == ("cache", 0)
     assert _routes(second) == ["cache"] * 4
-    assert router.cloud.stats.attempts == attempts
+    assert _cloud(router).attempts == attempts
     np.testing.assert_array_equal(second.as_dict()["scores"].data, first.as_dict()["scores"].data)
 
 
@@ -279,8 +289,7 @@ async def test_a_request_waiting_on_an_identical_row_is_not_failed_by_its_sender
     await held.arrived.get()
     waiter = asyncio.create_task(router.infer(required))  # no deadline; the same rows, so it waits
     await asyncio.sleep(0)  # one turn of the loop: the waiter plans its rows before it first suspends
-    assert router.cache is not None
-    assert router.cache.stats.shared == 2, "the waiter waits on the sender's call for both rows"
+    assert _cache(router).shared == 2, "the waiter waits on the sender's call for both rows"
     if how == "cancelled":
         sender.cancel()
     else:
@@ -300,20 +309,18 @@ async def test_a_cloud_failure_is_shared_with_the_requests_waiting_on_its_rows(
     held_router: tuple[Router, HeldCloud],
 ) -> None:
     router, held = held_router
-    assert router.cloud is not None
     pixels = _pixels(2, seed=22)
     sender = asyncio.create_task(router.infer(_cloud_request(pixels)))
     await held.arrived.get()
     waiter = asyncio.create_task(router.infer(_cloud_request(pixels)))
     await asyncio.sleep(0)  # one turn of the loop: the waiter plans its rows before it first suspends
-    assert router.cache is not None
-    assert router.cache.stats.shared == 2, "the waiter waits on the sender's call for both rows"
+    assert _cache(router).shared == 2, "the waiter waits on the sender's call for both rows"
     held.failure = NotFound("model 'digits' was unloaded")  # not retried: one failed call
     held.gate.set()
     answers = await asyncio.gather(sender, waiter)
     assert [answer.parameters["offload_degraded"] for answer in answers] == [True, True]
     assert held.arrived.qsize() == 0, "the waiter took the sender's failure instead of calling again"
-    assert router.cloud.stats.attempts == 1
+    assert _cloud(router).attempts == 1
 
 
 def test_the_cloud_response_cache_counts_the_payload_of_bytes_outputs() -> None:

@@ -29,7 +29,7 @@ from offload.router.calibration import (
     wilson_interval,
 )
 from offload.router.confidence import class_confidence, log_softmax, row_confidence
-from offload.router.core import RoutedModel
+from offload.router.models import RoutedModel
 from offload.tools.calibrate import load_inputs, with_routing_values, write_routing
 from offload.tools.cli import main
 
@@ -220,8 +220,8 @@ def _routing(repository: Path) -> tuple[float, float]:
 
 def _offload_share(repository: Path, pixels: npt.NDArray[np.float32]) -> float:
     model = load_edge_models(repository)["digits"]
-    confidence = row_confidence(model.edge.predict({"pixels": pixels}), model.config.routing, model.score_output)
-    return float(np.mean(confidence < model.config.routing.threshold))
+    confidence = row_confidence(model.edge.predict({"pixels": pixels}), model.routing, model.score_output)
+    return float(np.mean(confidence < model.routing.threshold))
 
 
 def test_calibrate_target_offload_lands_near_the_target_on_held_out_data(repository: Path) -> None:

@@ -24,7 +24,7 @@ from offload.oip.repository import OutputKind, RoutingSection, load_model, load_
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.confidence import class_confidence, max_probability, output_confidence, row_confidence
-from offload.router.core import RoutedModel
+from offload.router.models import RoutedModel
 
 # Probabilities [0.7, 0.2, 0.1] as logits (any shift of the logits gives the same softmax).
 KNOWN_PROBS = np.array([[0.7, 0.2, 0.1]])
@@ -125,7 +125,7 @@ def test_default_measure_matches_max_probability_on_the_demo_model(
         pixels = data["inputs"].astype(np.float32)
     model = demo_edge_models["digits"]
     outputs = model.edge.predict({"pixels": pixels})
-    routing = model.config.routing.model_copy(update={"temperature": 1.0})
+    routing = model.routing.model_copy(update={"temperature": 1.0})
     np.testing.assert_allclose(
         row_confidence(outputs, routing, "scores"), max_probability(outputs["scores"], OutputKind.LOGITS), rtol=1e-12
     )
@@ -163,7 +163,7 @@ def test_model_toml_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
 
 
 def _with_routing(model: RoutedModel, **fields: Any) -> RoutedModel:
-    routing = model.config.routing.model_copy(update=fields)
+    routing = model.routing.model_copy(update=fields)
     return RoutedModel(model.config.model_copy(update={"routing": routing}), model.edge)
 
 

@@ -44,7 +44,7 @@ from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, channel_options
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse
-from offload.router.core import RoutedModel
+from offload.router.models import RoutedModel
 from offload.router.options import REQUIRE_CLOUD
 from offload.router.resilience import BreakerState
 from offload.tools.process import ServerProcess
@@ -119,7 +119,7 @@ def assert_sound(
     assert problems == [], "\n".join(problems[:20])
     if not errors_allowed:
         assert all(call.response is not None for call in calls)
-    stats = edge.endpoint.stats
+    stats = edge.endpoint.stats()
     assert stats.retries + stats.hedges <= retry_bound(edge.endpoint), f"retries and hedges past the budget: {stats}"
     sent_calls = stats.calls - stats.short_circuited
     assert stats.attempts <= sent_calls + stats.retries + stats.hedges, stats
@@ -233,7 +233,7 @@ async def test_cloud_frozen_by_sigstop(
             cloud_server.signal(signal.SIGCONT)
         assert_sound(warm + frozen, reference, edge)
         assert all(all_degraded(call, reference) for call in frozen)
-        stats = edge.endpoint.stats
+        stats = edge.endpoint.stats()
         assert stats.by_outcome.get("DEADLINE_EXCEEDED", 0) >= 5, "a hang ends at the cloud deadline"
         assert stats.short_circuited > 0, "the breaker opened and kept the rest off the frozen cloud"
         await wait_for_cloud_answer(edge, reference)
@@ -247,7 +247,7 @@ async def test_flaky_cloud_failing_30_percent(
         calls = await burst(edge.client, reference, 40, tag="flaky", concurrency=8, timeout=DEADLINE)
         assert_sound(calls, reference, edge, proxy)
         assert proxy.injected > 0
-        assert edge.endpoint.stats.retries > 0
+        assert edge.endpoint.stats().retries > 0
         # Degraded exactly where the cloud did not answer: the proxy knows which requests it answered.
         assert {call.id for call in calls if call.from_cloud} == proxy.answered
         assert {call.id for call in calls if call.degraded} == {call.id for call in calls} - proxy.answered
@@ -266,7 +266,7 @@ async def test_slow_cloud_past_the_deadline(
         assert_sound(calls, reference, edge, proxy)
         assert all(all_degraded(call, reference) for call in calls)
         assert proxy.answered == set()
-        assert edge.endpoint.stats.by_outcome.get("DEADLINE_EXCEEDED", 0) >= 1
+        assert edge.endpoint.stats().by_outcome.get("DEADLINE_EXCEEDED", 0) >= 1
         proxy.heal()
         await wait_for_cloud_answer(edge, reference)
 
@@ -284,7 +284,7 @@ async def test_malformed_answers_are_failures_never_passed_on(
         calls = await burst(edge.client, reference, 12, tag=f"bad-{kind}", concurrency=6, timeout=DEADLINE)
         assert_sound(calls, reference, edge, proxy)
         assert all(all_degraded(call, reference) for call in calls)
-        stats = edge.endpoint.stats
+        stats = edge.endpoint.stats()
         assert stats.by_outcome.get("INTERNAL", 0) >= 1
         assert stats.retries == 0, "a malformed answer is not retried"
         proxy.heal()
@@ -299,16 +299,16 @@ async def test_breaker_opens_on_a_failing_cloud_and_closes_when_it_recovers(
         calls = await burst(edge.client, reference, 30, tag="down", concurrency=6, timeout=DEADLINE)
         assert_sound(calls, reference, edge, proxy)
         assert all(all_degraded(call, reference) for call in calls)
-        stats = edge.endpoint.stats
+        stats = edge.endpoint.stats()
         assert stats.short_circuited > 0
         assert proxy.calls < len(calls), "the open breaker keeps most calls off the failing cloud"
-        # The state is visible in the health detail and on the "offload.cloud" health service.
-        assert edge.endpoint.health_details()["circuit"] in (BreakerState.OPEN, BreakerState.HALF_OPEN)
+        # The state is visible in the stats snapshot and on the "offload.cloud" health service.
+        assert edge.endpoint.stats().circuit in (BreakerState.OPEN, BreakerState.HALF_OPEN)
         await edge.wait_for_cloud_health(serving=False)
 
         proxy.heal()
         await wait_for_cloud_answer(edge, reference)
-        assert edge.endpoint.health_details()["circuit"] == BreakerState.CLOSED
+        assert edge.endpoint.stats().circuit == BreakerState.CLOSED
         await edge.wait_for_cloud_health(serving=True)
 
 
@@ -325,7 +325,7 @@ async def test_hedging_answers_for_stragglers_within_the_budget(
         calls = await burst(edge.client, reference, 16, tag="hedge", concurrency=8, timeout=DEADLINE)
         assert_sound(calls, reference, edge, proxy)
         assert all(call.from_cloud for call in calls), "answered by the hedge, within the deadline"
-        stats = edge.endpoint.stats
+        stats = edge.endpoint.stats()
         assert stats.hedges == stats.calls == 16, "one hedge per request, no more"
         assert stats.retries == 0
         assert proxy.calls == stats.attempts == 32
@@ -333,7 +333,7 @@ async def test_hedging_answers_for_stragglers_within_the_budget(
         assert proxy.answered == {call.id for call in calls}
         assert stats.by_outcome == {"OK": 16}, "the stragglers, cancelled, record nothing"
         # 100 tokens, one taken per hedge, 0.1 paid back per success.
-        assert edge.endpoint.throttle.tokens == pytest.approx(100 - 16 + 16 * 0.1)
+        assert stats.retry_tokens == pytest.approx(100 - 16 + 16 * 0.1)
         await eventually(lambda: proxy.cancelled == 16, "the stragglers were cancelled on the wire")
 
 
@@ -443,8 +443,6 @@ async def test_a_failing_cloud_with_the_row_cache_on_answers_cached_rows_and_deg
 ) -> None:
     cache_bytes = EdgeSettings.model_fields["cache_max_bytes"].default  # on, as the agent has it
     async with edge_under_test(proxy.address, models, edge_executor, cache_max_bytes=cache_bytes) as edge:
-        cache = edge.router.cache
-        assert cache is not None
         warm = await burst(edge.client, reference, 10, tag="warm", concurrency=5, timeout=DEADLINE)
         assert all(call.from_cloud for call in warm)
 
@@ -461,7 +459,9 @@ async def test_a_failing_cloud_with_the_row_cache_on_answers_cached_rows_and_deg
             assert "cloud" not in call.routes
             assert "cache" in call.routes
         assert not any(request_id.startswith("cached-") for request_id in proxy.request_ids), "never sent"
-        assert cache.stats.hits == sum(int(cloud_bound(reference, call.rows).sum()) for call in cached)
+        cache = edge.router.stats().cache
+        assert cache is not None
+        assert cache.hits == sum(int(cloud_bound(reference, call.rows).sum()) for call in cached)
         assert all(all_degraded(call, reference) for call in fresh + twin)
         assert proxy.injected > 0
 
@@ -503,7 +503,7 @@ async def test_an_overloaded_cloud_is_retried_after_its_pushback_then_the_edge_a
 
                 async with edge_under_test(address, models, edge_executor, sleep=sleep) as edge:
                     (first,) = await burst(edge.client, reference, 1, tag="busy", concurrency=1, timeout=DEADLINE)
-                    assert edge.endpoint.stats.by_outcome == {"RESOURCE_EXHAUSTED": 3}, "all attempts were made"
+                    assert edge.endpoint.stats().by_outcome == {"RESOURCE_EXHAUSTED": 3}, "all attempts were made"
                     assert backoffs == [pushback_ms / 1000] * 2, "each retry waited as long as the cloud asked"
                     assert all_degraded(first, reference)
                     more = await burst(
@@ -551,7 +551,7 @@ async def test_the_status_line_says_what_happened_since_the_last_one(
     overrides = {"cache_max_bytes": cache_bytes, "breaker_cooldown_seconds": 60.0}
     async with edge_under_test(proxy.address, models, edge_executor, **overrides) as edge:
         now = [0.0]
-        status = StatusLog(edge.plane, 60.0, clock=lambda: now[0])
+        status = StatusLog(edge.router.stats, 60.0, clock=lambda: now[0])
         assert status.line() is None, "nothing happened yet"
 
         await burst(edge.client, reference, 4, tag="warm", concurrency=2, timeout=DEADLINE)
@@ -598,7 +598,7 @@ async def test_the_status_line_is_written_every_interval_only_when_something_hap
             naps.append(seconds)
             await ticks.get()
 
-        status = StatusLog(edge.plane, 30.0, sleep=nap)
+        status = StatusLog(edge.router.stats, 30.0, sleep=nap)
         loop = asyncio.create_task(status.run())
         try:
             await eventually(lambda: len(naps) == 1, "the loop waits for its first interval")
@@ -609,7 +609,7 @@ async def test_the_status_line_is_written_every_interval_only_when_something_hap
             # Auto routing at the model's threshold: the confident rows are audited (audit_share 1).
             await burst(edge.client, reference, 6, tag="audit", concurrency=3, timeout=DEADLINE, parameters={})
             await edge.router.wait_for_audits()
-            audit = edge.router.audit
+            audit = edge.router.stats().audit
             assert audit.agreement is not None
             ticks.put_nowait(None)
             await eventually(lambda: len(naps) == 3, "the loop went round")

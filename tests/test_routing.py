@@ -13,11 +13,13 @@ from conftest import Stack
 from offload.cloud.dataplane import CloudDataPlane
 from offload.models import DEMO_REPOSITORY
 from offload.oip.client import OipClient
+from offload.oip.errors import NotFound
 from offload.oip.repository import OutputKind
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.confidence import max_probability
-from offload.router.core import RoutedModel, Router
+from offload.router.core import Router
+from offload.router.models import RoutedModel
 
 THRESHOLD = 0.9
 
@@ -144,7 +146,7 @@ async def test_model_threshold_applies_without_override(
     model = demo_edge_models["digits"]
     confidence = max_probability(_edge_scores(demo_edge_models, inputs), OutputKind.LOGITS)
     response = await _infer(demo_stack, _request(inputs))
-    assert response.parameters["offload_offloaded_rows"] == int(np.sum(confidence < model.config.routing.threshold))
+    assert response.parameters["offload_offloaded_rows"] == int(np.sum(confidence < model.routing.threshold))
     # Without offload_details the answer carries only the model's outputs.
     assert [tensor.name for tensor in response.outputs] == ["scores"]
 
@@ -185,3 +187,60 @@ async def test_requested_outputs_are_the_only_ones_returned(demo_stack: Stack) -
     request.outputs = ["scores"]
     response = await _infer(demo_stack, request)
     assert [tensor.name for tensor in response.outputs] == ["scores"]
+
+
+ROUTING_OUTPUTS = ["offload_route", "offload_confidence", "offload_degraded"]
+
+
+@pytest.mark.parametrize("name", ROUTING_OUTPUTS)
+async def test_a_routing_output_named_in_outputs_is_returned_like_a_model_output(
+    demo_stack: Stack, mixed_batch: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]], name: str
+) -> None:
+    pixels, _ = mixed_batch
+    detailed = await _infer(demo_stack, _request(pixels, offload_threshold=THRESHOLD, offload_details=True))
+    expected = detailed.as_dict()[name]
+    for outputs in ([name], ["scores", name], [name, "scores"]):
+        request = _request(pixels, offload_threshold=THRESHOLD)
+        request.outputs = list(outputs)
+        # Only what was asked, in that order: the other routing outputs need offload_details.
+        for response in (await _infer(demo_stack, request), await demo_stack.router.infer(request)):
+            assert [tensor.name for tensor in response.outputs] == outputs
+            tensor = response.as_dict()[name]
+            assert (tensor.datatype, tensor.shape) == (expected.datatype, expected.shape)
+            np.testing.assert_array_equal(tensor.data, expected.data)
+
+
+async def test_offload_details_adds_the_routing_outputs_not_named_in_outputs(
+    demo_stack: Stack, mixed_batch: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]
+) -> None:
+    pixels, _ = mixed_batch
+    request = _request(pixels, offload_details=True)
+    request.outputs = ["offload_confidence", "scores"]
+    response = await _infer(demo_stack, request)
+    assert [tensor.name for tensor in response.outputs] == [
+        "offload_confidence",
+        "scores",
+        "offload_route",
+        "offload_degraded",
+    ]
+
+
+async def test_the_router_counts_what_in_process_callers_asked_too(
+    demo_edge_models: dict[str, RoutedModel],
+    edge_executor: ThreadPoolExecutor,
+    mixed_batch: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]],
+) -> None:
+    pixels, _ = mixed_batch
+    router = Router(demo_edge_models, None, edge_executor)
+    await router.infer(_request(pixels))
+    # Forced to a cloud this router does not have: answered on the edge, degraded.
+    degraded = await router.infer(_request(pixels, offload_route="cloud"))
+    assert degraded.parameters["offload_degraded"] is True
+    with pytest.raises(NotFound):
+        await router.infer(InferRequest("nope", [Tensor.of("pixels", pixels)]))
+    stats = router.stats()
+    assert (stats.requests, stats.degraded, stats.errors) == (3, 1, 1)
+    assert stats.cloud is None
+    assert stats.cache is None
+    assert stats.thresholds == {"digits": demo_edge_models["digits"].routing.threshold}
+    assert stats.audit.rows == 0

@@ -224,3 +224,37 @@ async def test_concurrent_infers_through_the_aio_client(demo_processes: Processe
         predictions.append(np.argmax(scores, axis=1))
     expected = np.concatenate([labels[start : start + 5] for start in starts])
     assert float(np.mean(np.concatenate(predictions) == expected)) >= MIN_ACCURACY["edge"]
+
+
+@pytest.mark.parametrize(
+    ("name", "datatype"), [("offload_route", "BYTES"), ("offload_confidence", "FP32"), ("offload_degraded", "BOOL")]
+)
+def test_a_routing_output_named_in_outputs_comes_back_with_the_others_named(
+    demo_processes: Processes, test_set: TestSet, name: str, datatype: str
+) -> None:
+    pixels, labels = test_set
+    with triton.InferenceServerClient(url=demo_processes.edge.address) as client:
+        result = client.infer(
+            "digits",
+            _inputs(pixels),
+            outputs=[triton.InferRequestedOutput(name), triton.InferRequestedOutput("scores")],
+            client_timeout=TIMEOUT,
+        )
+    response = result.get_response()
+    # In the order asked, and only those: no offload_details, so not the other two routing outputs.
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        (name, datatype, [ROWS]),
+        ("scores", "FP32", [ROWS, 10]),
+    ]
+    assert _accuracy(result.as_numpy("scores"), labels) >= MIN_ACCURACY["edge"]
+    values = result.as_numpy(name)
+    parameters = response.parameters
+    if name == "offload_route":
+        assert set(values.tolist()) <= {b"edge", b"cloud", b"cache"}
+        assert values.tolist().count(b"cloud") == parameters["offload_offloaded_rows"].int64_param
+    elif name == "offload_confidence":
+        assert values.dtype == np.float32
+        assert parameters["offload_confidence"].double_param == pytest.approx(float(values.min()), rel=1e-6)
+    else:
+        assert values.dtype == np.bool_
+        assert bool(values.any()) == parameters["offload_degraded"].bool_param

@@ -60,7 +60,8 @@ from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.cache import RowCache
 from offload.router.confidence import row_confidence
-from offload.router.core import RoutedModel, Router
+from offload.router.core import Router
+from offload.router.models import RoutedModel
 from offload.router.options import (
     DETAILS,
     RESPONSE_DEGRADED,
@@ -68,6 +69,7 @@ from offload.router.options import (
     THRESHOLD,
 )
 from offload.router.resilience import BreakerState
+from offload.router.stats import UpstreamStats
 from offload.router.upstream import CloudEndpoint, Sleep
 
 if TYPE_CHECKING:
@@ -305,18 +307,13 @@ class Edge:
 
     server: OipServer
     router: Router
+    endpoint: CloudEndpoint  # the router's upstream
     client: OipClient
     settings: EdgeSettings
-    plane: RouterDataPlane
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.server.port}"
-
-    @property
-    def endpoint(self) -> CloudEndpoint:
-        assert self.router.cloud is not None
-        return self.router.cloud
 
     async def cloud_health(self) -> int:
         """The agent's "offload.cloud" health status (SERVING while the circuit is closed)."""
@@ -352,6 +349,7 @@ async def edge_under_test(
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
     endpoint = build_cloud_endpoint(settings, breaker_changed, sleep=sleep)
+    assert endpoint is not None
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     router = Router(
         models,
@@ -362,13 +360,12 @@ async def edge_under_test(
         audit_share=settings.audit_share,
         rng=np.random.default_rng(0),  # which rows are audited: the same on every run
     )
-    plane = RouterDataPlane(router)
-    server = OipServer(plane, "chaos-edge", settings.limits)
+    server = OipServer(RouterDataPlane(router), "chaos-edge", settings.limits)
     await server.start()
     await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
     client = OipClient(f"127.0.0.1:{server.port}", settings.max_message_bytes)
     try:
-        yield Edge(server, router, client, settings, plane)
+        yield Edge(server, router, endpoint, client, settings)
     finally:
         await client.close()
         await server.stop(0)
@@ -387,7 +384,7 @@ class Reference:
     @classmethod
     def build(cls, model: RoutedModel, pixels: npt.NDArray[np.float32], cloud_scores: npt.NDArray[Any]) -> Reference:
         edge = model.edge.predict({"pixels": pixels})
-        confidence = row_confidence(edge, model.config.routing, model.score_output)
+        confidence = row_confidence(edge, model.routing, model.score_output)
         return cls(pixels, edge["scores"], confidence, np.asarray(cloud_scores, dtype=np.float32))
 
     def rows(self, index: int) -> npt.NDArray[np.intp]:
@@ -544,12 +541,13 @@ def check(
     return problems
 
 
-def retry_bound(endpoint: CloudEndpoint) -> float:
+def retry_bound(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> float:
     """The most retries and hedges together the budget allows (gRPC A6): half the bucket, plus what
     successes paid back, plus one. Each retry follows a failure that took a token, each hedge takes
-    one when sent, and neither goes out unless more than half the bucket is left."""
+    one when sent, and neither goes out unless more than half the bucket is left. With `since`,
+    for the calls made after that snapshot."""
     throttle = endpoint.throttle
-    successes = endpoint.stats.by_outcome.get("OK", 0)
+    successes = endpoint.stats().by_outcome.get("OK", 0) - (since.by_outcome.get("OK", 0) if since else 0)
     return throttle.max_tokens / 2 + 1 + throttle.token_ratio * successes
 
 

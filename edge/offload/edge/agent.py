@@ -17,8 +17,9 @@ from offload.oip.errors import ConfigurationError
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
-from offload.router.core import RoutedModel, Router
-from offload.router.resilience import BreakerPolicy, BreakerState, RetryThrottle
+from offload.router.core import Router
+from offload.router.models import RoutedModel
+from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
 from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
             name,
             entry.config.version,
             ",".join(onnx.providers),
-            entry.config.routing.threshold,
+            routed.routing.threshold,
         )
         models[name] = routed
     if not models:
@@ -63,19 +64,9 @@ def build_cloud_endpoint(
         settings.cloud_timeout_seconds,
         settings.max_message_bytes,
         max_elements=settings.max_elements,
-        retry=RetryPolicy(
-            max_attempts=settings.retry_max_attempts,
-            initial_backoff_seconds=settings.retry_initial_backoff_seconds,
-            max_backoff_seconds=settings.retry_max_backoff_seconds,
-        ),
-        throttle=RetryThrottle(settings.retry_budget_max_tokens, settings.retry_budget_token_ratio),
-        breaker=BreakerPolicy(
-            consecutive_failures=settings.breaker_consecutive_failures,
-            failure_rate=settings.breaker_failure_rate,
-            window=settings.breaker_window,
-            min_calls=settings.breaker_min_calls,
-            cooldown_seconds=settings.breaker_cooldown_seconds,
-        ),
+        retry=settings.policy(RetryPolicy),
+        throttle=RetryThrottle(settings.policy(RetryBudget)),
+        breaker=settings.policy(BreakerPolicy),
         hedge_delay_seconds=settings.hedge_delay_seconds,
         on_breaker_change=on_breaker_change,
         sleep=sleep or asyncio.sleep,
@@ -113,11 +104,11 @@ async def run(settings: EdgeSettings) -> None:
     plane = RouterDataPlane(router)
     server = OipServer(plane, SERVER_NAME, settings.limits)
     port = await server.start(settings.host, settings.grpc_port)
-    if router.cloud is not None:
+    if settings.cloud:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
     cloud = settings.cloud or "none (edge answers only)"
     print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud})", flush=True)
-    status = StatusLog(plane, settings.status_log_seconds)
+    status = StatusLog(router.stats, settings.status_log_seconds)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
     try:
         await serve_until_signalled(server, settings.grace_seconds)

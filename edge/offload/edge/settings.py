@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from offload.models import DEMO_REPOSITORY
 from offload.oip.settings import ServerSettings
+from offload.router.resilience import BreakerPolicy, RetryBudget
+from offload.router.upstream import RetryPolicy
+
+# The policies hold the defaults; the settings below start from them.
+_RETRY, _BUDGET, _BREAKER = RetryPolicy(), RetryBudget(), BreakerPolicy()
+Policy = TypeVar("Policy", RetryPolicy, RetryBudget, BreakerPolicy)
+# A policy's field F is the setting PREFIX + F (retry_max_attempts, breaker_window, ...).
+_PREFIXES: dict[type, str] = {RetryPolicy: "retry_", RetryBudget: "retry_budget_", BreakerPolicy: "breaker_"}
 
 
 class EdgeSettings(ServerSettings):
@@ -30,32 +39,36 @@ class EdgeSettings(ServerSettings):
     ] = 0.02
     edge_threads: Annotated[int, Field(ge=1, description="Threads that run edge models off the event loop.")] = 1
 
-    retry_max_attempts: Annotated[int, Field(ge=1, description="Attempts per cloud request, the first included.")] = 3
+    retry_max_attempts: Annotated[int, Field(ge=1, description="Attempts per cloud request, the first included.")] = (
+        _RETRY.max_attempts
+    )
     retry_initial_backoff_seconds: Annotated[
         float, Field(gt=0, description="Backoff ceiling before the 2nd attempt (full jitter; doubles each time).")
-    ] = 0.05
-    retry_max_backoff_seconds: Annotated[float, Field(gt=0, description="Largest backoff ceiling.")] = 1.0
+    ] = _RETRY.initial_backoff_seconds
+    retry_max_backoff_seconds: Annotated[float, Field(gt=0, description="Largest backoff ceiling.")] = (
+        _RETRY.max_backoff_seconds
+    )
     retry_budget_max_tokens: Annotated[
         float, Field(gt=0, description="Retry budget (gRPC A6): tokens; retries stop below half of them.")
-    ] = 10.0
+    ] = _BUDGET.max_tokens
     retry_budget_token_ratio: Annotated[
         float, Field(gt=0, description="Retry budget: tokens a successful cloud call gives back.")
-    ] = 0.1
+    ] = _BUDGET.token_ratio
     breaker_consecutive_failures: Annotated[
         int, Field(ge=1, description="Circuit breaker: consecutive failures that open it.")
-    ] = 5
+    ] = _BREAKER.consecutive_failures
     breaker_failure_rate: Annotated[
         float, Field(gt=0, le=1, description="Circuit breaker: failure share over the window that opens it.")
-    ] = 0.5
+    ] = _BREAKER.failure_rate
     breaker_window: Annotated[int, Field(ge=1, description="Circuit breaker: recent calls the rate is taken over.")] = (
-        20
+        _BREAKER.window
     )
     breaker_min_calls: Annotated[
         int, Field(ge=1, description="Circuit breaker: calls needed before the rate counts.")
-    ] = 10
+    ] = _BREAKER.min_calls
     breaker_cooldown_seconds: Annotated[
         float, Field(ge=0, description="Circuit breaker: how long it stays open before one probe call.")
-    ] = 5.0
+    ] = _BREAKER.cooldown_seconds
     cache_max_bytes: Annotated[
         int, Field(ge=0, description="Bytes of cloud answers cached per row (least recently used out); 0: no cache.")
     ] = 64 * 1024 * 1024
@@ -84,3 +97,10 @@ class EdgeSettings(ServerSettings):
             "happened; 0: none.",
         ),
     ] = 60.0
+
+    def policy(self, kind: type[Policy]) -> Policy:
+        """The retry, retry-budget or breaker policy these settings describe: each field F of the
+        policy is the setting <prefix>F where there is one, else the policy's default."""
+        prefix = _PREFIXES[kind]
+        names = type(self).model_fields
+        return kind(**{f.name: getattr(self, prefix + f.name) for f in fields(kind) if prefix + f.name in names})

@@ -26,6 +26,7 @@ from cachetools import TTLCache
 from offload.oip.datatypes import payload_bytes
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import ParameterValue
+from offload.router.stats import CacheStats
 
 RowOutputs = dict[str, npt.NDArray[Any]]  # output name -> that row's values (no batch dimension)
 _ENTRY_OVERHEAD = 64
@@ -37,7 +38,9 @@ class FetchAbandoned(Exception):
 
 
 @dataclass(slots=True)
-class CacheStats:
+class _Counts:
+    """Live counters; stats() hands out a frozen copy with the cache's size."""
+
     hits: int = 0
     misses: int = 0
     shared: int = 0  # rows that waited for another request's cloud call (single-flight)
@@ -64,7 +67,7 @@ class RowCache:
         # The cloud version last seen per (edge model, cloud model): a change drops the model's entries.
         self._cloud_versions: dict[str, str] = {}
         self.max_bytes = max_bytes
-        self.stats = CacheStats()
+        self._counts = _Counts()
 
     @property
     def bytes_used(self) -> int:
@@ -72,6 +75,17 @@ class RowCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def stats(self) -> CacheStats:
+        counts = self._counts
+        return CacheStats(
+            hits=counts.hits,
+            misses=counts.misses,
+            shared=counts.shared,
+            invalidations=counts.invalidations,
+            bytes=self.bytes_used,
+            entries=len(self),
+        )
 
     def keys(
         self,
@@ -104,17 +118,17 @@ class RowCache:
             cached = self._entries.get(key)
             if cached is not None:
                 plan.hits[position] = cached[1]
-                self.stats.hits += 1
+                self._counts.hits += 1
             elif key in first_send:
                 plan.duplicates[position] = first_send[key]
             elif key in self._in_flight:
                 plan.waits[position] = self._in_flight[key]
-                self.stats.shared += 1
+                self._counts.shared += 1
             else:
                 self._in_flight[key] = loop.create_future()
                 first_send[key] = position
                 plan.sends.append(position)
-                self.stats.misses += 1
+                self._counts.misses += 1
         return plan
 
     def fulfil(self, plan: RowPlan, model: str, cloud_version: str, answers: Sequence[RowOutputs]) -> None:
@@ -151,7 +165,7 @@ class RowCache:
         stale = [key for key, (owner, _) in self._entries.items() if owner == model]
         for key in stale:
             del self._entries[key]
-        self.stats.invalidations += 1
+        self._counts.invalidations += 1
 
 
 def _entry_size(entry: tuple[str, RowOutputs]) -> int:

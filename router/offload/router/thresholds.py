@@ -1,0 +1,41 @@
+"""The confidence a row needs to stay on the edge: the caller's threshold, else the online budget's,
+else the model's."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from offload.router.budget import AdaptiveThreshold
+from offload.router.models import RoutedModel
+from offload.router.options import RoutingOptions
+
+
+class Thresholds:
+    """Per model: the configured threshold, or with `target_offload` an online budget that follows live traffic."""
+
+    def __init__(self, models: Mapping[str, RoutedModel], target_offload: float | None = None) -> None:
+        self._models = dict(models)
+        # Online budget: per model, a threshold that keeps the offload share near the target.
+        self._budgets = {name: AdaptiveThreshold(target_offload) for name in self._models} if target_offload else {}
+
+    def for_rows(self, model: RoutedModel, options: RoutingOptions, confidence: npt.NDArray[np.float64]) -> float:
+        """The threshold for a request's rows; the online budget, if any, learns their confidences."""
+        if options.threshold is not None:
+            return options.threshold
+        budget = self._budgets.get(model.name)
+        if budget is None:
+            return model.routing.threshold
+        budget.observe(confidence)
+        return budget.threshold(model.routing.threshold)
+
+    def current(self) -> dict[str, float]:
+        """Per model, the threshold a request without its own would be judged by now."""
+        current: dict[str, float] = {}
+        for name, model in self._models.items():
+            budget = self._budgets.get(name)
+            default = model.routing.threshold
+            current[name] = default if budget is None else budget.threshold(default)
+        return current
