@@ -39,9 +39,10 @@ from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import UpstreamError
+from offload.oip.limits import MAX_MESSAGE_BYTES, channel_options
 from offload.oip.messages import request_to_pb, response_from_pb
 from offload.oip.repository import load_repository
-from offload.oip.server import OipServer, channel_options
+from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.core import RoutedModel
@@ -51,7 +52,6 @@ from offload.tools.process import ServerProcess
 from support import gate
 from support.chaos import (
     ALL_TO_CLOUD,
-    MAX_MESSAGE_BYTES,
     Call,
     ChaosProxy,
     Corruption,

@@ -19,11 +19,11 @@ from offload.oip.repository import ModelEntry
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata
 from offload.oip.validation import check_inputs, check_requested_outputs
+from offload.oip.version import SERVER_VERSION
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "offload-cloud"
-SERVER_VERSION = "0.1.0"
 
 
 class _CallerGone(Exception):
