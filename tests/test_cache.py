@@ -324,3 +324,20 @@ def test_the_cloud_response_cache_counts_the_payload_of_bytes_outputs() -> None:
         cache.put(key, [Tensor.of("text", np.array([b"x" * size], dtype=object))])
     assert cache.get(b"small") is not None
     assert cache.get(b"large") is None, "a 100 kB answer does not fit a 50 kB cache"
+
+
+def test_the_cloud_response_cache_keys_the_whole_request_whatever_its_id_and_input_order() -> None:
+    from offload.cloud.response_cache import ResponseCache
+
+    pixels, mask = Tensor.of("pixels", _pixels(2)), Tensor.of("mask", np.ones((2, 1), np.float32))
+    key = ResponseCache.key(InferRequest("digits", [pixels, mask], id="a", parameters={"p": 1}), "1", ["scores"])
+    same = InferRequest("digits", [mask, pixels], id="b", parameters={"p": 1})
+    assert ResponseCache.key(same, "1", ["scores"]) == key
+    changed = [
+        ResponseCache.key(same, "2", ["scores"]),
+        ResponseCache.key(same, "1", ["scores", "other"]),
+        ResponseCache.key(InferRequest("digits", [pixels, mask], parameters={"p": "1"}), "1", ["scores"]),
+        ResponseCache.key(InferRequest("digits", [pixels], parameters={"p": 1}), "1", ["scores"]),
+        ResponseCache.key(InferRequest("digits_large", [pixels, mask], parameters={"p": 1}), "1", ["scores"]),
+    ]
+    assert len({key, *changed}) == 1 + len(changed)
