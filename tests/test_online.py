@@ -11,11 +11,11 @@ import pytest
 
 from offload.cloud.dataplane import CloudDataPlane
 from offload.models import DEMO_REPOSITORY
-from offload.oip.repository import OutputKind
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.confidence import max_probability
+from offload.router.config import OutputKind
 from offload.router.core import MAX_AUDITS_IN_FLIGHT, RoutedModel, Router
 from offload.router.upstream import CloudEndpoint
 from support.held import HeldCloud

@@ -13,10 +13,10 @@ from conftest import Stack
 from offload.cloud.dataplane import CloudDataPlane
 from offload.models import DEMO_REPOSITORY
 from offload.oip.client import OipClient
-from offload.oip.repository import OutputKind
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.confidence import max_probability
+from offload.router.config import OutputKind
 from offload.router.core import RoutedModel, Router
 
 THRESHOLD = 0.9

@@ -18,13 +18,14 @@ import numpy as np
 import numpy.typing as npt
 
 from offload.oip.errors import InvalidArgument, NotFound
-from offload.oip.repository import ModelConfig, TensorSpec
+from offload.oip.repository import TensorSpec
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ParameterValue
 from offload.oip.validation import check_inputs, check_requested_outputs, check_tensor
 from offload.router.budget import AdaptiveThreshold
 from offload.router.cache import FetchAbandoned, RowCache, RowOutputs
 from offload.router.confidence import row_confidence
+from offload.router.config import RoutedConfig as ModelConfig
 from offload.router.options import (
     RESPONSE_CONFIDENCE,
     RESPONSE_DEGRADED,
