@@ -211,7 +211,7 @@ async def test_cloud_response_cache_is_off_by_default_and_answers_repeats_when_o
 
     assert demo_cloud_plane.response_cache is None
     plane = CloudDataPlane(
-        demo_cloud_plane._models, demo_cloud_plane._executor, response_cache=ResponseCache(1 << 20, 60)
+        demo_cloud_plane.registry, demo_cloud_plane.scheduler, response_cache=ResponseCache(1 << 20, 60)
     )
     request = InferRequest("digits", [Tensor.of("pixels", _pixels(3))], id="a")
     first = await plane.infer(request, None)

@@ -278,7 +278,7 @@ def test_calibrate_target_accuracy_takes_the_least_offload_that_reaches_it(
     pixels, labels = validation
     model = load_edge_models(repository)["digits"]
     edge_scores = model.edge.predict({"pixels": pixels})["scores"]
-    cloud_scores = demo_cloud_plane._model("digits", "").predict({"pixels": pixels})["scores"]
+    cloud_scores = demo_cloud_plane.registry.model("digits", "").predict({"pixels": pixels})["scores"]
     confidence = class_confidence(edge_scores, "max_probability", temperature=temperature)
 
     def routed_accuracy(at: float) -> float:

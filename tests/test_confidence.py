@@ -186,7 +186,7 @@ async def test_router_routes_by_margin_with_temperature_on_edge_and_cloud_answer
     edge_margin = class_confidence(edge_scores, "margin", temperature=1.5)
     unsure = edge_margin < 0.6
     assert 0 < unsure.sum() < len(pixels), "the test rows should mix sure and unsure rows"
-    cloud_scores = demo_cloud_plane._model("digits", "").predict({"pixels": pixels[unsure]})["scores"]
+    cloud_scores = demo_cloud_plane.registry.model("digits", "").predict({"pixels": pixels[unsure]})["scores"]
 
     async with running_stack(demo_cloud_plane, {"digits": model}, edge_executor) as stack:
         request = InferRequest("digits", [Tensor.of("pixels", pixels)], parameters={"offload_details": True})

@@ -115,7 +115,7 @@ async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_rep
     model = demo_edge_models["digits"]
     edge_scores = model.edge.predict({"pixels": pixels})["scores"]
     confident = max_probability(edge_scores, OutputKind.LOGITS) >= model.config.routing.threshold
-    cloud_scores = demo_cloud_plane._model("digits", "").predict({"pixels": pixels[confident]})["scores"]
+    cloud_scores = demo_cloud_plane.registry.model("digits", "").predict({"pixels": pixels[confident]})["scores"]
     expected = int(np.sum(edge_scores[confident].argmax(axis=1) == cloud_scores.argmax(axis=1)))
     # Every confident row was audited; the audit does not change the answer's routing.
     assert router.audit.rows == int(confident.sum())

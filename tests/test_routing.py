@@ -72,7 +72,7 @@ def _edge_scores(models: dict[str, RoutedModel], pixels: npt.NDArray[np.float32]
 
 
 def _cloud_scores(plane: CloudDataPlane, pixels: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
-    return plane._model("digits", "").predict({"pixels": pixels})["scores"]
+    return plane.registry.model("digits", "").predict({"pixels": pixels})["scores"]
 
 
 async def test_mixed_batch_sends_only_unsure_rows_and_merges_them_in_order(
