@@ -47,7 +47,7 @@ from offload.edge.agent import load_edge_models
 from offload.models import DEMO_REPOSITORY
 from offload.oip import client as client_module
 from offload.oip.client import OipClient
-from offload.oip.server import channel_options
+from offload.oip.limits import channel_options
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.models import RoutedModel

@@ -34,7 +34,6 @@ import numpy.typing as npt
 
 from offload.edge.agent import load_edge_models
 from offload.models import DEMO_REPOSITORY
-from offload.oip.repository import ConfidenceMeasure, RoutingSection
 from offload.router.calibration import (
     Target,
     calibrate_predictions,
@@ -47,6 +46,7 @@ from offload.router.calibration import (
     wilson_interval,
 )
 from offload.router.confidence import class_confidence, row_confidence, scaled_logits
+from offload.router.config import ConfidenceMeasure, RoutingSection
 from offload.tools.calibrate import edge_predictions, load_inputs, local_cloud_scores
 from results_file import RESULTS, write_section
 

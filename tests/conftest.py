@@ -16,8 +16,9 @@ from offload.cloud.settings import CloudSettings
 from offload.edge.agent import load_edge_models
 from offload.edge.dataplane import RouterDataPlane
 from offload.models import DEMO_REPOSITORY
+from offload.oip.limits import ServerLimits
 from offload.oip.repository import load_repository
-from offload.oip.server import OipServer, ServerLimits
+from offload.oip.server import OipServer
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.upstream import CloudEndpoint

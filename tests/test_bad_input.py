@@ -25,9 +25,10 @@ from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import InvalidArgument
+from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits
 from offload.oip.messages import request_to_pb
 from offload.oip.repository import TensorSpec
-from offload.oip.server import INLINE_CODEC_ELEMENTS, OipServer, ServerLimits, read_request
+from offload.oip.server import OipServer, read_request
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import InferRequest
 from offload.router.models import RoutedModel

@@ -222,7 +222,7 @@ async def test_cloud_response_cache_is_off_by_default_and_answers_repeats_when_o
 
     assert demo_cloud_plane.response_cache is None
     plane = CloudDataPlane(
-        demo_cloud_plane._models, demo_cloud_plane._executor, response_cache=ResponseCache(1 << 20, 60)
+        demo_cloud_plane.registry, demo_cloud_plane.scheduler, response_cache=ResponseCache(1 << 20, 60)
     )
     request = InferRequest("digits", [Tensor.of("pixels", _pixels(3))], id="a")
     first = await plane.infer(request, None)
@@ -331,3 +331,20 @@ def test_the_cloud_response_cache_counts_the_payload_of_bytes_outputs() -> None:
         cache.put(key, [Tensor.of("text", np.array([b"x" * size], dtype=object))])
     assert cache.get(b"small") is not None
     assert cache.get(b"large") is None, "a 100 kB answer does not fit a 50 kB cache"
+
+
+def test_the_cloud_response_cache_keys_the_whole_request_whatever_its_id_and_input_order() -> None:
+    from offload.cloud.response_cache import ResponseCache
+
+    pixels, mask = Tensor.of("pixels", _pixels(2)), Tensor.of("mask", np.ones((2, 1), np.float32))
+    key = ResponseCache.key(InferRequest("digits", [pixels, mask], id="a", parameters={"p": 1}), "1", ["scores"])
+    same = InferRequest("digits", [mask, pixels], id="b", parameters={"p": 1})
+    assert ResponseCache.key(same, "1", ["scores"]) == key
+    changed = [
+        ResponseCache.key(same, "2", ["scores"]),
+        ResponseCache.key(same, "1", ["scores", "other"]),
+        ResponseCache.key(InferRequest("digits", [pixels, mask], parameters={"p": "1"}), "1", ["scores"]),
+        ResponseCache.key(InferRequest("digits", [pixels], parameters={"p": 1}), "1", ["scores"]),
+        ResponseCache.key(InferRequest("digits_large", [pixels, mask], parameters={"p": 1}), "1", ["scores"]),
+    ]
+    assert len({key, *changed}) == 1 + len(changed)

@@ -29,6 +29,7 @@ from offload.router.calibration import (
     wilson_interval,
 )
 from offload.router.confidence import class_confidence, log_softmax, row_confidence
+from offload.router.config import RoutedConfig
 from offload.router.models import RoutedModel
 from offload.tools.calibrate import load_inputs, with_routing_values, write_routing
 from offload.tools.cli import main
@@ -214,7 +215,7 @@ def _args(repository: Path, data: Path, *extra: str, model: str = "digits") -> l
 
 
 def _routing(repository: Path) -> tuple[float, float]:
-    routing = load_model(repository / "digits").config.routing
+    routing = RoutedConfig.of(load_model(repository / "digits")).routing
     return routing.threshold, routing.temperature
 
 
@@ -272,12 +273,12 @@ def test_calibrate_target_accuracy_takes_the_least_offload_that_reaches_it(
     assert code == 0, capsys.readouterr().err
     assert "target: routed accuracy 98.0%" in capsys.readouterr().out
     threshold, temperature = _routing(repository)
-    assert temperature == load_model(DEMO_REPOSITORY / "digits").config.routing.temperature  # not fitted
+    assert temperature == RoutedConfig.of(load_model(DEMO_REPOSITORY / "digits")).routing.temperature  # not fitted
 
     pixels, labels = validation
     model = load_edge_models(repository)["digits"]
     edge_scores = model.edge.predict({"pixels": pixels})["scores"]
-    cloud_scores = demo_cloud_plane._model("digits", "").predict({"pixels": pixels})["scores"]
+    cloud_scores = demo_cloud_plane.registry.model("digits", "").predict({"pixels": pixels})["scores"]
     confidence = class_confidence(edge_scores, "max_probability", temperature=temperature)
 
     def routed_accuracy(at: float) -> float:

@@ -20,10 +20,11 @@ from offload.cloud.settings import CloudSettings
 from offload.edge.agent import load_edge_models
 from offload.models import DEMO_REPOSITORY
 from offload.oip.errors import ConfigurationError, Internal
-from offload.oip.repository import OutputKind, RoutingSection, load_model, load_repository
+from offload.oip.repository import load_model, load_repository
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.confidence import class_confidence, max_probability, output_confidence, row_confidence
+from offload.router.config import OutputKind, RoutedConfig, RoutingSection
 from offload.router.models import RoutedModel
 
 # Probabilities [0.7, 0.2, 0.1] as logits (any shift of the logits gives the same softmax).
@@ -153,10 +154,10 @@ def test_model_toml_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
     outputs = 'outputs = [{ name = "scores", datatype = "FP32", shape = [-1, 3] }]\n'
     (folder / "model.toml").write_text(outputs + '[routing]\nconfidence = "output"\n')
     with pytest.raises(ConfigurationError, match=r"model\.toml: routing: .*needs confidence_output"):
-        load_model(folder)
+        RoutedConfig.of(load_model(folder))
     (folder / "model.toml").write_text(outputs + '[routing]\nconfidence = "output"\nconfidence_output = "conf"\n')
     with pytest.raises(ConfigurationError, match=r"routing.confidence_output 'conf' is not among the outputs"):
-        load_model(folder)
+        RoutedConfig.of(load_model(folder))
 
 
 # --- the router uses the configured measure, on the edge's and on the cloud's answers --------------------------------
@@ -185,7 +186,7 @@ async def test_router_routes_by_margin_with_temperature_on_edge_and_cloud_answer
     edge_margin = class_confidence(edge_scores, "margin", temperature=1.5)
     unsure = edge_margin < 0.6
     assert 0 < unsure.sum() < len(pixels), "the test rows should mix sure and unsure rows"
-    cloud_scores = demo_cloud_plane._model("digits", "").predict({"pixels": pixels[unsure]})["scores"]
+    cloud_scores = demo_cloud_plane.registry.model("digits", "").predict({"pixels": pixels[unsure]})["scores"]
 
     async with running_stack(demo_cloud_plane, {"digits": model}, edge_executor) as stack:
         request = InferRequest("digits", [Tensor.of("pixels", pixels)], parameters={"offload_details": True})

@@ -196,12 +196,20 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert "usage: offload" in completed.stdout
 
 
-def test_bad_model_repository_is_a_clear_start_up_error(tmp_path: Path) -> None:
+# Each wing validates the sections it uses: the edge agent [edge] and [routing], the cloud [cloud].
+@pytest.mark.parametrize(
+    ("command", "config", "field"),
+    [
+        ("edge", '[routing]\nthreshold = 2.0\n[edge]\nartifact = "missing.onnx"\n', "routing.threshold"),
+        ("cloud", '[cloud]\nartifact = "missing.pt2"\nwarmup_rows = -1\n', "cloud.warmup_rows"),
+    ],
+)
+def test_bad_model_repository_is_a_clear_start_up_error(tmp_path: Path, command: str, config: str, field: str) -> None:
     folder = tmp_path / "broken"
     folder.mkdir()
-    (folder / "model.toml").write_text('[routing]\nthreshold = 2.0\n[cloud]\nartifact = "missing.pt2"\n')
+    (folder / "model.toml").write_text(config)
     completed = subprocess.run(
-        [sys.executable, "-m", "offload.tools.cli", "cloud", "--grpc-port", "0", "--model-repository", str(tmp_path)],
+        [sys.executable, "-m", "offload.tools.cli", command, "--grpc-port", "0", "--model-repository", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -209,4 +217,4 @@ def test_bad_model_repository_is_a_clear_start_up_error(tmp_path: Path) -> None:
     )
     assert completed.returncode == 2
     assert "model.toml" in completed.stderr
-    assert "routing.threshold" in completed.stderr
+    assert field in completed.stderr

@@ -11,12 +11,12 @@ import pytest
 
 from offload.cloud.dataplane import CloudDataPlane
 from offload.models import DEMO_REPOSITORY
-from offload.oip.repository import OutputKind
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.audit import MAX_AUDITS_IN_FLIGHT
 from offload.router.confidence import max_probability
+from offload.router.config import OutputKind
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.upstream import CloudEndpoint
@@ -125,7 +125,7 @@ async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_rep
     model = demo_edge_models["digits"]
     edge_scores = model.edge.predict({"pixels": pixels})["scores"]
     confident = max_probability(edge_scores, OutputKind.LOGITS) >= model.routing.threshold
-    cloud_scores = demo_cloud_plane._model("digits", "").predict({"pixels": pixels[confident]})["scores"]
+    cloud_scores = demo_cloud_plane.registry.model("digits", "").predict({"pixels": pixels[confident]})["scores"]
     expected = int(np.sum(edge_scores[confident].argmax(axis=1) == cloud_scores.argmax(axis=1)))
     # Every confident row was audited; the audit does not change the answer's routing.
     audit = router.stats().audit

@@ -14,10 +14,10 @@ from offload.cloud.dataplane import CloudDataPlane
 from offload.models import DEMO_REPOSITORY
 from offload.oip.client import OipClient
 from offload.oip.errors import NotFound
-from offload.oip.repository import OutputKind
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.confidence import max_probability
+from offload.router.config import OutputKind
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 
@@ -74,7 +74,7 @@ def _edge_scores(models: dict[str, RoutedModel], pixels: npt.NDArray[np.float32]
 
 
 def _cloud_scores(plane: CloudDataPlane, pixels: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
-    return plane._model("digits", "").predict({"pixels": pixels})["scores"]
+    return plane.registry.model("digits", "").predict({"pixels": pixels})["scores"]
 
 
 async def test_mixed_batch_sends_only_unsure_rows_and_merges_them_in_order(

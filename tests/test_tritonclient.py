@@ -7,6 +7,7 @@ lives in a private one), so passing these tests means the wire format is the sta
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,6 +71,7 @@ def test_health_and_metadata(client: Any, server: str) -> None:
     assert client.is_model_ready("digits")
     assert client.is_model_ready("digits", "1")
     assert client.get_server_metadata().name == SERVER_NAMES[server]
+    assert client.get_server_metadata().version == importlib.metadata.version("offload")
     metadata = client.get_model_metadata("digits")
     assert metadata.name == "digits"
     assert list(metadata.versions) == ["1"]

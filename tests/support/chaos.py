@@ -54,8 +54,9 @@ from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import PUSHBACK_KEY, UpstreamError
+from offload.oip.limits import MAX_MESSAGE_BYTES, channel_options
 from offload.oip.messages import response_from_pb, response_to_pb
-from offload.oip.server import OipServer, channel_options
+from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.cache import RowCache
@@ -80,7 +81,6 @@ Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 Method = grpc.aio.UnaryUnaryMultiCallable
 REQUEST_ID_KEY = "x-request-id"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class Corruption(StrEnum):

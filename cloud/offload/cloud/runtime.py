@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from offload.cloud.config import CloudSection
 from offload.oip.errors import ConfigurationError, Internal
 from offload.oip.repository import ModelEntry, TensorSpec
 
@@ -43,7 +44,8 @@ class CloudModel:
 
     def __init__(self, entry: ModelEntry, device: torch.device) -> None:
         config = entry.config
-        if config.cloud is None:
+        section = entry.section("cloud", CloudSection)
+        if section is None:
             raise ConfigurationError(f"model {config.name!r} has no [cloud] section")
         if not config.inputs or not config.outputs:
             raise ConfigurationError(f"model {config.name!r}: a cloud model must declare its inputs and outputs")
@@ -54,7 +56,6 @@ class CloudModel:
         self.device = device
         self._module: torch.nn.Module | None = None
         self._array_model: ArrayModel | None = None
-        section = config.cloud
         program_rows: int | None = None
         if section.factory is not None:
             self.platform = "python"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
 from offload.edge.onnx_model import OnnxModel
 from offload.edge.settings import EdgeSettings
@@ -17,6 +18,7 @@ from offload.oip.errors import ConfigurationError
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
+from offload.router.config import RoutedConfig
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
@@ -28,12 +30,14 @@ log = logging.getLogger(__name__)
 def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
     models: dict[str, RoutedModel] = {}
     for name, entry in load_repository(repository).items():
-        section = entry.config.edge
+        section = entry.section("edge", EdgeSection)
         if section is None:
             continue
+        # The [routing] table is the router's to validate; a wrong one stops start-up before any model loads.
+        config = RoutedConfig.of(entry)
         onnx = OnnxModel(entry.artifact_path(section.artifact), section)
         onnx.check_declared(entry.config.inputs, entry.config.outputs)
-        routed = RoutedModel(entry.config, onnx)
+        routed = RoutedModel(config, onnx)
         if routed.score_output not in {spec.name for spec in onnx.outputs}:
             raise ConfigurationError(
                 f"model {name!r}: routing.output {routed.score_output!r} is not an output of {onnx.path}"

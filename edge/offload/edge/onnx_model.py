@@ -11,8 +11,9 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from offload.edge.config import EdgeSection
 from offload.oip.errors import ConfigurationError, InvalidArgument
-from offload.oip.repository import BATCH_DIM, EdgeSection, TensorSpec
+from offload.oip.repository import BATCH_DIM, TensorSpec
 
 log = logging.getLogger(__name__)
 

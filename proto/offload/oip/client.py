@@ -9,9 +9,9 @@ import grpc
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.errors import PUSHBACK_KEY, UpstreamError, parse_pushback
-from offload.oip.messages import DEFAULT_MAX_ELEMENTS, encode_cost, request_to_pb, response_from_pb
+from offload.oip.limits import INLINE_CODEC_ELEMENTS, MAX_ELEMENTS, MAX_MESSAGE_BYTES, channel_options
+from offload.oip.messages import encode_cost, request_to_pb, response_from_pb
 from offload.oip.repository import TensorSpec
-from offload.oip.server import INLINE_CODEC_ELEMENTS, channel_options
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata
 
 # gRPC's default reconnect backoff starts at 1 s and grows to 120 s while a peer is
@@ -25,16 +25,26 @@ RECONNECT_OPTIONS = [
 
 
 class OipClient:
-    """One channel to one server. Calls raise UpstreamError carrying the server's status."""
+    """One channel to one server. Calls raise UpstreamError carrying the server's status.
+
+    With `credentials` (TLS) the channel is a secure one; without, it is plaintext.
+    """
 
     def __init__(
-        self, target: str, max_message_bytes: int = 64 * 1024 * 1024, max_elements: int = DEFAULT_MAX_ELEMENTS
+        self,
+        target: str,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_elements: int = MAX_ELEMENTS,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
         # The most elements one answer's tensor may declare: the peer's sizes are checked before decoding.
         self.max_elements = max_elements
         options = [*channel_options(max_message_bytes), *RECONNECT_OPTIONS]
-        self._channel = grpc.aio.insecure_channel(target, options=options)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def close(self) -> None:

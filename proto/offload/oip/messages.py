@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.errors import InvalidArgument
+from offload.oip.limits import MAX_ELEMENTS
 from offload.oip.repository import TensorSpec
 from offload.oip.tensors import (
     CheckedTensor,
@@ -22,8 +23,6 @@ from offload.oip.tensors import (
 )
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ParameterValue, ServerMetadata
 from offload.oip.validation import check_declared_inputs
-
-DEFAULT_MAX_ELEMENTS = 1 << 28
 
 
 def parameters_from_pb(parameters: Mapping[str, pb.InferParameter], where: str) -> dict[str, ParameterValue]:
@@ -112,7 +111,7 @@ def _requested_outputs(message: pb.ModelInferRequest) -> list[str]:
 
 
 def check_request(
-    message: pb.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
+    message: pb.ModelInferRequest, max_elements: int = MAX_ELEMENTS, model_inputs: ModelInputs | None = None
 ) -> CheckedRequest:
     """Every check that needs no tensor value: the model (with `model_inputs`), parameters, each
     input's name, datatype, shape and content sizes, and the inputs against the model's.
@@ -159,7 +158,7 @@ def decode_request(checked: CheckedRequest) -> InferRequest:
 
 
 def request_from_pb(
-    message: pb.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
+    message: pb.ModelInferRequest, max_elements: int = MAX_ELEMENTS, model_inputs: ModelInputs | None = None
 ) -> InferRequest:
     return decode_request(check_request(message, max_elements, model_inputs))
 
@@ -207,7 +206,7 @@ def response_to_pb(response: InferResponse, raw: bool) -> pb.ModelInferResponse:
 
 
 def response_from_pb(
-    message: pb.ModelInferResponse, where: str = "response", max_elements: int = DEFAULT_MAX_ELEMENTS
+    message: pb.ModelInferResponse, where: str = "response", max_elements: int = MAX_ELEMENTS
 ) -> InferResponse:
     raw_given = _raw_given(len(message.raw_output_contents), len(message.outputs), "output", where)
     raw = list(message.raw_output_contents) if raw_given else None

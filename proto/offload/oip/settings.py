@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from offload.oip.errors import ConfigurationError
-from offload.oip.server import ServerLimits
+from offload.oip.limits import MAX_ELEMENTS, MAX_MESSAGE_BYTES, ServerLimits
 
 _config_file: ContextVar[Path | None] = ContextVar("offload_config_file", default=None)
 
@@ -46,10 +46,10 @@ class ServerSettings(BaseSettings):
     grpc_port: Annotated[int, Field(ge=0, le=65535, description="gRPC port; 0 picks a free one.")] = 8001
     max_message_bytes: Annotated[
         int, Field(ge=1024, description="Largest gRPC message sent or received; larger ones get RESOURCE_EXHAUSTED.")
-    ] = 64 * 1024 * 1024
+    ] = MAX_MESSAGE_BYTES
     max_elements: Annotated[
         int, Field(ge=1, description="Most elements one request tensor may declare; more is INVALID_ARGUMENT.")
-    ] = 1 << 26
+    ] = MAX_ELEMENTS
     grace_seconds: Annotated[
         float, Field(ge=0, description="On SIGTERM/SIGINT, how long calls in flight may take to finish.")
     ] = 10.0

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from offload.oip.errors import Internal
-from offload.oip.repository import ConfidenceMeasure, OutputKind, RoutingSection
+from offload.router.config import ConfidenceMeasure, OutputKind, RoutingSection
 
 Floats = npt.NDArray[np.float64]
 

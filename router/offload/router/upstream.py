@@ -28,7 +28,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from offload.oip.client import OipClient
 from offload.oip.errors import DeadlineExceeded, InvalidArgument, OffloadError, UpstreamError
-from offload.oip.messages import DEFAULT_MAX_ELEMENTS
+from offload.oip.limits import MAX_ELEMENTS
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryThrottle
 from offload.router.stats import UpstreamStats
@@ -111,7 +111,7 @@ class CloudEndpoint:
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         on_breaker_change: Callable[[BreakerState], None] | None = None,
-        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        max_elements: int = MAX_ELEMENTS,
     ) -> None:
         self.target = target
         self.timeout_seconds = timeout_seconds

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from offload.oip.datatypes import DATATYPES
 from offload.oip.errors import ConfigurationError, OffloadError
-from offload.oip.repository import CONFIG_FILE, ModelConfig, TensorSpec, load_model, load_repository
+from offload.oip.repository import CONFIG_FILE, TensorSpec, load_model, load_repository
 from offload.router.calibration import (
     Arrays,
     Calibration,
@@ -38,6 +38,7 @@ from offload.router.calibration import (
     wilson_interval,
 )
 from offload.router.confidence import as_rows
+from offload.router.config import RoutedConfig
 
 # Rows per request to the cloud and per edge batch.
 BATCH_ROWS = 256
@@ -133,7 +134,7 @@ def edge_predictions(model: Any, inputs: Mapping[str, npt.NDArray[Any]], label: 
 
 
 def local_cloud_scores(
-    repository: Path, config: ModelConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
+    repository: Path, config: RoutedConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
 ) -> npt.NDArray[Any]:
     """The cloud model's score output, computed here with PyTorch (offload[cloud])."""
     try:
@@ -157,14 +158,14 @@ def local_cloud_scores(
 
 
 def remote_cloud_scores(
-    target: str, config: ModelConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
+    target: str, config: RoutedConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
 ) -> npt.NDArray[Any]:
     """The cloud model's score output from a running OIP server, BATCH_ROWS rows per request."""
     return asyncio.run(_remote_cloud_scores(target, config, inputs, score_output))
 
 
 async def _remote_cloud_scores(
-    target: str, config: ModelConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
+    target: str, config: RoutedConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
 ) -> npt.NDArray[Any]:
     from offload.oip.client import OipClient
     from offload.oip.errors import UpstreamError
@@ -266,7 +267,7 @@ def write_routing(folder: Path, threshold: float, temperature: float | None) -> 
     values = {"threshold": threshold} if temperature is None else {"threshold": threshold, "temperature": temperature}
     _replace_file(path, with_routing_values(original, values))
     try:
-        routing = load_model(folder).config.routing
+        routing = RoutedConfig.of(load_model(folder)).routing
         if routing.threshold != threshold or (temperature is not None and routing.temperature != temperature):
             raise CalibrationError(
                 f"{path}: the edited file does not hold the new values (is [routing] written as an inline "

@@ -23,6 +23,7 @@ from offload.oip.client import OipClient
 from offload.oip.repository import load_model
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, ParameterValue
+from offload.router.config import RoutedConfig
 from offload.router.options import RESPONSE_ROUTE, ROUTE, THRESHOLD
 from offload.tools.process import ServerProcess
 
@@ -95,7 +96,7 @@ async def _measure(edge_address: str, samples: int | None, threshold: float | No
     edge_accuracy, cloud_accuracy, routed_accuracy = (p.accuracy(labels) for p in (edge, cloud, routed))
     offloaded = [route == "cloud" for route in routed.routes]
     gap = cloud_accuracy - edge_accuracy
-    config = load_model(DEMO_REPOSITORY / MODEL).config
+    config = RoutedConfig.of(load_model(DEMO_REPOSITORY / MODEL))
     return {
         "model": MODEL,
         "samples": len(labels),
