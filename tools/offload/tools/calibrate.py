@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from offload.router.calibration import (
 )
 from offload.router.confidence import as_rows
 from offload.router.config import RoutedConfig
+from offload.tools.progress import with_progress
 
 # Rows per request to the cloud and per edge batch.
 BATCH_ROWS = 256
@@ -96,19 +96,9 @@ def _batches(rows: int, size: int = BATCH_ROWS) -> list[slice]:
 
 
 def _progress(batches: list[slice], label: str) -> Iterator[slice]:
-    """A progress bar on stderr (rows done) while a model runs; no bar where stderr is not a terminal."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency, but a missing bar must not stop a calibration
-        yield from batches
-        return
+    """The batches, with a bar on stderr counting rows done while a model runs."""
     total = batches[-1].stop if batches else 0
-    with tqdm(
-        total=total, desc=label, unit="row", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()
-    ) as bar:
-        for batch in batches:
-            yield batch
-            bar.update(batch.stop - batch.start)
+    return with_progress(batches, total, label, "row", size=lambda batch: batch.stop - batch.start)
 
 
 def _concatenate(parts: Iterable[Arrays]) -> Arrays:
