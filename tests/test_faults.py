@@ -65,8 +65,8 @@ from support.chaos import (
     cloud_bound,
     edge_under_test,
     eventually,
-    retry_bound,
     wait_for_cloud_answer,
+    within_retry_budget,
 )
 
 Code = grpc.StatusCode
@@ -123,7 +123,7 @@ def assert_sound(
     if not errors_allowed:
         assert all(call.response is not None for call in calls)
     stats = edge.endpoint.stats()
-    assert stats.retries + stats.hedges <= retry_bound(edge.endpoint), f"retries and hedges past the budget: {stats}"
+    assert within_retry_budget(edge.endpoint), f"retries and hedges past the budget: {stats}"
     sent_calls = stats.calls - stats.short_circuited
     assert stats.attempts <= sent_calls + stats.retries + stats.hedges, stats
     if proxy is not None:
@@ -656,3 +656,31 @@ async def test_the_status_line_is_written_every_interval_only_when_something_hap
             assert naps == [30.0] * 3
         finally:
             loop.cancel()
+
+
+@pytest.mark.parametrize(("deadline_from_due", "sent"), [(True, 1), (False, 2)])
+async def test_burst_counts_the_wait_for_a_slot_against_the_apps_deadline_when_asked(
+    deadline_from_due: bool, sent: int
+) -> None:
+    """The benchmark's app (deadline_from_due) starts each request's deadline when it is due: one whose deadline
+    passed while it waited for a slot is not sent and fails DEADLINE_EXCEEDED. Without it, it is sent."""
+    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
+        pixels = data["inputs"][:6].astype(np.float32)
+    scores = np.zeros((6, 10), dtype=np.float32)
+    rows_only = Reference(pixels, scores, np.zeros(6), scores)  # burst reads the pixels alone
+    async with ChaosProxy("127.0.0.1:1") as held, OipClient(held.address) as client:
+        held.delay_seconds = 60.0  # the injected fault: each call is held past its deadline, keeping its slot
+        # Both due at once (an open loop at a huge rate): the second waits for the slot the first's whole deadline.
+        calls = await burst(
+            client,
+            rows_only,
+            2,
+            tag="queued",
+            concurrency=1,
+            timeout=0.2,
+            rate=1e9,
+            deadline_from_due=deadline_from_due,
+        )
+    assert [call.error.status if call.error else None for call in calls] == [Code.DEADLINE_EXCEEDED] * 2
+    assert held.calls == sent
+    assert calls[1].sent_at >= calls[0].answered_at  # it got the slot once the first had its answer

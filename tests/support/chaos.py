@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import random
 import statistics
 import time
@@ -399,13 +400,19 @@ def cloud_bound(reference: Reference, rows: npt.NDArray[np.intp], threshold: flo
 
 @dataclass
 class Call:
-    """One app request and what came of it."""
+    """One app request and what came of it.
+
+    Its clock starts at `due_at`, when the app would have sent it (its scheduled send time, or
+    the moment it began to wait for a concurrency slot): time spent waiting for a slot is part
+    of `seconds`, as it is of what the app sees. `sent_at` is when it got a slot and went out.
+    """
 
     id: str
     index: int
     rows: npt.NDArray[np.intp]
-    sent_at: float
-    seconds: float = 0.0
+    due_at: float
+    sent_at: float = math.nan
+    seconds: float = 0.0  # from due_at to the answer or the error
     response: InferResponse | None = None
     error: UpstreamError | None = None
     order: int = -1  # completion order within its burst
@@ -416,6 +423,15 @@ class Call:
         tensor = self.response.output(name)
         assert tensor is not None, f"{self.id}: the answer lacks {name!r}"
         return tensor.data
+
+    @property
+    def queued(self) -> float:
+        """Seconds it waited for a concurrency slot."""
+        return self.sent_at - self.due_at
+
+    @property
+    def answered_at(self) -> float:
+        return self.due_at + self.seconds
 
     @property
     def degraded_rows(self) -> npt.NDArray[np.bool_]:
@@ -449,13 +465,18 @@ async def burst(
     on_done: Callable[[Call, int], None] | None = None,
     on_send: Callable[[Call], None] | None = None,
     rate: float | None = None,
+    deadline_from_due: bool = False,
 ) -> list[Call]:
     """Send `count` requests, at most `concurrency` at a time, each with a gRPC deadline of `timeout` seconds.
 
-    `on_send(call)` runs as each request goes out, `on_done(call, completed)` as each
-    one ends (completed counts the ends so far): hooks to break things on a condition.
-    With `rate`, request i is not sent before i / rate seconds from the start (an open
-    loop, for the benchmark); without, each goes as soon as a slot is free.
+    `on_send(call)` runs as each request goes out (once it has a slot), `on_done(call,
+    completed)` as each one ends (completed counts the ends so far): hooks to break things
+    on a condition. With `rate`, request i is due i / rate seconds from the start (an open
+    loop, for the benchmark); without, every request is due at once. Each call's clock
+    starts when it is due, before it waits for a slot (see `Call`). With
+    `deadline_from_due`, the deadline runs from then too, as an app's deadline does: the
+    gRPC deadline sent is what is left of `timeout` after the wait for a slot, and a request
+    whose deadline passed while it waited is not sent and fails DEADLINE_EXCEEDED.
     """
     gate = asyncio.Semaphore(concurrency)
     calls: list[Call] = []
@@ -466,20 +487,30 @@ async def burst(
     async def one(index: int) -> None:
         nonlocal completed
         rows = reference.rows(index)
+        due = time.monotonic()
         if rate is not None:
-            await asyncio.sleep(max(0.0, start + (index - first_index) / rate - time.monotonic()))  # load pacing
+            due = start + (index - first_index) / rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))  # load pacing
+        call = Call(f"{tag}-{index}", index, rows, due)
         async with gate:
-            call = Call(f"{tag}-{index}", index, rows, time.monotonic())
+            call.sent_at = time.monotonic()
             if on_send is not None:
                 on_send(call)
             request = InferRequest(
                 MODEL, [Tensor.of("pixels", reference.pixels[rows])], id=call.id, parameters=dict(parameters)
             )
-            try:
-                call.response = await client.infer(request, timeout=timeout)
-            except UpstreamError as exc:
-                call.error = exc
-            call.seconds = time.monotonic() - call.sent_at
+            left = timeout - call.queued if deadline_from_due else timeout
+            if left > 0:
+                try:
+                    call.response = await client.infer(request, timeout=left)
+                except UpstreamError as exc:
+                    call.error = exc
+            else:
+                call.error = UpstreamError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"{call.id}: the app's {timeout}s deadline passed while it waited {call.queued:.3f}s for a slot",
+                )
+            call.seconds = time.monotonic() - call.due_at
             call.order = completed
             completed += 1
             calls.append(call)
@@ -506,7 +537,8 @@ def check(
     (and carries the cloud's answer) xor is flagged degraded (and carries the edge's
     answer); other rows are the edge's, never degraded. Per request: the response's
     degraded parameter agrees with its rows. With `deadline` and `margin` (the fault
-    benchmark), also: it came within the deadline plus the margin. Tests leave that
+    benchmark), also: it came within the deadline plus the margin, counted from when it was
+    due (time waiting for a concurrency slot included, see `Call`). Tests leave that
     out: a timing depends on the machine's load, and the benchmark reports it.
     """
     problems: list[str] = []
@@ -549,6 +581,15 @@ def retry_bound(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> 
     throttle = endpoint.throttle
     successes = endpoint.stats().by_outcome.get("OK", 0) - (since.by_outcome.get("OK", 0) if since else 0)
     return throttle.max_tokens / 2 + 1 + throttle.token_ratio * successes
+
+
+def within_retry_budget(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> bool:
+    """The retries and hedges sent (since that snapshot), together, are within `retry_bound`: both take
+    the budget's tokens."""
+    stats = endpoint.stats()
+    retries = stats.retries - (since.retries if since else 0)
+    hedges = stats.hedges - (since.hedges if since else 0)
+    return retries + hedges <= retry_bound(endpoint, since)
 
 
 @dataclass(frozen=True)
