@@ -26,13 +26,17 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import SUBPROCESS_ENV
 from offload.cloud.dataplane import CloudDataPlane
+from offload.cloud.settings import CloudSettings
+from offload.edge.settings import EdgeSettings
 from offload.models import DEMO_REPOSITORY
 from offload.oip.client import OipClient
 from offload.oip.errors import ConfigurationError, UpstreamError
 from offload.oip.security import TOKEN_RELOAD_SECONDS, ChannelSecurity, ServerSecurity, TokenFile
 from offload.oip.server import SERVICE_NAME, OipServer
+from offload.oip.settings import load_settings
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
+from offload.tools.cli import main
 from offload.tools.process import ServerProcess
 from support.certs import CertificateAuthority, Pair
 
@@ -577,3 +581,75 @@ def test_plaintext_to_the_tls_edge_agent_fails(secure_processes: SecureProcesses
     assert refused.value.status() == "StatusCode.UNAVAILABLE"
     assert TOKEN not in secure_processes.edge.output()
     assert TOKEN not in secure_processes.cloud.output()
+
+
+def test_calibrate_reads_a_cloud_over_mutual_tls_with_a_token(
+    secure_processes: SecureProcesses, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = [
+        "calibrate",
+        "--model",
+        "digits",
+        "--data",
+        str(DEMO_REPOSITORY / "digits" / "test.npz"),
+        "--target-offload",
+        "0.1",
+        "--dry-run",
+        "--cloud",
+        secure_processes.cloud.address,
+        "--cloud-tls-ca",
+        str(pki.ca),
+        "--cloud-tls-cert",
+        str(pki.client.cert),
+        "--cloud-tls-key",
+        str(pki.client.key),
+    ]
+    assert main([*common, "--cloud-token-file", str(pki.token)]) == 0
+    assert "cloud-only accuracy" in capsys.readouterr().out
+    assert main(common) == 2
+    refused = capsys.readouterr().err
+    assert refused.startswith("offload calibrate: the cloud at")
+    assert "UNAUTHENTICATED" in refused
+
+
+def test_every_setting_is_also_an_environment_variable(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    cloud_values = {
+        "TLS_CERT": pki.server.cert,
+        "TLS_KEY": pki.server.key,
+        "TLS_CLIENT_CA": pki.ca,
+        "AUTH_TOKEN_FILE": pki.tokens,
+    }
+    for name, path in cloud_values.items():
+        monkeypatch.setenv(f"OFFLOAD_CLOUD_{name}", str(path))
+    cloud = load_settings(CloudSettings)
+    assert (cloud.tls_cert, cloud.tls_key, cloud.tls_client_ca, cloud.auth_token_file) == (
+        pki.server.cert,
+        pki.server.key,
+        pki.ca,
+        pki.tokens,
+    )
+    assert cloud.security().description == "mutual TLS (client certificates required), bearer token required"
+
+    edge_values = {
+        "CLOUD_TLS_CA": str(pki.ca),
+        "CLOUD_TLS_CERT": str(pki.client.cert),
+        "CLOUD_TLS_KEY": str(pki.client.key),
+        "CLOUD_TLS_SERVER_NAME": "cloud.internal",
+        "CLOUD_TOKEN_FILE": str(pki.token),
+    }
+    for name, value in edge_values.items():
+        monkeypatch.setenv(f"OFFLOAD_EDGE_{name}", value)
+    edge = load_settings(EdgeSettings)
+    assert edge.cloud_tls_server_name == "cloud.internal"
+    assert (edge.cloud_tls_ca, edge.cloud_tls_cert, edge.cloud_tls_key, edge.cloud_token_file) == (
+        pki.ca,
+        pki.client.cert,
+        pki.client.key,
+        pki.token,
+    )
+    channel = edge.cloud_security()
+    assert channel.credentials is not None
+    assert channel.options() == [("grpc.ssl_target_name_override", "cloud.internal")]
+    assert channel.metadata() == (("authorization", f"Bearer {TOKEN}"),)
+    # Flags (here: keyword settings) override the environment, as for every other setting.
+    assert load_settings(EdgeSettings, cloud_tls_server_name="flag.internal").cloud_tls_server_name == "flag.internal"
