@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,10 @@ from offload.oip.server import SERVICE_NAME, OipServer
 from offload.oip.settings import load_settings
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
+from offload.router.core import Router
+from offload.router.models import RoutedModel
+from offload.router.options import REQUIRE_CLOUD, RESPONSE_DEGRADED, RESPONSE_ROUTE, ROUTE
+from offload.router.upstream import CloudEndpoint
 from offload.tools.cli import main
 from offload.tools.process import ServerProcess
 from support.certs import CertificateAuthority, Pair
@@ -290,6 +295,41 @@ async def test_a_changed_token_file_takes_effect_on_the_server_and_the_client(
         accepted.write_text("# emptied by mistake\n")
         server_clock.now += TOKEN_RELOAD_SECONDS
         assert await _infer_status(address, client_security) == grpc.StatusCode.OK
+
+
+async def test_a_cloud_that_refuses_the_agent_leaves_rows_on_the_edge(
+    demo_cloud_plane: CloudDataPlane,
+    demo_edge_models: dict[str, RoutedModel],
+    edge_executor: ThreadPoolExecutor,
+    pki: Pki,
+) -> None:
+    """The router's view: a wrong token is a cloud failure; the edge answers, flagged degraded."""
+    pixels = [Tensor.of("pixels", _pixels(4))]
+    to_cloud = InferRequest("digits", pixels, parameters={ROUTE: "cloud"})
+    cloud_required = InferRequest("digits", pixels, parameters={ROUTE: "cloud", REQUIRE_CLOUD: True})
+
+    @asynccontextmanager
+    async def router_sending(address: str, token: Path) -> AsyncIterator[Router]:
+        endpoint = CloudEndpoint(address, TIMEOUT, 64 << 20, security=ChannelSecurity.load(token_file=token))
+        router = Router(demo_edge_models, endpoint, edge_executor, cache=None)
+        try:
+            yield router
+        finally:
+            await router.close()
+
+    async with serving(demo_cloud_plane, ServerSecurity.load(auth_token_file=pki.tokens)) as address:
+        async with router_sending(address, pki.wrong_token) as router:
+            answer = await router.infer(to_cloud)
+            assert answer.parameters[RESPONSE_ROUTE] == "edge"
+            assert answer.parameters[RESPONSE_DEGRADED] is True
+            # A caller who needs the cloud's answer learns why there is none.
+            with pytest.raises(UpstreamError) as refused:
+                await router.infer(cloud_required)
+            assert "the bearer token was not accepted" in str(refused.value)
+        async with router_sending(address, pki.token) as router:
+            answer = await router.infer(cloud_required)
+            assert answer.parameters[RESPONSE_ROUTE] == "cloud"
+            assert answer.parameters[RESPONSE_DEGRADED] is False
 
 
 def test_token_file_format(tmp_path: Path) -> None:
