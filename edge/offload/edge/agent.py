@@ -74,16 +74,19 @@ def build_cloud_endpoint(
         hedge_delay_seconds=settings.hedge_delay_seconds,
         on_breaker_change=on_breaker_change,
         sleep=sleep or asyncio.sleep,
+        security=settings.cloud_security(),
     )
 
 
 def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerState], None] | None = None) -> Router:
     """The in-process router an app can call directly, configured like the agent."""
+    # The cloud channel first: its certificates and token are checked before any model loads.
+    cloud = build_cloud_endpoint(settings, on_breaker_change)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     return Router(
         load_edge_models(settings.model_repository),
-        build_cloud_endpoint(settings, on_breaker_change),
+        cloud,
         executor,
         deadline_reserve_seconds=settings.deadline_reserve_seconds,
         cache=cache,
@@ -104,14 +107,16 @@ async def run(settings: EdgeSettings) -> None:
         if server is not None:
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
+    # Certificates and tokens are checked before anything else is loaded: a wrong file stops start-up at once.
+    security = settings.security()
     router = build_router(settings, breaker_changed)
     plane = RouterDataPlane(router)
-    server = OipServer(plane, SERVER_NAME, settings.limits)
+    server = OipServer(plane, SERVER_NAME, settings.limits, security)
     port = await server.start(settings.host, settings.grpc_port)
     if settings.cloud:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
     cloud = settings.cloud or "none (edge answers only)"
-    print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud})", flush=True)
+    print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud}; {security.description})", flush=True)
     status = StatusLog(router.stats, settings.status_log_seconds)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
     try:

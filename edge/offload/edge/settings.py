@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from offload.models import DEMO_REPOSITORY
+from offload.oip.security import ChannelSecurity
 from offload.oip.settings import ServerSettings
 from offload.router.resilience import BreakerPolicy, RetryBudget
 from offload.router.upstream import RetryPolicy
@@ -29,6 +30,19 @@ class EdgeSettings(ServerSettings):
     )
     cloud: str | None = Field(
         None, description="The cloud's HOST:PORT (any OIP server); none: answer everything on the edge."
+    )
+    cloud_tls_ca: Path | None = Field(
+        None, description="PEM CA certificate(s) to verify the cloud with; turns TLS to the cloud on."
+    )
+    cloud_tls_cert: Path | None = Field(
+        None, description="PEM client certificate to present to the cloud (and cloud_tls_key); turns TLS on."
+    )
+    cloud_tls_key: Path | None = Field(None, description="Unencrypted PEM private key of cloud_tls_cert.")
+    cloud_tls_server_name: str | None = Field(
+        None, description="Name to check the cloud's certificate against, instead of the host in cloud."
+    )
+    cloud_token_file: Path | None = Field(
+        None, description="File whose first token is sent to the cloud as 'authorization: Bearer'. Re-read on change."
     )
     cloud_timeout_seconds: Annotated[
         float,
@@ -97,6 +111,16 @@ class EdgeSettings(ServerSettings):
             "happened; 0: none.",
         ),
     ] = 60.0
+
+    def cloud_security(self) -> ChannelSecurity:
+        """TLS credentials and the token for the cloud channel, from the files these settings name, checked now."""
+        return ChannelSecurity.load(
+            self.cloud_tls_ca,
+            self.cloud_tls_cert,
+            self.cloud_tls_key,
+            self.cloud_tls_server_name,
+            self.cloud_token_file,
+        )
 
     def policy(self, kind: type[Policy]) -> Policy:
         """The retry, retry-budget or breaker policy these settings describe: each field F of the

@@ -53,6 +53,12 @@ class Unimplemented(OffloadError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unauthenticated(OffloadError):
+    """A call without an accepted bearer token (the message never repeats what was sent)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class Internal(OffloadError):
     code = grpc.StatusCode.INTERNAL
 

@@ -9,6 +9,7 @@ after any bad request.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import time
@@ -33,6 +34,7 @@ from offload.oip.messages import (
     server_metadata_to_pb,
 )
 from offload.oip.repository import TensorSpec
+from offload.oip.security import ServerSecurity
 from offload.oip.types import DataPlane, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no inference call is in flight; False if the timeout came first."""
+        if self._idle.is_set():
+            return True  # asyncio.wait_for with a timeout of 0 would time out even on a set event
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -168,14 +172,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 class OipServer:
     """One gRPC server: OIP, health (grpc.health.v1) and reflection, on one port."""
 
-    def __init__(self, data_plane: DataPlane, name: str, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        data_plane: DataPlane,
+        name: str,
+        limits: ServerLimits | None = None,
+        security: ServerSecurity | None = None,
+    ) -> None:
+        """`security`: TLS credentials and bearer tokens (default: plaintext, any caller).
+
+        Tokens guard the inference service only: health and reflection stay open, so
+        probes and tools need no secret.
+        """
         self.name = name
         self.data_plane = data_plane
         self.limits = limits or ServerLimits()
+        self.security = security or ServerSecurity()
         self.port = 0
         self._background: set[asyncio.Task[None]] = set()
         self._health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(options=channel_options(self.limits.max_message_bytes))
+        self._server = grpc.aio.server(
+            options=channel_options(self.limits.max_message_bytes),
+            interceptors=self.security.interceptors(SERVICE_NAME),
+        )
         self._servicer = InferenceServicer(data_plane, self.limits)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -183,15 +202,21 @@ class OipServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=pb.DESCRIPTOR.pool
         )
 
-    async def start(
-        self, host: str = "127.0.0.1", port: int = 0, credentials: grpc.ServerCredentials | None = None
-    ) -> int:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Bind (port 0: any free port), start, and report SERVING; returns the bound port.
 
-        With `credentials` (TLS) the port is a secure one; without, it is plaintext.
+        With TLS credentials in `security` the port is a secure one (and only that); without, it is plaintext.
         """
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        credentials = self.security.credentials
         if credentials is None:
+            if not _is_loopback(host):
+                log.warning(
+                    "%s: serving plaintext on %s: anyone on the network can read the traffic; "
+                    "give tls_cert and tls_key for TLS",
+                    self.name,
+                    host,
+                )
             self.port = self._server.add_insecure_port(address)
         else:
             self.port = self._server.add_secure_port(address, credentials)
@@ -232,6 +257,15 @@ class OipServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def serve_until_signalled(server: OipServer, grace_seconds: float) -> None:

@@ -29,6 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from offload.oip.client import OipClient
 from offload.oip.errors import DeadlineExceeded, InvalidArgument, OffloadError, UpstreamError
 from offload.oip.limits import MAX_ELEMENTS
+from offload.oip.security import ChannelSecurity
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryThrottle
 from offload.router.stats import UpstreamStats
@@ -112,6 +113,7 @@ class CloudEndpoint:
         sleep: Sleep = asyncio.sleep,
         on_breaker_change: Callable[[BreakerState], None] | None = None,
         max_elements: int = MAX_ELEMENTS,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.target = target
         self.timeout_seconds = timeout_seconds
@@ -122,7 +124,7 @@ class CloudEndpoint:
         self._counts = _Counts()
         self._clock = clock
         self._sleep = sleep
-        self._client = OipClient(target, max_message_bytes, max_elements)
+        self._client = OipClient(target, max_message_bytes, max_elements, security)
 
     async def close(self) -> None:
         await self._client.close()

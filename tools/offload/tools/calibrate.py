@@ -26,6 +26,7 @@ import numpy.typing as npt
 from offload.oip.datatypes import DATATYPES
 from offload.oip.errors import ConfigurationError, OffloadError
 from offload.oip.repository import CONFIG_FILE, TensorSpec, load_model, load_repository
+from offload.oip.security import ChannelSecurity
 from offload.router.calibration import (
     Arrays,
     Calibration,
@@ -148,14 +149,25 @@ def local_cloud_scores(
 
 
 def remote_cloud_scores(
-    target: str, config: RoutedConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
+    target: str,
+    config: RoutedConfig,
+    inputs: Mapping[str, npt.NDArray[Any]],
+    score_output: str,
+    security: ChannelSecurity | None = None,
 ) -> npt.NDArray[Any]:
-    """The cloud model's score output from a running OIP server, BATCH_ROWS rows per request."""
-    return asyncio.run(_remote_cloud_scores(target, config, inputs, score_output))
+    """The cloud model's score output from a running OIP server, BATCH_ROWS rows per request.
+
+    `security`: TLS and the bearer token for the channel, as the edge agent's (default: plaintext, no token).
+    """
+    return asyncio.run(_remote_cloud_scores(target, config, inputs, score_output, security))
 
 
 async def _remote_cloud_scores(
-    target: str, config: RoutedConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
+    target: str,
+    config: RoutedConfig,
+    inputs: Mapping[str, npt.NDArray[Any]],
+    score_output: str,
+    security: ChannelSecurity | None,
 ) -> npt.NDArray[Any]:
     from offload.oip.client import OipClient
     from offload.oip.errors import UpstreamError
@@ -165,7 +177,7 @@ async def _remote_cloud_scores(
     rows = next(iter(inputs.values())).shape[0]
     parts: list[npt.NDArray[Any]] = []
     try:
-        async with OipClient(target) as client:
+        async with OipClient(target, security=security) as client:
             await client.wait_for_ready(timeout=30.0)
             for batch in _progress(_batches(rows), f"cloud model ({target})"):
                 request = InferRequest(
@@ -278,6 +290,7 @@ class CalibrateOptions:
     data: Path
     target: Target
     cloud: str | None = None
+    cloud_security: ChannelSecurity | None = None
     plot: Path | None = None
     fit_temperature: bool = True
     dry_run: bool = False
@@ -300,7 +313,7 @@ def run_calibrate(options: CalibrateOptions) -> Calibration:
     inputs, labels = load_inputs(options.data, routed.edge.inputs)
     edge_outputs = edge_predictions(routed.edge, inputs)
     if options.cloud:
-        cloud_scores = remote_cloud_scores(options.cloud, config, inputs, score_output)
+        cloud_scores = remote_cloud_scores(options.cloud, config, inputs, score_output, options.cloud_security)
     else:
         cloud_scores = local_cloud_scores(options.repository, config, inputs, score_output)
     labels_from = "the file" if labels is not None else "the cloud model's answers"
