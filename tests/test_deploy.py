@@ -4,6 +4,7 @@ every setting and flag they use exists."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import socket
@@ -132,6 +133,26 @@ def test_workload_runs_a_real_command_with_real_settings(workload: Workload) -> 
             assert not name.startswith("OFFLOAD_"), f"{workload.where}: {name} is for the other component"
             assert name in FOREIGN_VARIABLES, f"{workload.where}: {name} is neither a setting nor a known variable"
     workload.settings()  # the values validate (a port that is a number, a known device, ...)
+
+
+def test_settings_and_command_lines_in_the_docs_and_comments_exist() -> None:
+    for path in [ROOT / "README.md", *sorted(path for path in DEPLOY.rglob("*") if path.is_file())]:
+        text = path.read_text()
+        for component, name, family in re.findall(r"\bOFFLOAD_(EDGE|CLOUD)_([A-Z_]+)(\*?)", text):
+            known = {*SETTINGS[component.lower()].model_fields, *PENDING_SETTINGS}
+            # OFFLOAD_CLOUD_TLS_* names a family of settings.
+            matches = [s for s in known if s.startswith(name.lower())] if family else [name.lower()]
+            assert set(matches) & known, (
+                f"{path.relative_to(ROOT)}: OFFLOAD_{component}_{name}{family} is not a setting"
+            )
+        for line in re.findall(r"\boffload (?:edge|cloud) --[^`\n]*", text):
+            if "[" in line:  # a synopsis: `offload edge [--grpc-port 8001] ...`
+                continue
+            argv = shlex.split(line.split("&&")[0], comments=True)
+            try:
+                build_parser().parse_args(argv[1:])
+            except SystemExit:
+                pytest.fail(f"{path.relative_to(ROOT)}: `{line}` is not a valid offload command line")
 
 
 def test_pending_settings_are_not_settings_yet() -> None:

@@ -1,6 +1,6 @@
 # The cloud service: large PyTorch models over OIP gRPC, on CUDA when the host has a GPU.
 #   docker build -f deploy/docker/cloud.Dockerfile -t offload-cloud .
-#   docker run --gpus all -p 8101:8101 offload-cloud
+#   docker run --gpus all --stop-timeout 20 -p 8101:8101 offload-cloud
 # The base image decides the CUDA build: pytorch/pytorch images ship torch with CUDA.
 ARG BASE=pytorch/pytorch:2.4.1-cuda12.4-cudnn9-runtime
 FROM ${BASE}

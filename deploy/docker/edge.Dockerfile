@@ -1,6 +1,6 @@
 # The edge agent: the router's OIP gRPC API + the small ONNX models. No torch.
 #   docker build -f deploy/docker/edge.Dockerfile -t offload-edge .
-#   docker run -p 8001:8001 -e OFFLOAD_EDGE_CLOUD=cloud-host:8101 offload-edge
+#   docker run --stop-timeout 20 -p 8001:8001 -e OFFLOAD_EDGE_CLOUD=cloud-host:8101 offload-edge
 FROM python:3.11-slim
 
 WORKDIR /opt/offload
