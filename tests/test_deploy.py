@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,6 @@ def test_edge_image_never_installs_torch() -> None:
 
 
 def _pyproject() -> dict[str, Any]:
-    import tomllib
-
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
@@ -132,7 +131,7 @@ def test_workload_runs_a_real_command_with_real_settings(workload: Workload) -> 
         else:
             assert not name.startswith("OFFLOAD_"), f"{workload.where}: {name} is for the other component"
             assert name in FOREIGN_VARIABLES, f"{workload.where}: {name} is neither a setting nor a known variable"
-    workload.settings()  # the values validate (a port that is a number, a known device, ...)
+    workload.settings()  # the values validate too (a port is a number in range, a duration one >= 0, ...)
 
 
 def test_settings_and_command_lines_in_the_docs_and_comments_exist() -> None:
@@ -368,6 +367,7 @@ def test_kserve_runs_the_cloud_as_a_custom_predictor_with_grpc_on_an_h2c_port() 
     assert container["livenessProbe"]["grpc"]["port"] == settings.grpc_port
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert document["spec"]["predictor"]["enableServiceLinks"] is False
 
 
 def test_yaml_files_pass_yamllint() -> None:
