@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,12 +17,15 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import SUBPROCESS_ENV
+from conftest import SUBPROCESS_ENV, Processes
+from offload.edge.settings import EdgeSettings
+from offload.models import DEMO_REPOSITORY
 from offload.oip.client import OipClient
 from offload.oip.errors import UpstreamError
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse
-from offload.router.options import RESPONSE_DEGRADED, RESPONSE_ROUTE, ROUTE
+from offload.router.options import RESPONSE_DEGRADED, RESPONSE_ROUTE, ROUTE, THRESHOLD
+from offload.tools.cli import main
 from offload.tools.process import ServerProcess
 from support import gate
 
@@ -210,3 +215,100 @@ def test_bad_model_repository_is_a_clear_start_up_error(tmp_path: Path) -> None:
     assert completed.returncode == 2
     assert "model.toml" in completed.stderr
     assert "routing.threshold" in completed.stderr
+
+
+def _edge_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "offload.tools.cli", "edge", "--grpc-port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("address", "fragment"),
+    [
+        ("not a host", "it has no port"),
+        ("gpu-host", "it has no port"),
+        ("gpu-host:", "the port '' is not a number"),
+        ("gpu-host:0", "the port '0' is not a number from 1 to 65535"),
+        ("gpu-host:8101x", "the port '8101x' is not a number"),
+        ("not a host:8101", "'not a host' is neither an IP address nor a DNS name"),
+        ("10.0.0.300:8101", "'10.0.0.300' is not an IPv4 address"),
+        ("::1:8101", "an IPv6 address goes in brackets, as in [::1]:8101"),
+        ("[::1]8101", "an IPv6 address goes in brackets, then the port"),
+        ("[gpu-host]:8101", "'gpu-host' in brackets is not an IPv6 address"),
+    ],
+)
+def test_a_cloud_address_that_is_not_host_port_stops_the_agent_with_one_line(address: str, fragment: str) -> None:
+    completed = _edge_command("--cloud", address)
+    assert completed.returncode == 2, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("offload edge: invalid EdgeSettings: cloud: ")
+    assert f"{address!r} is not HOST:PORT" in lines[0]
+    assert fragment in lines[0]
+    assert "listening" not in completed.stdout
+
+
+def test_a_cloud_address_from_the_environment_is_checked_too() -> None:
+    completed = _edge_command(env={"OFFLOAD_EDGE_CLOUD": "gpu-host"})
+    assert completed.returncode == 2, completed.stderr
+    assert "cloud: Value error, 'gpu-host' is not HOST:PORT: it has no port" in completed.stderr
+
+
+@pytest.mark.parametrize(
+    "address", ["gpu-host:8101", "localhost:1", "10.0.0.5:65535", "[fd00::5]:8101", "[::1]:8101", "svc_1.ns.svc.:8101"]
+)
+def test_a_cloud_address_of_host_and_port_is_accepted(address: str) -> None:
+    assert EdgeSettings(cloud=address).cloud == address
+
+
+def test_an_empty_cloud_address_means_no_cloud() -> None:
+    assert EdgeSettings(cloud="").cloud is None
+
+
+def test_an_agent_whose_cloud_answers_says_so_at_start(demo_processes: Processes) -> None:
+    line = demo_processes.edge.wait_for_output(f"cloud {demo_processes.cloud.address} is ready")
+    assert "INFO" in line
+    assert "does not answer" not in demo_processes.edge.output()
+
+
+def test_calibrate_checks_its_cloud_address_too(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["calibrate", "--model", "digits", "--data", "x.npz", "--target-offload", "0.1", "--cloud", "gpu-host"]
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    assert "argument --cloud: 'gpu-host' is not HOST:PORT: it has no port" in capsys.readouterr().err
+
+
+def _closed_loopback_port() -> int:
+    """A port nothing listens on: bound by the OS for us, then let go."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_an_agent_whose_cloud_does_not_answer_warns_once_and_serves_on_the_edge() -> None:
+    cloud = f"127.0.0.1:{_closed_loopback_port()}"
+    with ServerProcess(["edge", "--grpc-port", "0", "--cloud", cloud], env=SUBPROCESS_ENV) as edge:
+        address = edge.start()
+        # The warning comes from a look beside the server, which served before the look ended.
+        warning = await asyncio.to_thread(edge.wait_for_output, "does not answer at start-up")
+        assert "WARNING" in warning
+        assert f"cloud {cloud} does not answer at start-up" in warning
+        assert "UNAVAILABLE" in warning
+        assert "serving on the edge meanwhile" in warning
+        with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
+            pixels = data["inputs"][:4].astype(np.float32)
+        async with OipClient(address) as client:
+            response = await client.infer(
+                InferRequest("digits", [Tensor.of("pixels", pixels)], parameters={THRESHOLD: 1.0}), timeout=30
+            )
+        assert response.parameters[RESPONSE_DEGRADED], "rows meant for the cloud got the edge's answer"
+        assert response.output("scores") is not None
+        said = [line for line in edge.output().splitlines() if "does not answer at start-up" in line]
+        assert said == [warning], "said once"

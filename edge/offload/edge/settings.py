@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from offload.models import DEMO_REPOSITORY
+from offload.oip.address import check_address
 from offload.oip.settings import ServerSettings
 
 
@@ -19,7 +20,9 @@ class EdgeSettings(ServerSettings):
         DEMO_REPOSITORY, description="Folder of model folders; models with [edge] are served."
     )
     cloud: str | None = Field(
-        None, description="The cloud's HOST:PORT (any OIP server); none: answer everything on the edge."
+        None,
+        description="The cloud's HOST:PORT (any OIP server; IPv6 in brackets); none or empty: answer everything "
+        "on the edge.",
     )
     cloud_timeout_seconds: Annotated[
         float,
@@ -84,3 +87,10 @@ class EdgeSettings(ServerSettings):
             "happened; 0: none.",
         ),
     ] = 60.0
+
+    @field_validator("cloud")
+    @classmethod
+    def _cloud_is_host_port(cls, value: str | None) -> str | None:
+        # gRPC would take any string and fail only when it dials: say what is wrong now, at start-up.
+        # Empty means none, as it did before addresses were checked (OFFLOAD_EDGE_CLOUD= in a unit file).
+        return check_address(value) if value else None

@@ -143,6 +143,17 @@ class CloudEndpoint:
     async def close(self) -> None:
         await self._client.close()
 
+    async def check_ready(self, timeout: float) -> str | None:
+        """Ask the cloud once whether it is ready: None if it says so within `timeout`, else why not.
+
+        Outside the retries, the budget and the breaker: it is a look, not traffic.
+        """
+        try:
+            ready = await self._client.server_ready(timeout)
+        except UpstreamError as exc:
+            return str(exc)
+        return None if ready else f"{self.target} is live but not ready"
+
     def health_details(self) -> dict[str, str]:
         return {
             "cloud": self.target,
