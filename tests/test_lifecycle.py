@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -312,3 +313,127 @@ async def test_an_agent_whose_cloud_does_not_answer_warns_once_and_serves_on_the
         assert response.output("scores") is not None
         said = [line for line in edge.output().splitlines() if "does not answer at start-up" in line]
         assert said == [warning], "said once"
+
+
+# Artifacts that do not load: one line naming the file (or factory), what failed and what to do; exit code 2.
+DIGITS = DEMO_REPOSITORY / "digits"
+_TENSORS = (
+    'inputs = [{ name = "x", datatype = "FP32", shape = [-1, 5] }]\n'
+    'outputs = [{ name = "y", datatype = "FP32", shape = [-1, 2] }]\n'
+)
+_FACTORIES = {
+    "fails_at_import.py": 'raise RuntimeError("no GPU driver found")\n',
+    "raises.py": 'def make():\n    raise ValueError("weights file\\nmissing")\n',
+    "wrong_shape.py": "import torch\n\ndef make():\n    return torch.nn.Linear(3, 2)\n",
+}
+
+
+def _cut_in_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _digits_copy(root: Path, damage: str) -> None:
+    folder = root / "digits"
+    shutil.copytree(DIGITS, folder)
+    _cut_in_half(folder / damage)
+
+
+def _factory_model(root: Path, factory: str) -> None:
+    folder = root / "model"
+    folder.mkdir()
+    (folder / "model.toml").write_text(f'{_TENSORS}[cloud]\nfactory = "{factory}"\nwarmup_rows = 2\n')
+
+
+def _torchscript_model(root: Path) -> None:
+    folder = root / "model"
+    folder.mkdir()
+    (folder / "model.toml").write_text(f'{_TENSORS}[cloud]\nartifact = "model.pt"\n')
+    (folder / "model.pt").write_bytes(b"PK\x03\x04 not really a zip archive" * 64)
+
+
+ARTIFACT_CASES = [
+    pytest.param(
+        "cloud",
+        lambda root: _digits_copy(root, "cloud.pt2"),
+        (
+            "digits/cloud.pt2:",
+            "torch.export.load cannot read the program",
+            "failed finding central directory",
+            "save it again",
+        ),
+        id="truncated-pt2",
+    ),
+    pytest.param(
+        "cloud",
+        _torchscript_model,
+        ("model/model.pt:", "torch.jit.load cannot read the TorchScript model", "torch.jit.save", "save it again"),
+        id="garbage-torchscript",
+    ),
+    pytest.param(
+        "cloud",
+        lambda root: _factory_model(root, "no_such_module_here:make"),
+        ("factory 'no_such_module_here:make'", "ModuleNotFoundError", "on PYTHONPATH"),
+        id="factory-not-installed",
+    ),
+    pytest.param(
+        "cloud",
+        lambda root: _factory_model(root, "fails_at_import:make"),
+        ("factory 'fails_at_import:make'", "cannot be imported", "RuntimeError: no GPU driver found"),
+        id="factory-fails-at-import",
+    ),
+    pytest.param(
+        "cloud",
+        lambda root: _factory_model(root, "raises:make"),
+        ("factory 'raises:make' raised ValueError: weights file missing when called", "fix the factory"),
+        id="factory-raises",
+    ),
+    pytest.param(
+        "cloud",
+        lambda root: _factory_model(root, "raises:nope"),
+        ("factory 'raises:nope'", "has no function 'nope'"),
+        id="factory-function-missing",
+    ),
+    pytest.param(
+        "cloud",
+        lambda root: _factory_model(root, "wrong_shape:make"),
+        ("model 'model': the warm-up batch", "RuntimeError", "check that model.toml's inputs and outputs"),
+        id="warm-up-fails",
+    ),
+    pytest.param(
+        "edge",
+        lambda root: _digits_copy(root, "edge.onnx"),
+        ("digits/edge.onnx:", "cannot load the model", "INVALID_PROTOBUF", "export it again"),
+        id="truncated-onnx",
+    ),
+]
+
+
+@pytest.mark.parametrize(("command", "damage", "fragments"), ARTIFACT_CASES)
+def test_an_artifact_that_does_not_load_stops_the_server_with_one_line(
+    tmp_path: Path, command: str, damage: Callable[[Path], None], fragments: tuple[str, ...]
+) -> None:
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    damage(repository)
+    factories = tmp_path / "factories"
+    factories.mkdir()
+    for name, source in _FACTORIES.items():
+        (factories / name).write_text(source)
+    args = [command, "--grpc-port", "0", "--model-repository", str(repository), "--log-level", "WARNING"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "offload.tools.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(factories), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert completed.returncode == 2, completed.stderr
+    # Nothing else: no traceback, and no library warning that carries one.
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith(f"offload {command}: ")
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} is not in {lines[0]!r}"
+    assert "listening" not in completed.stdout

@@ -82,6 +82,12 @@ class ConfigurationError(OffloadError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one line, its type first: for messages that wrap a library's error."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 # What a pushback that forbids retrying is read as (any negative value means that).
 PUSHBACK_DO_NOT_RETRY = -1
