@@ -342,6 +342,24 @@ async def test_any_request_id_reaches_the_cloud_and_the_answer_is_the_clouds(
     assert proxy.request_ids == [request_id if as_is else digest]
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param({"uint64_param": 2**64 - 1}, id="uint64-max"),
+        pytest.param({"int64_param": -(2**63)}, id="int64-min"),
+        pytest.param({"string_param": "\n\x00" * 50_000}, id="100k-control-chars"),
+        pytest.param({"double_param": float("nan")}, id="nan"),
+    ],
+)
+async def test_any_parameter_an_app_sends_is_forwarded_to_the_cloud(edge_stub: Stub, value: dict[str, Any]) -> None:
+    request = _digits()
+    request.parameters["offload_threshold"].double_param = 1.0  # every row short of certainty: to the cloud
+    request.parameters["sequence_id"].CopyFrom(pb.InferParameter(**value))
+    reply = await edge_stub.ModelInfer(request, timeout=TIMEOUT)
+    assert reply.parameters["offload_route"].string_param == "cloud"
+    assert not reply.parameters["offload_degraded"].bool_param
+
+
 async def test_a_peers_status_message_cannot_forge_a_log_line() -> None:
     """A cloud (any OIP server) may put newlines in its status message; it reaches our logs and messages escaped."""
 
