@@ -22,7 +22,8 @@ from conftest import SUBPROCESS_ENV, Processes
 from offload.edge.settings import EdgeSettings
 from offload.models import DEMO_REPOSITORY
 from offload.oip.client import OipClient
-from offload.oip.errors import UpstreamError
+from offload.oip.errors import ConfigurationError, UpstreamError
+from offload.oip.settings import load_settings
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.options import RESPONSE_DEGRADED, RESPONSE_ROUTE, ROUTE, THRESHOLD
@@ -244,14 +245,23 @@ def _edge_command(*args: str, env: dict[str, str] | None = None) -> subprocess.C
         ("[gpu-host]:8101", "'gpu-host' in brackets is not an IPv6 address"),
     ],
 )
-def test_a_cloud_address_that_is_not_host_port_stops_the_agent_with_one_line(address: str, fragment: str) -> None:
+def test_a_cloud_address_that_is_not_host_port_is_a_configuration_error(address: str, fragment: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(EdgeSettings, cloud=address)
+    message = str(caught.value)
+    assert message.startswith("invalid EdgeSettings: cloud: ")
+    assert f"{address!r} is not HOST:PORT: {fragment}" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("address", ["not a host", "gpu-host"])
+def test_a_cloud_address_that_is_not_host_port_stops_the_agent_with_one_line(address: str) -> None:
     completed = _edge_command("--cloud", address)
     assert completed.returncode == 2, completed.stderr
-    lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1, completed.stderr
-    assert lines[0].startswith("offload edge: invalid EdgeSettings: cloud: ")
-    assert f"{address!r} is not HOST:PORT" in lines[0]
-    assert fragment in lines[0]
+    assert completed.stderr.splitlines() == [
+        f"offload edge: invalid EdgeSettings: cloud: Value error, {address!r} is not HOST:PORT: it has no port "
+        "(gpu-host:8101, 10.0.0.5:8101 or [fd00::5]:8101)"
+    ]
     assert "listening" not in completed.stdout
 
 
