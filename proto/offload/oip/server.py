@@ -157,8 +157,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         parse (a string field that is not UTF-8, a message cut short) with UNKNOWN "Unexpected
         DecodeError", which names no field and tells no client what to fix. Here the parser hands
         such a request to the handler as _Unparsable, which refuses it through `_guard` like
-        any other bad request. The methods are read from the service descriptor, so a method
-        added to the .proto is registered too (or fails here, loudly, without a handler).
+        any other bad request. The methods and their message types are read from the service
+        descriptor, so the registration follows the .proto as the generated one does.
         """
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for method in _SERVICE.methods:
