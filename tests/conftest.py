@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -134,11 +134,12 @@ class Processes:
     edge: ServerProcess
 
 
-def start_processes(repository: Path) -> Processes:
+def start_processes(repository: Path, edge_args: Sequence[str] = ()) -> Processes:
+    """`offload cloud`, then `offload edge` pointed at it (with `edge_args` besides), on free ports."""
     cloud = ServerProcess(["cloud", "--grpc-port", "0", "--model-repository", str(repository)], env=SUBPROCESS_ENV)
     cloud_address = cloud.start()
     edge = ServerProcess(
-        ["edge", "--grpc-port", "0", "--model-repository", str(repository), "--cloud", cloud_address],
+        ["edge", "--grpc-port", "0", "--model-repository", str(repository), "--cloud", cloud_address, *edge_args],
         env=SUBPROCESS_ENV,
     )
     try:

@@ -7,8 +7,10 @@ well-formed ones) and sent to the real in-process servers: the edge agent and th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import struct
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -24,7 +26,7 @@ from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
-from offload.oip.errors import InvalidArgument
+from offload.oip.errors import MAX_STATUS_MESSAGE_BYTES, InvalidArgument, UpstreamError
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits
 from offload.oip.messages import request_to_pb
 from offload.oip.repository import TensorSpec
@@ -32,6 +34,8 @@ from offload.oip.server import OipServer, read_request
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import InferRequest
 from offload.router.models import RoutedModel
+from offload.router.upstream import MAX_HEADER_REQUEST_ID
+from support.chaos import ChaosProxy, edge_under_test
 from support.repos import SAMPLES, TEXT_BYTES, TYPED
 
 if TYPE_CHECKING:
@@ -241,6 +245,19 @@ CASES = [
         ("output 'scores'", "requested twice"),
         id="output-twice",
     ),
+    # The message quotes the caller's string; clipped in the middle, it still fits a trailer and ends with what to do.
+    pytest.param(
+        lambda: _digits(model="m" * 100_000),
+        Code.NOT_FOUND,
+        ("'mmm", "characters not shown", "not served", "digits"),
+        id="100k-char-model-name",
+    ),
+    pytest.param(
+        lambda: _digits(name="\n" * 100_000),
+        Code.INVALID_ARGUMENT,
+        ("has no input '\\n\\n", "characters not shown", "'pixels'"),
+        id="100k-newline-input-name",
+    ),
 ]
 
 
@@ -249,6 +266,125 @@ async def test_bad_request_is_rejected_and_the_server_keeps_serving(
     stub: Stub, build: Callable[[], pb.ModelInferRequest], code: grpc.StatusCode, fragments: tuple[str, ...]
 ) -> None:
     await _assert_rejected(stub, build(), code, fragments)
+
+
+async def test_a_clipped_message_fits_in_a_trailer(stub: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ModelInfer(_digits(model="\u00e9\n" * 100_000), timeout=TIMEOUT)
+    assert caught.value.code() == Code.NOT_FOUND
+    details = caught.value.details() or ""
+    # As sent, percent-encoded: within the limit, far below gRPC's 8 KiB for all trailers.
+    assert len(urllib.parse.quote(details, safe=" !\"#$&'()*+,/:;<=>?@[\\]^`{|}~")) <= MAX_STATUS_MESSAGE_BYTES
+    assert details.endswith("is not served here; models: ['digits']")
+
+
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(
+            bytes(_digits(model="digits\u00e9").SerializeToString()).replace(b"\xc3\xa9", b"\xff\xfe"), id="not-utf8"
+        ),
+        pytest.param(_digits().SerializeToString()[:-7], id="cut-short"),
+        pytest.param(b"\xff" * 64, id="garbage"),
+    ],
+)
+async def test_a_request_that_is_not_a_valid_message_is_invalid_argument(
+    demo_stack: Stack, server: str, message: bytes
+) -> None:
+    async with grpc.aio.insecure_channel(_address(demo_stack, server)) as channel:
+        # A raw call: the generated stub can only send well-formed messages.
+        infer: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await infer(message, timeout=TIMEOUT)
+        assert caught.value.code() == Code.INVALID_ARGUMENT, caught.value.details()
+        assert "not a valid inference.ModelInferRequest protobuf message" in (caught.value.details() or "")
+        await _assert_serves(pb_grpc.GRPCInferenceServiceStub(channel))
+
+
+REQUEST_IDS = [  # the id, and whether the header carries it as it is
+    pytest.param("\n" * 50, False, id="50-newlines"),
+    pytest.param("x" * 100_000, False, id="100k-chars"),
+    pytest.param("na\u00efve-\u65e5\u672c-\U0001f600", False, id="non-ascii"),
+    pytest.param("\x00\x7f\r\n", False, id="nul-del-crlf"),
+    pytest.param(" padded ", False, id="surrounding-blanks"),
+    pytest.param("x" * (MAX_HEADER_REQUEST_ID + 1), False, id="one-over-the-header-limit"),
+    pytest.param("req-42.a/b:c d", True, id="plain"),
+    pytest.param("y" * MAX_HEADER_REQUEST_ID, True, id="at-the-header-limit"),
+]
+
+
+@pytest.mark.parametrize(("request_id", "as_is"), REQUEST_IDS)
+async def test_any_request_id_reaches_the_cloud_and_the_answer_is_the_clouds(
+    request_id: str,
+    as_is: bool,
+    demo_stack: Stack,
+    demo_edge_models: dict[str, RoutedModel],
+    edge_executor: ThreadPoolExecutor,
+) -> None:
+    """Whatever an app puts in `id`, its cloud-bound rows are answered by the cloud, never degraded by our header."""
+    async with (
+        ChaosProxy(demo_stack.cloud_address) as proxy,
+        edge_under_test(proxy.address, demo_edge_models, edge_executor, cloud_timeout_seconds=30.0) as edge,
+        grpc.aio.insecure_channel(edge.address) as channel,
+    ):
+        request = _digits()
+        request.id = request_id
+        request.parameters["offload_threshold"].double_param = 1.0  # every row short of certainty: to the cloud
+        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=TIMEOUT)
+    assert reply.id == request_id
+    assert reply.parameters["offload_route"].string_param == "cloud"
+    assert not reply.parameters["offload_degraded"].bool_param
+    # One call, the body's id unchanged; the header is the id where that is legal, else its digest.
+    assert proxy.message_ids == [request_id]
+    digest = "sha256:" + hashlib.sha256(request_id.encode()).hexdigest()[:32]
+    assert proxy.request_ids == [request_id if as_is else digest]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param({"uint64_param": 2**64 - 1}, id="uint64-max"),
+        pytest.param({"int64_param": -(2**63)}, id="int64-min"),
+        pytest.param({"string_param": "\n\x00" * 50_000}, id="100k-control-chars"),
+        pytest.param({"double_param": float("nan")}, id="nan"),
+    ],
+)
+async def test_any_parameter_an_app_sends_is_forwarded_to_the_cloud(edge_stub: Stub, value: dict[str, Any]) -> None:
+    request = _digits()
+    request.parameters["offload_threshold"].double_param = 1.0  # every row short of certainty: to the cloud
+    request.parameters["sequence_id"].CopyFrom(pb.InferParameter(**value))
+    reply = await edge_stub.ModelInfer(request, timeout=TIMEOUT)
+    assert reply.parameters["offload_route"].string_param == "cloud"
+    assert not reply.parameters["offload_degraded"].bool_param
+
+
+async def test_a_peers_status_message_cannot_forge_a_log_line() -> None:
+    """A cloud (any OIP server) may put newlines in its status message; it reaches our logs and messages escaped."""
+
+    async def forge(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        await context.abort(Code.INVALID_ARGUMENT, "bad row\n2026-01-01 00:00:00 INFO forged: all is well\u2028")
+        raise AssertionError("unreachable")
+
+    server = grpc.aio.server()
+    handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(forge)
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with OipClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(UpstreamError) as caught:
+                await client.infer(InferRequest("digits", [Tensor.of("pixels", PIXELS)]), timeout=TIMEOUT)
+    finally:
+        await server.stop(0)
+    message = str(caught.value)
+    assert caught.value.status == Code.INVALID_ARGUMENT
+    assert message.isprintable(), message
+    assert "bad row\\n2026-01-01 00:00:00 INFO forged: all is well\\u2028" in message
 
 
 async def test_huge_declared_shape_is_refused_before_any_allocation(stub: Stub) -> None:

@@ -107,6 +107,19 @@ def test_non_finite_scores_are_least_confident() -> None:
         assert 0.0 < result[2] < 1.0
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("kind", [OutputKind.LOGITS, OutputKind.PROBABILITIES])
+def test_a_signalling_nan_is_least_confident_without_a_warning(kind: OutputKind) -> None:
+    # 0x7fa00000 is a signalling NaN in float32, as random bytes sent as FP32 (and echoed back) can hold;
+    # widening it raises the "invalid" flag, which NumPy would print as a RuntimeWarning on the server.
+    scores = np.array([[0x7FA00000, 0x3F000000], [0x3F000000, 0x3E800000]], dtype="<u4").view("<f4")
+    for measure in ("max_probability", "margin", "negative_entropy"):
+        result = class_confidence(scores, measure, kind)
+        assert result[0] == 0.0
+        assert 0.0 < result[1] <= 1.0
+    assert np.isnan(max_probability(scores, kind)[0])
+
+
 def test_row_confidence_follows_the_routing_section() -> None:
     outputs = {"scores": KNOWN_LOGITS, "conf": np.array([[0.42]])}
     assert row_confidence(outputs, RoutingSection(), "scores")[0] == pytest.approx(0.7)

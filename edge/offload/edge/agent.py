@@ -22,7 +22,7 @@ from offload.router.config import RoutedConfig
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
-from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep
+from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,30 @@ def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerSta
     )
 
 
+# How long the start-up look at the cloud waits for its answer. A device may well start offline,
+# so the look only decides whether to warn: it runs beside the server, which serves at once.
+CLOUD_CHECK_SECONDS = 5.0
+
+
+async def report_cloud_at_start(cloud: Upstream, timeout: float = CLOUD_CHECK_SECONDS) -> None:
+    """Say once whether the cloud answers: INFO if it does, WARNING with the address and the reason if not.
+
+    Without this, an agent whose cloud is unreachable (a wrong host, a firewall, a cloud not
+    started yet) would degrade every cloud-bound row while its log said nothing until the
+    breaker opened.
+    """
+    problem = await cloud.check_ready(timeout)
+    if problem is None:
+        log.info("cloud %s is ready", cloud.target)
+        return
+    log.warning(
+        "cloud %s does not answer at start-up (%s); serving on the edge meanwhile: rows meant for the cloud get "
+        "the edge's answer, flagged degraded, until it does",
+        cloud.target,
+        problem,
+    )
+
+
 # The health service name that reports the circuit to the cloud: SERVING while
 # closed, NOT_SERVING while open or half-open (rows are answered on the edge).
 CLOUD_HEALTH_SERVICE = "offload.cloud"
@@ -119,9 +143,14 @@ async def run(settings: EdgeSettings) -> None:
     print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud}; {security.description})", flush=True)
     status = StatusLog(router.stats, settings.status_log_seconds)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
+    check = asyncio.create_task(report_cloud_at_start(router.upstream)) if router.upstream is not None else None
     try:
         await serve_until_signalled(server, settings.grace_seconds)
     finally:
+        if check is not None:
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
         if reporter is not None:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -6,10 +6,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, TypeVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from offload.models import DEMO_REPOSITORY
+from offload.oip.address import check_address
 from offload.oip.security import ChannelSecurity
 from offload.oip.settings import ServerSettings
 from offload.router.resilience import BreakerPolicy, RetryBudget
@@ -29,7 +30,9 @@ class EdgeSettings(ServerSettings):
         DEMO_REPOSITORY, description="Folder of model folders; models with [edge] are served."
     )
     cloud: str | None = Field(
-        None, description="The cloud's HOST:PORT (any OIP server); none: answer everything on the edge."
+        None,
+        description="The cloud's HOST:PORT (any OIP server; IPv6 in brackets); none or empty: answer everything "
+        "on the edge.",
     )
     cloud_tls_ca: Path | None = Field(
         None, description="PEM CA certificate(s) to verify the cloud with; turns TLS to the cloud on."
@@ -128,3 +131,10 @@ class EdgeSettings(ServerSettings):
         prefix = _PREFIXES[kind]
         names = type(self).model_fields
         return kind(**{f.name: getattr(self, prefix + f.name) for f in fields(kind) if prefix + f.name in names})
+
+    @field_validator("cloud")
+    @classmethod
+    def _cloud_is_host_port(cls, value: str | None) -> str | None:
+        # gRPC would take any string and fail only when it dials: say what is wrong now, at start-up.
+        # Empty means none, as it did before addresses were checked (OFFLOAD_EDGE_CLOUD= in a unit file).
+        return check_address(value) if value else None

@@ -8,7 +8,7 @@ import grpc
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
-from offload.oip.errors import PUSHBACK_KEY, UpstreamError, parse_pushback
+from offload.oip.errors import PUSHBACK_KEY, UpstreamError, parse_pushback, printable
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, MAX_ELEMENTS, MAX_MESSAGE_BYTES, channel_options
 from offload.oip.messages import encode_cost, request_to_pb, response_from_pb
 from offload.oip.repository import TensorSpec
@@ -153,4 +153,5 @@ def _upstream(exc: grpc.aio.AioRpcError, target: str) -> UpstreamError:
         if key == PUSHBACK_KEY:
             # A negative or garbled value is kept as "do not retry" (gRPC A6), not dropped.
             pushback = parse_pushback(value)
-    return UpstreamError(exc.code(), f"{target}: {exc.code().name}: {exc.details()}", pushback)
+    # The peer's message is its own free text: escaped, so that it cannot break a log line of ours.
+    return UpstreamError(exc.code(), f"{target}: {exc.code().name}: {printable(exc.details() or '')}", pushback)

@@ -35,6 +35,9 @@ def parameters_from_pb(parameters: Mapping[str, pb.InferParameter], where: str) 
     return values
 
 
+INT64_MIN, INT64_MAX, UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+
+
 def parameters_to_pb(values: Mapping[str, ParameterValue], target: MutableMapping[str, pb.InferParameter]) -> None:
     for key, value in values.items():
         parameter = target[key]
@@ -42,7 +45,13 @@ def parameters_to_pb(values: Mapping[str, ParameterValue], target: MutableMappin
         if isinstance(value, bool):
             parameter.bool_param = value
         elif isinstance(value, int):
-            parameter.int64_param = value
+            # A uint64_param over int64's range (a caller's, forwarded to the cloud) stays a uint64.
+            if INT64_MIN <= value <= INT64_MAX:
+                parameter.int64_param = value
+            elif 0 <= value <= UINT64_MAX:
+                parameter.uint64_param = value
+            else:
+                raise InvalidArgument(f"parameter {key!r}: {value} fits neither int64_param nor uint64_param")
         elif isinstance(value, float):
             parameter.double_param = value
         else:

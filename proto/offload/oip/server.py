@@ -14,15 +14,17 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
-from offload.oip.errors import Unavailable, status_for, trailers_for
+from offload.oip.errors import InvalidArgument, Unavailable, status_for, trailers_for
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, channel_options
 from offload.oip.messages import (
     ModelInputs,
@@ -39,7 +41,8 @@ from offload.oip.types import DataPlane, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAME = _SERVICE.full_name
 _Reply = TypeVar("_Reply")
 
 
@@ -60,6 +63,33 @@ async def write_response(response: InferResponse, raw: bool) -> pb.ModelInferRes
     if encode_cost(response.outputs, raw) > INLINE_CODEC_ELEMENTS:
         return await asyncio.to_thread(response_to_pb, response, raw)
     return response_to_pb(response, raw)
+
+
+@dataclass(frozen=True, slots=True)
+class _Unparsable:
+    """What a request that is not a valid message of its method's type decodes to."""
+
+    message_type: str
+    error: str
+
+    async def refuse(self) -> NoReturn:
+        raise InvalidArgument(
+            f"the request is not a valid {self.message_type} protobuf message ({self.error}); "
+            "check the client's encoding (string fields must be UTF-8)"
+        )
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | _Unparsable]:
+    """A request deserializer that returns _Unparsable rather than raising."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Message | _Unparsable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return _Unparsable(name, str(exc))
+
+    return deserialize
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -103,6 +133,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 context.set_trailing_metadata(trailers)
             await context.abort(code, message)
             raise AssertionError("context.abort returned") from exc  # pragma: no cover
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """The service's handlers, with requests that do not parse answered INVALID_ARGUMENT.
+
+        The generated registration lets gRPC parse each request, and gRPC answers one it cannot
+        parse (a string field that is not UTF-8, a message cut short) with UNKNOWN "Unexpected
+        DecodeError", which names no field and tells no client what to fix. Here the parser hands
+        such a request to the handler as _Unparsable, which refuses it through `_guard` like
+        any other bad request. The methods and their message types are read from the service
+        descriptor, so the registration follows the .proto as the generated one does.
+        """
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        for method in _SERVICE.methods:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                self._refusing_unparsable(getattr(self, method.name)),
+                request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            )
+        return handlers
+
+    def _refusing_unparsable(
+        self, handler: Callable[[Any, grpc.aio.ServicerContext[object, object]], Awaitable[Any]]
+    ) -> Callable[[Any, grpc.aio.ServicerContext[object, object]], Awaitable[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[object, object]) -> Any:
+            if isinstance(request, _Unparsable):
+                return await self._guard(context, request.refuse)
+            return await handler(request, context)
+
+        return handle
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
@@ -196,7 +255,9 @@ class OipServer:
             interceptors=self.security.interceptors(SERVICE_NAME),
         )
         self._servicer = InferenceServicer(data_plane, self.limits)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
+        handlers = self._servicer.method_handlers()
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=pb.DESCRIPTOR.pool

@@ -15,6 +15,7 @@ Every failure surfaces as CloudFailure, which the router answers from the edge.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -49,6 +50,37 @@ UNHEALTHY = {
 }
 
 
+# The request id also travels as this header, for proxies and logs on the way to the cloud.
+REQUEST_ID_HEADER = "x-request-id"
+# The longest request id sent in the header as it is (a UUID takes 36, a W3C trace id 32).
+MAX_HEADER_REQUEST_ID = 128
+
+
+def request_id_header(request_id: str) -> str:
+    """The x-request-id value for a request id: the id itself where gRPC can carry it, else a digest.
+
+    OIP puts no limit on a request's `id`, and apps send what they like (any length, any
+    characters), so refusing some ids would break calls that are valid OIP. The cloud
+    request's body carries the id unchanged (a message field has no such limit, and the
+    cloud echoes it back). A header value, though, must be printable ASCII, and gRPC
+    refuses a call whose headers exceed the peer's metadata limit (8 KiB by default): a
+    header copied blindly failed the cloud call and degraded the answer. So the header
+    carries the id when it is short printable ASCII without surrounding blanks, and
+    otherwise "sha256:" and the first 32 hex digits of the SHA-256 of its UTF-8 bytes,
+    which is legal, stable across retries and hedges, and computable from the id by
+    whoever reads the logs.
+    """
+    if (
+        len(request_id) <= MAX_HEADER_REQUEST_ID
+        and request_id.isascii()
+        and request_id.isprintable()
+        and request_id == request_id.strip()
+    ):
+        return request_id
+    digest = hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"sha256:{digest[:32]}"
+
+
 class CloudFailure(UpstreamError):
     """The cloud gave no usable answer in time; the router falls back to the edge unless told not to.
 
@@ -79,6 +111,15 @@ class Upstream(Protocol):
         self, request: InferRequest, deadline: float | None, validate: Validator | None = None
     ) -> InferResponse:
         """The answer, checked by `validate` (which raises InvalidArgument), or CloudFailure."""
+        ...
+
+    async def check_ready(self, timeout: float) -> str | None:
+        """Ask once, outside retries, budget and breaker, whether it can answer: None if so, else why not."""
+        ...
+
+    @property
+    def target(self) -> str:
+        """Where it sends rows, for logs."""
         ...
 
     def stats(self) -> UpstreamStats: ...
@@ -145,6 +186,17 @@ class CloudEndpoint:
             short_circuited=counts.short_circuited,
             by_outcome=dict(counts.by_outcome),
         )
+
+    async def check_ready(self, timeout: float) -> str | None:
+        """Ask the cloud once whether it is ready: None if it says so within `timeout`, else why not.
+
+        Outside the retries, the budget and the breaker: it is a look, not traffic.
+        """
+        try:
+            ready = await self._client.server_ready(timeout)
+        except UpstreamError as exc:
+            return str(exc)
+        return None if ready else f"{self.target} is live but not ready"
 
     def _tokens_text(self) -> str:
         return f"retry tokens {self.stats().retry_tokens_text}"
@@ -267,7 +319,9 @@ class CloudEndpoint:
             raise DeadlineExceeded(f"too little time left ({max(timeout, 0) * 1000:.0f} ms) to call {self.target}")
         self._counts.attempts += 1
         try:
-            response = await self._client.infer(request, timeout=timeout, metadata=(("x-request-id", request.id),))
+            response = await self._client.infer(
+                request, timeout=timeout, metadata=((REQUEST_ID_HEADER, request_id_header(request.id)),)
+            )
             if validate is not None:
                 validate(response)
         except UpstreamError as exc:

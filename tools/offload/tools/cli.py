@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from offload.oip.address import check_address
 from offload.oip.errors import ConfigurationError
 from offload.oip.settings import configure_logging, load_settings
 
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument(
         "--cloud",
+        type=_address,
         help="HOST:PORT of a running OIP server for the cloud's answers "
         "(default: run the model's [cloud] section here with PyTorch)",
     )
@@ -141,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--no-temperature", action="store_true", help="keep the configured temperature")
     calibrate.add_argument("--dry-run", action="store_true", help="report only; leave model.toml unchanged")
     return parser
+
+
+def _address(text: str) -> str:
+    try:
+        return check_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _share(text: str) -> float:

@@ -26,7 +26,9 @@ class ServerProcess:
         self._env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self._lines: collections.deque[str] = collections.deque(maxlen=200)
         self._ready = threading.Event()
+        self._printed = threading.Condition()
         self._process: subprocess.Popen[str] | None = None
+        self._ended = False
         self.address = ""
 
     def start(self, timeout: float = 120.0) -> str:
@@ -44,13 +46,18 @@ class ServerProcess:
         assert self._process is not None
         assert self._process.stdout is not None
         for line in self._process.stdout:
-            self._lines.append(line.rstrip("\n"))
+            with self._printed:
+                self._lines.append(line.rstrip("\n"))
+                self._printed.notify_all()
             match = _LISTENING.search(line)
             if match and not self.address:
                 host, port = match.groups()
                 self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
                 self._ready.set()
         self._ready.set()  # the process ended: stop waiting
+        with self._printed:
+            self._ended = True
+            self._printed.notify_all()
 
     @property
     def pid(self) -> int:
@@ -59,7 +66,22 @@ class ServerProcess:
 
     def output(self) -> str:
         """The last lines the process printed (stdout and stderr)."""
-        return "\n".join(self._lines)
+        with self._printed:  # not while the reader appends
+            return "\n".join(self._lines)
+
+    def wait_for_output(self, text: str, timeout: float = 30.0) -> str:
+        """The first line (of the last ones kept) that contains `text`, once the process has printed it;
+        raise with the output if it does not within the timeout or ends first."""
+        with self._printed:
+            found = self._printed.wait_for(lambda: self._line_with(text) is not None or self._ended, timeout)
+            line = self._line_with(text)
+        if line is None:
+            state = "ended" if found else f"did not print it within {timeout}s"
+            raise RuntimeError(f"{' '.join(self.args[3:])} never printed {text!r} ({state}):\n{self.output()}")
+        return line
+
+    def _line_with(self, text: str) -> str | None:
+        return next((line for line in self._lines if text in line), None)
 
     def signal(self, signum: signal.Signals) -> None:
         if self._process is not None and self._process.poll() is None:
