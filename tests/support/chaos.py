@@ -73,6 +73,7 @@ from offload.router.options import (
 from offload.router.resilience import BreakerState
 from offload.router.stats import UpstreamStats
 from offload.router.upstream import CloudEndpoint, Sleep
+from support import reference as bare_models
 
 if TYPE_CHECKING:
     from offload.oip.grpc_service_pb2_grpc import GRPCInferenceServiceAsyncStub
@@ -384,9 +385,16 @@ class Reference:
 
     @classmethod
     def build(cls, model: RoutedModel, pixels: npt.NDArray[np.float32], cloud_scores: npt.NDArray[Any]) -> Reference:
+        """From the edge model as the router runs it and a cloud's answers (the benchmark: that cloud may be a GPU)."""
         edge = model.edge.predict({"pixels": pixels})
         confidence = row_confidence(edge, model.routing, model.score_output)
         return cls(pixels, edge["scores"], confidence, np.asarray(cloud_scores, dtype=np.float32))
+
+    @classmethod
+    def bare(cls, pixels: npt.NDArray[np.float32]) -> Reference:
+        """From the model files run bare and a NumPy softmax (support.reference), independent of Offload (tests)."""
+        edge = bare_models.edge_scores(pixels)
+        return cls(pixels, edge, bare_models.max_softmax(edge), bare_models.cloud_scores(pixels))
 
     def rows(self, index: int) -> npt.NDArray[np.intp]:
         """The test-set rows of request number `index` (deterministic)."""
