@@ -127,21 +127,6 @@ async def test_threshold_override_changes_routing(
     assert some.parameters["offload_offloaded_rows"] == int(unsure.sum())
 
 
-async def test_a_threshold_sent_as_a_string_takes_effect(demo_stack: Stack) -> None:
-    """Clients whose protos lack double_param send offload_threshold as a string: it routes like the number."""
-    pixels, _ = reference.demo_split("test")
-    pixels = pixels[:60]
-    unsure = reference.cloud_bound(pixels, threshold=0.8)
-    # 0.8 sends a different set of rows than the model's own threshold would: the string is not ignored.
-    assert 0 < unsure.sum() < reference.cloud_bound(pixels).sum()
-    as_text = await _infer(demo_stack, _request(pixels, offload_threshold="0.8", offload_details=True))
-    as_number = await _infer(demo_stack, _request(pixels, offload_threshold=0.8, offload_details=True))
-    for response in (as_text, as_number):
-        routes = _routes(response)
-        assert [route in reference.FROM_THE_CLOUD for route in routes] == unsure.tolist()
-        assert_rows_answered_as_routed(response.as_dict()["scores"].data, routes, pixels)
-
-
 async def test_model_threshold_applies_without_override(
     demo_stack: Stack, test_set: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 ) -> None:
