@@ -111,11 +111,14 @@ async def run(settings: EdgeSettings) -> None:
     if settings.cloud:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
     cloud = settings.cloud or "none (edge answers only)"
-    print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud})", flush=True)
     status = StatusLog(router.stats, settings.status_log_seconds)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
     try:
-        await serve_until_signalled(server, settings.grace_seconds)
+        await serve_until_signalled(
+            server,
+            settings.grace_seconds,
+            announce=lambda: print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud})", flush=True),
+        )
     finally:
         if reporter is not None:
             reporter.cancel()
