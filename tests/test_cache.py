@@ -10,12 +10,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
+from conftest import SUBPROCESS_ENV
 from offload.cloud.dataplane import CloudDataPlane
 from offload.edge.dataplane import RouterDataPlane
 from offload.oip.client import OipClient
@@ -28,6 +30,8 @@ from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.stats import CacheStats, UpstreamStats
 from offload.router.upstream import CloudEndpoint
+from offload.tools.process import ServerProcess
+from support import counting
 from support.held import HeldCloud
 from support.reference import assert_rows_answered_as_routed
 
@@ -455,6 +459,29 @@ async def test_a_cloud_failure_is_shared_with_the_requests_waiting_on_its_rows(
     assert [answer.parameters["offload_degraded"] for answer in answers] == [True, True]
     assert held.arrived.qsize() == 0, "the waiter took the sender's failure instead of calling again"
     assert _cloud(router).attempts == 1
+
+
+async def test_the_cloud_command_caches_whole_answers_when_its_environment_says_so(tmp_path: Path) -> None:
+    """A real `offload cloud` with OFFLOAD_CLOUD_RESPONSE_CACHE_BYTES; its model counts the calls that reach it."""
+    count_file = tmp_path / "calls"
+    repository = counting.write_repository(tmp_path / "repository")
+    env = {**SUBPROCESS_ENV, counting.COUNT_ENV: str(count_file), "OFFLOAD_CLOUD_RESPONSE_CACHE_BYTES": "1000000"}
+    rows, other = np.array([[1.0, 2.0]], np.float32), np.array([[3.0, 4.0]], np.float32)
+    with ServerProcess(["cloud", "--grpc-port", "0", "--model-repository", str(repository)], env=env) as cloud:
+        async with OipClient(cloud.start()) as client:
+
+            async def infer(x: npt.NDArray[np.float32], request_id: str) -> InferResponse:
+                return await client.infer(InferRequest("counted", [Tensor.of("x", x)], id=request_id), timeout=30)
+
+            first = await infer(rows, "a")
+            assert counting.calls(count_file) == 1
+            again = await infer(rows, "b")  # another device's identical request: answered from the cache
+            assert counting.calls(count_file) == 1, "the repeated request reached the model"
+            fresh = await infer(other, "c")
+            assert counting.calls(count_file) == 2
+    assert again.id == "b"
+    for response, x in ((first, rows), (again, rows), (fresh, other)):
+        np.testing.assert_array_equal(response.as_dict()["y"].data, 2 * x)
 
 
 def test_the_cloud_response_cache_counts_the_payload_of_bytes_outputs() -> None:
