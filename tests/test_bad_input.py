@@ -7,6 +7,7 @@ well-formed ones) and sent to the real in-process servers: the edge agent and th
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 import threading
 import time
@@ -34,6 +35,7 @@ from offload.oip.server import OipServer, read_request
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import InferRequest
 from offload.router.models import RoutedModel
+from support import reference
 from support.repos import SAMPLES, TEXT_BYTES, TYPED
 
 if TYPE_CHECKING:
@@ -82,13 +84,23 @@ def _digits(
     return request
 
 
+@functools.cache
+def _right_answers() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The bare models' answers to the good request: the edge agent's (routed by the model's threshold),
+    and the cloud's."""
+    routed = ["cloud" if unsure else "edge" for unsure in reference.cloud_bound(PIXELS)]
+    return reference.expected_scores(PIXELS, routed), reference.cloud_scores(PIXELS)
+
+
 async def _assert_serves(stub: Stub) -> None:
-    """A good request to the same server is still answered, and correctly shaped."""
+    """A good request to the same server is still answered, correctly shaped and right."""
     reply = await stub.ModelInfer(_digits(), timeout=TIMEOUT)
     assert [(output.name, output.datatype, list(output.shape)) for output in reply.outputs] == [
         ("scores", "FP32", [2, 10])
     ]
     assert [len(raw) for raw in reply.raw_output_contents] == [2 * 10 * 4]
+    scores = np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).reshape(2, 10)
+    assert any(reference.CLOUD_TOLERANCE.close(scores, right) for right in _right_answers()), scores
 
 
 async def _assert_rejected(
