@@ -142,7 +142,7 @@ def assert_rows_answered_as_routed(scores: npt.NDArray[Any], routes: Sequence[st
         for row, route in enumerate(routes)
         if not (CLOUD_TOLERANCE if route in FROM_THE_CLOUD else EDGE_TOLERANCE).close(scores[row], expected[row])
     ]
-    assert not wrong, f"rows that are not the bare {'/'.join(['edge', *FROM_THE_CLOUD])} answer: {wrong}"
+    assert not wrong, f"rows that are not the bare model's answer for their route: {wrong}"
 
 
 def assert_confidence_of_routed_rows(
