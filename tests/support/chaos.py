@@ -17,9 +17,9 @@ with a raw stub. Faults are switched at run time, between or during bursts:
   datatype, raw bytes of the wrong size).
 
 The proxy counts what it received: calls, the x-request-id of each (so retries and
-hedges of one request can be told from new work), the time each had left before its
-gRPC deadline as it arrived, which ids got a good answer, and how many calls were
-cancelled by the client.
+hedges of one request can be told from new work), the parameters of each as they came
+over the wire, the time each had left before its gRPC deadline as it arrived, which ids
+got a good answer, and how many calls were cancelled by the client.
 
 The rest is what the fault tests and the fault benchmark share: an edge router on
 a real gRPC port configured like the agent (`edge_under_test`), bounded concurrent
@@ -73,6 +73,7 @@ from offload.router.options import (
 from offload.router.resilience import BreakerState
 from offload.router.stats import UpstreamStats
 from offload.router.upstream import CloudEndpoint, Sleep
+from support import reference as bare_models
 
 if TYPE_CHECKING:
     from offload.oip.grpc_service_pb2_grpc import GRPCInferenceServiceAsyncStub
@@ -112,6 +113,12 @@ def corrupt(reply: pb.ModelInferResponse, kind: Corruption) -> pb.ModelInferResp
         first = Tensor(first.name, datatype, data.astype(dtype))
     response.outputs[0] = first
     return response_to_pb(response, raw=True)
+
+
+def wire_value(parameter: pb.InferParameter) -> tuple[str, object]:
+    """A parameter as it travels: which field of the oneof is set (bool_param, int64_param, ...) and its value."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return (kind, getattr(parameter, kind)) if kind else ("", None)
 
 
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -156,6 +163,8 @@ class ChaosProxy:
         self.calls = 0
         self.request_ids: list[str] = []  # x-request-id of each ModelInfer call, in arrival order
         self.message_ids: list[str] = []  # the OIP request id of each call, in arrival order
+        # The request parameters of each call, as they came over the wire: name -> (the oneof field set, its value).
+        self.parameters: list[dict[str, tuple[str, object]]] = []
         # Seconds each call had left before its deadline (its grpc-timeout) as it arrived; None: no deadline.
         self.time_left: list[float | None] = []
         self.answered: set[str] = set()  # ids that got a good answer from upstream through the proxy
@@ -189,6 +198,7 @@ class ChaosProxy:
         self.calls = 0
         self.request_ids.clear()
         self.message_ids.clear()
+        self.parameters.clear()
         self.time_left.clear()
         self.answered.clear()
         self.injected = 0
@@ -234,6 +244,7 @@ class ChaosProxy:
         self.calls += 1
         self.request_ids.append(request_id)
         self.message_ids.append(request.id)
+        self.parameters.append({name: wire_value(value) for name, value in request.parameters.items()})
         self.time_left.append(context.time_remaining())
         self._attempts[request_id] += 1
         attempt = self._attempts[request_id]
@@ -384,9 +395,16 @@ class Reference:
 
     @classmethod
     def build(cls, model: RoutedModel, pixels: npt.NDArray[np.float32], cloud_scores: npt.NDArray[Any]) -> Reference:
+        """From the edge model as the router runs it and a cloud's answers (the benchmark: that cloud may be a GPU)."""
         edge = model.edge.predict({"pixels": pixels})
         confidence = row_confidence(edge, model.routing, model.score_output)
         return cls(pixels, edge["scores"], confidence, np.asarray(cloud_scores, dtype=np.float32))
+
+    @classmethod
+    def bare(cls, pixels: npt.NDArray[np.float32]) -> Reference:
+        """From the model files run bare and a NumPy softmax (support.reference), independent of Offload (tests)."""
+        edge = bare_models.edge_scores(pixels)
+        return cls(pixels, edge, bare_models.max_softmax(edge), bare_models.cloud_scores(pixels))
 
     def rows(self, index: int) -> npt.NDArray[np.intp]:
         """The test-set rows of request number `index` (deterministic)."""

@@ -140,12 +140,17 @@ async def run(settings: EdgeSettings) -> None:
     if settings.cloud:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
     cloud = settings.cloud or "none (edge answers only)"
-    print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud}; {security.description})", flush=True)
     status = StatusLog(router.stats, settings.status_log_seconds)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
     check = asyncio.create_task(report_cloud_at_start(router.upstream)) if router.upstream is not None else None
     try:
-        await serve_until_signalled(server, settings.grace_seconds)
+        await serve_until_signalled(
+            server,
+            settings.grace_seconds,
+            announce=lambda: print(
+                f"offload-edge listening on {settings.host}:{port} (cloud: {cloud}; {security.description})", flush=True
+            ),
+        )
     finally:
         if check is not None:
             check.cancel()
