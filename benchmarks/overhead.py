@@ -4,7 +4,7 @@
 
 Baselines: raw ONNX Runtime (the edge model alone), raw torch (the cloud model
 alone, unbatched), and a bare gRPC echo server (transport only: it answers every
-ModelInfer with a canned response, no decoding). Measured: the in-process router,
+ModelInfer with the request's own bytes, no decoding; `offload.tools.bare_echo`). Measured: the in-process router,
 the edge agent over gRPC (edge route and cloud route), and the cloud service over
 gRPC. Servers are real child processes on loopback; requests are sequential, so
 latencies are per request; ratios compare medians.
@@ -34,35 +34,11 @@ from offload.oip.repository import load_repository
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.core import Router
+from offload.tools.bare_echo import BareEchoProcess
 from offload.tools.process import ServerProcess
 from results_file import RESULTS, write_section
 
 SECTION = "## Overhead (issue 2)"
-
-BARE_ECHO = """
-import asyncio, sys
-import grpc
-from offload.oip import grpc_service_pb2 as pb
-REPLY = pb.ModelInferResponse(model_name="digits").SerializeToString()
-async def infer(request: bytes, context: object) -> bytes:
-    return REPLY
-async def main() -> None:
-    handler = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
-        "ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"bare-echo listening on 127.0.0.1:{port}", flush=True)
-    await server.wait_for_termination()
-asyncio.run(main())
-"""
-
-
-class BareEchoProcess(ServerProcess):
-    def __init__(self) -> None:
-        super().__init__([])
-        self.args = [sys.executable, "-c", BARE_ECHO]
 
 
 def _stats(samples_ms: list[float]) -> tuple[float, float]:
