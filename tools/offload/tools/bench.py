@@ -32,7 +32,7 @@ from offload.oip.messages import request_to_pb
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, ParameterValue
 from offload.tools.bench_load import ClientProcesses, Step, Window, drive
-from offload.tools.bench_transport import Connection, Transport, connected
+from offload.tools.bench_transport import OK, Connection, StreamTransport, Transport, connected
 
 # Distinct random payloads per run (more than one, so no server answers from a one-entry cache),
 # and the most memory all prepared payloads may take.
@@ -301,17 +301,25 @@ def _rows_from_file(path: Path, rows: int, datatype: str | None) -> list[npt.NDA
 
 
 async def _probe(transport: Transport, payloads: Payloads, options: BenchOptions) -> None:
-    """One request first, so a server that cannot take the load at all gets a clear message, not a table of errors."""
-    status = await transport.sender(0)(payloads.requests[0])
+    """A request or two first, so a server that cannot take the load at all gets a clear message, not a table
+    of errors. A stream must answer two requests in a row: Triton's stream lasts, MLServer's ModelStreamInfer
+    (one generation per stream, plain ModelInferResponse answers) does not."""
+    send = transport.sender(0)
+    status = await send(payloads.requests[0])
     if status == "UNIMPLEMENTED":
-        if options.streaming:
-            raise ConfigurationError(
-                f"{options.target} does not implement ModelStreamInfer (Triton's bidirectional stream); "
-                "run without --streaming"
-            )
-        raise ConfigurationError(f"{options.target} does not implement ModelInfer: is it an OIP (KServe v2) server?")
+        rpc = "ModelStreamInfer (Triton's bidirectional stream)" if options.streaming else "ModelInfer"
+        raise ConfigurationError(f"{options.target} does not implement {rpc}; is it an OIP (KServe v2) server?")
     if status == "UNAVAILABLE":
         raise ConfigurationError(f"nothing answers at {options.target} (UNAVAILABLE): is the server running?")
+    if isinstance(transport, StreamTransport):
+        if status == OK:
+            status = await send(payloads.requests[0])
+        if status != OK:
+            raise ConfigurationError(
+                f"{options.target}'s ModelStreamInfer did not answer two requests in a row ({status}: "
+                f"{transport.last_error(0)!r}); --streaming needs Triton's lasting stream of "
+                "ModelStreamInferResponse answers (MLServer's stream, one generation each, is not that)"
+            )
 
 
 async def _show_progress(bar: tqdm[Any], total: float, began: int, window: Window | None) -> None:
@@ -379,10 +387,10 @@ async def _step(
                 window = await clients.run(step, STEP_NOTICE_SECONDS + total + options.timeout + 60)
             finally:
                 progress.cancel()
-    return _result(window, mode, load, payloads.rows)
+    return step_result(window, mode, load, payloads.rows)
 
 
-def _result(window: Window, mode: str, load: float, rows: int) -> StepResult:
+def step_result(window: Window, mode: str, load: float, rows: int) -> StepResult:
     seconds = (window.end - window.start) / 1e9
     p50 = p90 = p99 = mean = None
     if window.latencies:

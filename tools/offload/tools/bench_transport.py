@@ -7,9 +7,10 @@ failed. tritonclient's `InferenceServerClient` builds InferInput objects and par
 into NumPy per call; the generated stubs (ours or tritonclient's, the same upb runtime) serialize
 and parse every message. Raw bytes over the channel cost less than either.
 
-A sender returns the outcome as a status name: "OK", a gRPC status code's name, or STREAM_ERROR
-for an error the server reported inside the stream (ModelStreamInfer carries errors in-band as
-`error_message`, with no status code).
+A sender returns the outcome as a status name: "OK", a gRPC status code's name, STREAM_ERROR for
+an error the server reported inside the stream (ModelStreamInfer carries errors in-band as
+`error_message`, with no status code), or STREAM_CLOSED for a request left unanswered when the
+server ended the stream without an error.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from offload.oip.server import channel_options
 SERVICE = "/inference.GRPCInferenceService/"
 OK = "OK"
 STREAM_ERROR = "STREAM_ERROR"
+STREAM_CLOSED = "STREAM_CLOSED"
 # ModelInferRequest.id and ModelStreamInferResponse.infer_response: field numbers in the OIP proto.
 REQUEST_ID_FIELD = 3
 STREAM_INFER_RESPONSE_FIELD = 2
@@ -107,6 +109,7 @@ class _Stream:
         self._pending: dict[str, asyncio.Future[str]] = {}
         self._ids = itertools.count()
         self._writing = asyncio.Lock()
+        self.last_error = ""  # the latest error message the server sent, in the stream or as a status
 
     async def send(self, payload: bytes) -> str:
         call = self._call
@@ -121,6 +124,7 @@ class _Stream:
                 await call.write(with_request_id(payload, request_id))
             return await asyncio.wait_for(answer, self._timeout)
         except grpc.aio.AioRpcError as exc:
+            self.last_error = str(exc.details())
             return str(exc.code().name)
         except (grpc.aio.UsageError, asyncio.InvalidStateError):
             # Written after the stream ended: the reader has already answered with its status.
@@ -131,16 +135,19 @@ class _Stream:
             self._pending.pop(request_id, None)
 
     async def _read(self, call: Any) -> None:
-        status = grpc.StatusCode.UNAVAILABLE.name  # the server ended the stream with requests unanswered
+        status = STREAM_CLOSED
         try:
             async for response in call:
                 # An answer without a known id (some servers leave it out of errors) goes to the oldest request.
                 answer = self._pending.pop(response.infer_response.id, None)
                 if answer is None and self._pending:
                     answer = self._pending.pop(next(iter(self._pending)))
+                if response.error_message:
+                    self.last_error = response.error_message
                 if answer is not None and not answer.done():
                     answer.set_result(STREAM_ERROR if response.error_message else OK)
         except grpc.aio.AioRpcError as exc:
+            self.last_error = str(exc.details())
             status = str(exc.code().name)
         finally:
             if self._call is call:
@@ -168,10 +175,17 @@ class StreamTransport:
         self._streams: dict[int, _Stream] = {}
 
     def sender(self, index: int) -> Sender:
+        return self._stream(index).send
+
+    def last_error(self, index: int) -> str:
+        """The latest error message stream `index` got from the server."""
+        return self._stream(index).last_error
+
+    def _stream(self, index: int) -> _Stream:
         stream = self._streams.get(index)
         if stream is None:
             stream = self._streams[index] = _Stream(self._channels[index % len(self._channels)], self._timeout)
-        return stream.send
+        return stream
 
     async def close(self) -> None:
         for stream in self._streams.values():
