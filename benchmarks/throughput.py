@@ -16,8 +16,9 @@ flight each, raw pre-encoded requests), the same load and the same payload, one 
   floor and a bare onnxruntime InferenceSession.run of the edge model (N threads on one session,
   the agent's session options), at concurrency 1, 8, 64.
 - scaling: `offload cloud` at 1, 8, 64 and 512 rows per request, at --scaling-concurrency.
-Each step runs --warmup seconds before --duration counted seconds. When a server comes near the
-echo floor, the client is the limit: rerun with more --processes.
+Each step runs --warmup seconds before --duration counted seconds, sent by --processes client
+processes (default 2). When a server comes near the echo floor, the client may be the limit: the
+script says so; rerun with more --processes.
 """
 
 from __future__ import annotations
@@ -207,6 +208,11 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _failed(step: StepResult) -> str:
+    """Failures with their statuses, e.g. `12 RESOURCE_EXHAUSTED`."""
+    return ", ".join(f"{count} {status}" for status, count in sorted(step.errors.items())) or "0"
+
+
 def cloud_table(measured: dict[str, Results]) -> str:
     lines = [
         "| server | concurrency | rps | p50 ms | p99 ms | failed | rps vs Triton | rps vs MLServer "
@@ -219,7 +225,7 @@ def cloud_table(measured: dict[str, Results]) -> str:
             mlserver_step = measured.get("mlserver", {}).get(workers)
             lines.append(
                 f"| {NAMES[peer]} | {workers} | {step.rps:.0f} | {_ms(step.p50_ms)} | {_ms(step.p99_ms)} "
-                f"| {step.failed} | {_ratio(step.rps, _rps(triton_step))} "
+                f"| {_failed(step)} | {_ratio(step.rps, _rps(triton_step))} "
                 f"| {_ratio(step.rps, _rps(mlserver_step))} "
                 f"| {_ratio(step.p99_ms, _p99(triton_step))} "
                 f"| {_ratio(step.p99_ms, _p99(mlserver_step))} |"
@@ -237,7 +243,7 @@ def edge_table(measured: dict[str, Results]) -> str:
             echo, ort = measured["echo"].get(workers), measured["onnxruntime"].get(workers)
             lines.append(
                 f"| {NAMES[path]} | {workers} | {step.rps:.0f} | {_ms(step.p50_ms)} | {_ms(step.p99_ms)} "
-                f"| {step.failed} | {_ratio(step.rps, _rps(echo))} | {_ratio(step.rps, _rps(ort))} |"
+                f"| {_failed(step)} | {_ratio(step.rps, _rps(echo))} | {_ratio(step.rps, _rps(ort))} |"
             )
     return "\n".join(lines)
 
@@ -254,7 +260,7 @@ def scaling_table(measured: Results, concurrency: int) -> str:
     for rows, step in measured.items():
         lines.append(
             f"| {rows} | {step.rps:.0f} | {step.rows_per_second:.0f} | {_ms(step.p50_ms)} | {_ms(step.p99_ms)} "
-            f"| {step.failed} | {_ratio(step.rows_per_second, base)} |"
+            f"| {_failed(step)} | {_ratio(step.rows_per_second, base)} |"
         )
     return "\n".join(lines)
 
@@ -286,7 +292,12 @@ def main() -> int:
     parser.add_argument("--scaling-concurrency", type=int, default=8, help="scaling part's concurrency (default 8)")
     parser.add_argument("--duration", type=float, default=10.0, help="counted seconds per step (default 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each step counts (default 2)")
-    parser.add_argument("--processes", type=int, default=1, help="client processes (default 1)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="client processes (default 2; one Python client process tops out below a bare grpc.aio server)",
+    )
     parser.add_argument(
         "--peer-venvs",
         type=Path,
@@ -339,9 +350,12 @@ def _header(options: argparse.Namespace) -> str:
         f"torch {torch.__version__}. "
         f"Closed loop, {options.warmup:g} s warm-up then {options.duration:g} s counted per step, "
         f"{options.processes} client process(es); one server at a time; rps counts successful requests, "
-        "latencies are theirs, failed counts the rest. MLServer: adaptive batching (64 requests, 1 ms), "
+        "latencies are theirs, failed counts the rest by status. MLServer: adaptive batching (64 requests, 1 ms), "
         "parallel workers off; Triton: dynamic batcher (64 rows, no queue delay); both run cloud.pt2 with torch "
-        "2.13.0 in their own virtual environments. `offload cloud` runs with its defaults (answer cache off)."
+        "2.13.0 in their own virtual environments, as `offload cloud` runs it by default: at most 2 batches at "
+        "once, on CPU each with cores / 2 torch threads. `offload cloud` and the edge agent run with their "
+        "defaults (answer caches off for these requests: the cloud's is off by default, the edge route never "
+        "reaches the cloud)."
     )
 
 

@@ -12,11 +12,12 @@ gRPC status. The payloads (random data of a shape, or rows of an .npz) are encod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,8 @@ async def prepare_payloads(options: BenchOptions) -> Payloads:
         datatype = datatype or declared_type
         shape = shape or declared_shape
     assert name is not None
+    if datatype is not None and datatype not in DATATYPES:
+        raise ConfigurationError(f"datatype {datatype!r} is not one of {sorted(DATATYPES)}")
     if options.data is not None:
         arrays = _rows_from_file(options.data, options.rows or 1, datatype)
     else:
@@ -263,9 +266,7 @@ def _concrete(shape: tuple[int, ...], rows: int | None) -> tuple[int, ...]:
 
 
 def _random_arrays(datatype: str, shape: tuple[int, ...], seed: int) -> list[npt.NDArray[Any]]:
-    spec = DATATYPES.get(datatype)
-    if spec is None:
-        raise ConfigurationError(f"datatype {datatype!r} is not one of {sorted(DATATYPES)}")
+    spec = DATATYPES[datatype]
     rng = np.random.default_rng(seed)
     elements = math.prod(shape)
     count = max(1, min(RANDOM_PAYLOADS, MAX_PREPARED_BYTES // max(1, elements * max(spec.itemsize, 8))))
@@ -294,7 +295,7 @@ def _rows_from_file(path: Path, rows: int, datatype: str | None) -> list[npt.NDA
         raise ConfigurationError(f"{path}: cannot read the 'inputs' array of an .npz ({exc})") from exc
     if inputs.ndim == 0 or len(inputs) < rows:
         raise ConfigurationError(f"{path}: 'inputs' has {len(inputs) if inputs.ndim else 0} rows, fewer than {rows}")
-    if datatype is not None and datatype in DATATYPES and datatype not in ("BYTES", "BF16"):
+    if datatype is not None and datatype not in ("BYTES", "BF16"):  # BF16: the file holds the bit patterns
         inputs = inputs.astype(DATATYPES[datatype].dtype)
     fits = max(1, MAX_PREPARED_BYTES // max(1, inputs[:rows].nbytes))
     return [inputs[start : start + rows] for start in range(0, len(inputs) - rows + 1, rows)][:fits]
@@ -322,13 +323,27 @@ async def _probe(transport: Transport, payloads: Payloads, options: BenchOptions
             )
 
 
-async def _show_progress(bar: tqdm[Any], total: float, began: int, window: Window | None) -> None:
-    while True:
-        await asyncio.sleep(PROGRESS_SECONDS)
-        bar.n = min(total, round(max(0, time.perf_counter_ns() - began) / 1e9, 1))
-        if window is not None:  # counts are known here only when this process sends
-            bar.set_postfix(ok=len(window.latencies), failed=sum(window.errors.values()), refresh=False)
-        bar.refresh()
+@contextlib.asynccontextmanager
+async def _progress(options: BenchOptions, label: str, began: int, window: Window | None) -> AsyncIterator[None]:
+    """A progress bar on stderr (time into the step; counts when this process sends) while the step runs."""
+    total = options.warmup + options.duration
+
+    async def tick(bar: tqdm[Any]) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_SECONDS)
+            bar.n = min(total, round(max(0, time.perf_counter_ns() - began) / 1e9, 1))
+            if window is not None:
+                bar.set_postfix(ok=len(window.latencies), failed=sum(window.errors.values()), refresh=False)
+            bar.refresh()
+
+    with tqdm(total=total, desc=label, unit="s", disable=None if options.progress else True) as bar:
+        ticker = asyncio.create_task(tick(bar))
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
 
 
 async def run_bench(options: BenchOptions) -> BenchReport:
@@ -371,22 +386,15 @@ async def _step(
     start = began + round(options.warmup * 1e9)
     step = Step(mode, load, began, start, start + round(options.duration * 1e9))
     label = f"rate {load:g}/s" if mode == "rate" else f"concurrency {load:g}"
-    total = options.warmup + options.duration
-    with tqdm(total=total, desc=label, unit="s", disable=None if options.progress else True) as bar:
-        if transport is not None:
-            window = Window(step.start, step.end)
-            progress = asyncio.create_task(_show_progress(bar, total, began, window))
-            try:
-                await drive(transport, payloads.requests, step, options.channels, window)
-            finally:
-                progress.cancel()
-        else:
-            assert clients is not None
-            progress = asyncio.create_task(_show_progress(bar, total, began, None))
-            try:
-                window = await clients.run(step, STEP_NOTICE_SECONDS + total + options.timeout + 60)
-            finally:
-                progress.cancel()
+    if clients is None:
+        assert transport is not None
+        window = Window(step.start, step.end)
+        async with _progress(options, label, began, window):
+            await drive(transport, payloads.requests, step, options.channels, window)
+    else:
+        async with _progress(options, label, began, None):
+            longest = STEP_NOTICE_SECONDS + options.warmup + options.duration + options.timeout + 60
+            window = await clients.run(step, longest)
     return step_result(window, mode, load, payloads.rows)
 
 
