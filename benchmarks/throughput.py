@@ -169,7 +169,7 @@ def _onnxruntime(plan: Plan) -> Results:
         window = Window(start, start + round(plan.duration * 1e9))
 
         def work(window: Window = window) -> None:
-            while (started := time.perf_counter_ns()) < window.end:
+            while window.open(started := time.perf_counter_ns()):
                 session.run(None, feeds)
                 done = time.perf_counter_ns()
                 window.record(done, done - started, OK)

@@ -62,6 +62,8 @@ class BenchOptions:
     rates: tuple[float, ...] = ()
     duration: float = 10.0
     warmup: float = 2.0
+    # A step counts on past `duration` until at least this many requests completed (0: time only).
+    min_requests: int = 0
     streaming: bool = False
     timeout: float = 30.0
     channels: int = 1
@@ -384,16 +386,18 @@ async def _step(
     # Client processes need a moment to get the step before it begins.
     began = time.perf_counter_ns() + (0 if clients is None else round(STEP_NOTICE_SECONDS * 1e9))
     start = began + round(options.warmup * 1e9)
-    step = Step(mode, load, began, start, start + round(options.duration * 1e9))
+    step = Step(mode, load, began, start, start + round(options.duration * 1e9), options.min_requests)
     label = f"rate {load:g}/s" if mode == "rate" else f"concurrency {load:g}"
     if clients is None:
         assert transport is not None
-        window = Window(step.start, step.end)
+        window = step.window()
         async with _progress(options, label, began, window):
             await drive(transport, payloads.requests, step, options.channels, window)
     else:
         async with _progress(options, label, began, None):
+            # A step waiting for min_requests can last longer; until then, a process that stays silent has failed.
             longest = STEP_NOTICE_SECONDS + options.warmup + options.duration + options.timeout + 60
+            longest += options.min_requests * options.timeout
             window = await clients.run(step, longest)
     return step_result(window, mode, load, payloads.rows)
 

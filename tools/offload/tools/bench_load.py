@@ -30,30 +30,51 @@ START_SECONDS = 120.0
 
 @dataclass(frozen=True)
 class Step:
-    """One load level and its times (perf_counter_ns): load from `began`, count from `start` to `end`."""
+    """One load level and its times (perf_counter_ns): load from `began`, count from `start` to `end`,
+    and on past `end` until at least `min_requests` requests have completed (perf_analyzer's count windows)."""
 
     mode: str  # "concurrency" or "rate"
     load: float  # workers, or requests per second
     began: int
     start: int
     end: int
+    min_requests: int = 0
+
+    def window(self, shares: int = 1) -> Window:
+        """An empty window for one of `shares` processes: each must see its share of min_requests."""
+        return Window(self.start, self.end, -(-self.min_requests // shares))
 
 
 @dataclass
 class Window:
-    """What completed inside a step's window: successful latencies (ns) and failures by status."""
+    """What completed inside a step's window: successful latencies (ns) and failures by status.
+
+    The window closes at `end`, or, if fewer than `min_requests` have completed by then, at the
+    completion that makes them enough (`end` moves there)."""
 
     start: int
     end: int
+    min_requests: int = 0
     latencies: list[int] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    completed: int = 0
+
+    def open(self, now: int) -> bool:
+        """Whether a request sent now may still count."""
+        return now < self.end or self.completed < self.min_requests
 
     def record(self, done: int, latency: int, status: str) -> None:
-        if self.start <= done <= self.end:
-            if status == OK:
-                self.latencies.append(latency)
-            else:
-                self.errors[status] += 1
+        if done < self.start:
+            return
+        if done > self.end:
+            if self.completed >= self.min_requests:
+                return
+            self.end = done
+        self.completed += 1
+        if status == OK:
+            self.latencies.append(latency)
+        else:
+            self.errors[status] += 1
 
 
 async def drive(
@@ -83,7 +104,7 @@ async def _closed_loop(transport: Transport, requests: list[bytes], workers: int
         send = transport.sender(index)
         for turn in itertools.count(index):
             started = time.perf_counter_ns()
-            if started >= window.end:
+            if not window.open(started):
                 return
             status = await send(requests[turn % len(requests)])
             done = time.perf_counter_ns()
@@ -107,7 +128,7 @@ async def _open_loop(
 
     for turn in itertools.count(share, shares):
         due = step.began + round(turn * 1e9 / step.load)
-        if due >= window.end:
+        if not window.open(due):
             break
         ahead = due - time.perf_counter_ns()
         if ahead > 0:
@@ -143,11 +164,13 @@ class ClientProcesses:
         """Every process's part of the step, merged; `seconds`: the longest it may take."""
         for pipe in self._pipes:
             pipe.send(step)
-        merged = Window(step.start, step.end)
+        merged = step.window()
         for pipe in self._pipes:
-            latencies, errors = cast(tuple[bytes, dict[str, int]], await _receive(pipe, seconds))
+            latencies, errors, end = cast(tuple[bytes, dict[str, int], int], await _receive(pipe, seconds))
             merged.latencies.extend(np.frombuffer(latencies, dtype=np.int64).tolist())
             merged.errors.update(errors)
+            merged.end = max(merged.end, end)  # where a process had to wait for its share of min_requests
+        merged.completed = len(merged.latencies) + merged.errors.total()
         return merged
 
     def close(self) -> None:
@@ -179,6 +202,6 @@ async def _client_loop(pipe: Pipe, connection: Connection, requests: list[bytes]
     async with connected(connection) as transport:
         pipe.send("ready")
         while (step := await asyncio.to_thread(pipe.recv)) is not None:
-            window = Window(step.start, step.end)
+            window = step.window(shares)
             await drive(transport, requests, step, connection.channels, window, share, shares)
-            pipe.send((np.asarray(window.latencies, dtype=np.int64).tobytes(), dict(window.errors)))
+            pipe.send((np.asarray(window.latencies, dtype=np.int64).tobytes(), dict(window.errors), window.end))

@@ -137,6 +137,13 @@ def _bench_parser(commands: Any) -> None:
     bench.add_argument("--duration", type=float, default=10.0, help="measured seconds per step (default 10)")
     bench.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each step counts (default 2)")
     bench.add_argument(
+        "--min-requests",
+        type=int,
+        default=0,
+        metavar="N",
+        help="count on past --duration until N requests completed (perf_analyzer's count windows; default 0)",
+    )
+    bench.add_argument(
         "--streaming",
         action="store_true",
         help="send on ModelStreamInfer (Triton's bidirectional stream; needs tritonclient) instead of ModelInfer",
@@ -288,6 +295,7 @@ def _bench(options: argparse.Namespace) -> int:
         rates=options.rate or (),
         duration=options.duration,
         warmup=options.warmup,
+        min_requests=options.min_requests,
         streaming=options.streaming,
         timeout=options.timeout,
         channels=options.channels,
