@@ -141,7 +141,13 @@ class RepositoryClient:
         """Fetch `file` to `destination` (its folder must exist) and check its size and SHA-256 against the
         manifest; DownloadError (and no file left behind) otherwise."""
         url = self.file_url(file.path)
-        await self._retried(lambda: self._fetch(file, url, destination), url)
+        try:
+            await self._retried(lambda: self._fetch(file, url, destination), url)
+        except OSError as exc:
+            raise DownloadError(
+                f"{destination}: cannot be written ({exc.strerror or exc}); check the free space and the permissions "
+                "of model_cache_dir"
+            ) from exc
 
     async def _fetch(self, file: ManifestFile, url: str, destination: Path) -> None:
         async with self._client.stream("GET", url) as response:

@@ -189,7 +189,10 @@ class ModelRollout:
         """Look every `poll_seconds` and swap new versions into `table`, until cancelled."""
         while True:
             await self._sleep(poll_seconds)
-            await self.check(table)
+            try:
+                await self.check(table)
+            except Exception:  # a bug must not end the looking: the models served stay as they are
+                log.exception("model rollout: an unexpected failure; still serving what was served, looking again")
 
     async def check(self, table: ModelTable | None) -> Outcome:
         """Look at the published manifest once; roll a new version out into `table` (None: just keep it,
@@ -213,7 +216,10 @@ class ModelRollout:
             self._etag = published.etag
             counts.unchanged += 1
             return Outcome.UNCHANGED
-        folder = await asyncio.to_thread(self._cache.new_folder)
+        try:
+            folder = await asyncio.to_thread(self._cache.new_folder)
+        except OSError as exc:
+            return self._failed(f"{self._cache.root}: {one_line(exc)}; check model_cache_dir", manifest.version)
         try:
             files = await self._fetch(manifest, folder)
             models = await self._load(folder, manifest)
@@ -258,7 +264,7 @@ class ModelRollout:
         budget = _Budget(self.max_bytes)
         configs = [manifest.file(model.config_path) for model in manifest.models]
         await self._obtain([file for file in configs if file is not None], folder, budget)
-        artifacts: list[ManifestFile] = []
+        artifacts: dict[str, ManifestFile] = {}
         for model in manifest.models:
             try:
                 entry = await asyncio.to_thread(load_model, folder / model.folder)
@@ -275,9 +281,10 @@ class ModelRollout:
                     "again with `offload manifest DIR` and publish it",
                     final=True,
                 )
-            artifacts.append(listed)
-        await self._obtain(artifacts, folder, budget)
-        return frozenset(file.path for file in (*configs, *artifacts) if file is not None)
+            artifacts[path] = listed
+        have = {file.path for file in configs if file is not None}
+        await self._obtain([file for path, file in artifacts.items() if path not in have], folder, budget)
+        return frozenset(have | artifacts.keys())
 
     async def _obtain(self, files: list[ManifestFile], folder: Path, budget: _Budget) -> None:
         """Link each file from the kept repository where it has it unchanged, else download it."""
@@ -285,7 +292,11 @@ class ModelRollout:
         fetch = []
         for file in files:
             source = kept.folder / file.path if kept is not None and _holds(kept, file) else None
-            if not await asyncio.to_thread(_place, folder / file.path, source):
+            try:
+                placed = await asyncio.to_thread(_place, folder / file.path, source)
+            except OSError as exc:  # a path that is also a folder's, a full disk
+                raise _Rejected(f"{file.path} cannot be written in {folder}: {one_line(exc)}", final=False) from exc
+            if not placed:
                 fetch.append(file)
         budget.spend(sum(file.size for file in fetch))
         for file in fetch:
