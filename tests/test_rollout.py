@@ -274,22 +274,32 @@ class WatchedExecutor(ThreadPoolExecutor):
         return future
 
 
-async def test_a_call_in_flight_at_the_swap_finishes_on_the_old_model(
-    rollout: ModelRollout, server: RepositoryServer, v1: Path, v2: Path
+async def test_a_call_in_flight_at_the_swap_finishes_on_the_old_model_and_teaches_the_new_budget_nothing(
+    rollout: ModelRollout, server: RepositoryServer, v1: Path, v2: Path, demo_cloud_plane: CloudDataPlane
 ) -> None:
+    cloud = OipServer(demo_cloud_plane, "test-cloud")
+    await cloud.start()
+    endpoint = CloudEndpoint(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
     # One edge thread, held busy: a call that has picked its model waits for it, across the swap.
     with WatchedExecutor() as executor:
-        router = Router(await _serving_v1(rollout, server, v1), None, executor)
-        release = threading.Event()
-        executor.submit(release.wait)
-        executor.submitted.clear()
-        in_flight = asyncio.create_task(router.infer(_edge_request(_pixels(4))))
-        await executor.submitted.wait()  # the call has chosen its model and waits for the edge thread
-        server.publish(v2)
-        assert await rollout.check(router) is Outcome.UPDATED
-        release.set()
-        assert (await in_flight).model_version == "1"
-        assert (await router.infer(_edge_request(_pixels(4)))).model_version == "2"
+        router = Router(await _serving_v1(rollout, server, v1), endpoint, executor, target_offload=0.2)
+        try:
+            release = threading.Event()
+            executor.submit(release.wait)
+            executor.submitted.clear()
+            # Routed by the online budget: 128 rows, more than the 64 a budget needs to move off 0.999.
+            request = InferRequest("digits", [Tensor.of("pixels", _pixels(128))])
+            in_flight = asyncio.create_task(router.infer(request))
+            await executor.submitted.wait()  # the call has chosen its model and waits for the edge thread
+            server.publish(v2)
+            assert await rollout.check(router) is Outcome.UPDATED
+            release.set()
+            assert (await in_flight).model_version == "1"
+            assert router.stats().thresholds == {"digits": 0.999}, "the old model's rows stay out of the new budget"
+            assert (await router.infer(_edge_request(_pixels(4)))).model_version == "2"
+        finally:
+            await router.close()
+            await cloud.stop(0)
 
 
 async def test_the_answer_cache_serves_no_answer_of_the_old_version(

@@ -39,7 +39,9 @@ class Thresholds:
         if options.threshold is not None:
             return options.threshold
         budget = self._budgets.get(model.name)
-        if budget is None:
+        if budget is None or self._models.get(model.name) is not model:
+            # No budget, or a call still in flight on a model since replaced: its rows must not teach the
+            # new model's budget, so they are judged by the threshold the model was configured with.
             return model.routing.threshold
         budget.observe(confidence)
         return budget.threshold(model.routing.threshold)
