@@ -1,4 +1,5 @@
-"""The `offload` command: run the demo, the edge agent or the cloud service, calibrate a model, or load a server.
+"""The `offload` command: run the demo, the edge agent or the cloud service, calibrate a model, load a
+server, or write a repository's manifest.
 
 Each subcommand imports only what it needs, so `offload cloud` runs where only
 `offload[cloud]` (torch) is installed and `offload edge` where only
@@ -37,6 +38,9 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
         "--auth-token-file", type=Path, metavar="FILE", help="accepted bearer tokens, one a line; re-read on change"
     )
 
+
+# The edge agent's flags for models rolled out over HTTP, named as the edge settings.
+ROLLOUT_FLAGS = ("model_repository_url", "model_poll_seconds", "model_cache_dir")
 
 # The flags of a channel to the cloud (the edge agent's, calibrate's), named as the edge settings.
 CLOUD_CHANNEL_FLAGS = ("cloud_tls_ca", "cloud_tls_cert", "cloud_tls_key", "cloud_tls_server_name", "cloud_token_file")
@@ -99,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--cloud", help="the cloud's HOST:PORT (any OIP server); omit to answer on the edge only")
     edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (1)")
     edge.add_argument("--edge-threads", type=int, help="threads that run edge models (default 1)")
+    edge.add_argument(
+        "--model-repository-url",
+        metavar="URL",
+        help="serve the models published at URL (URL/manifest.json, see `offload manifest`), swapping in new "
+        "versions as they appear; --model-repository is then served only until a first download succeeds",
+    )
+    edge.add_argument(
+        "--model-poll-seconds", type=float, metavar="S", help="seconds between looks at --model-repository-url (60)"
+    )
+    edge.add_argument(
+        "--model-cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the last good repository from the URL is kept for restarts (default: a state folder, "
+        "$STATE_DIRECTORY or $XDG_STATE_HOME/offload)",
+    )
     _cloud_channel_flags(edge)
 
     cloud = commands.add_parser(
@@ -110,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     _server_flags(cloud, 8101)
     cloud.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     cloud.add_argument("--inference-threads", type=int, help="threads that run models (default 2)")
+
+    manifest = commands.add_parser(
+        "manifest",
+        help="write DIR/manifest.json so that edge agents can take the repository DIR from an HTTP server",
+        description="Read the model repository DIR (its model folders, each model.toml's name, version and "
+        "tensors checked) and write DIR/manifest.json: the repository's version and, per model, every file's "
+        "path, size and SHA-256. Publish DIR's files on any HTTP server or "
+        "object store, the manifest last; edge agents started with --model-repository-url pointing there fetch "
+        "new versions, verify them and swap them in.",
+    )
+    manifest.add_argument("repository", type=Path, metavar="DIR", help="the model repository folder")
+    manifest.add_argument(
+        "--version", help="the repository's version (default: a digest of every file's path and SHA-256)"
+    )
 
     calibrate = commands.add_parser(
         "calibrate",
@@ -269,13 +303,26 @@ def main(argv: list[str] | None = None) -> int:
             edge_settings = load_settings(
                 EdgeSettings,
                 options.config,
-                **_flags(options, "cloud", "cloud_timeout_seconds", "edge_threads", *CLOUD_CHANNEL_FLAGS),
+                **_flags(
+                    options, "cloud", "cloud_timeout_seconds", "edge_threads", *ROLLOUT_FLAGS, *CLOUD_CHANNEL_FLAGS
+                ),
             )
             configure_logging(edge_settings.log_level)
             asyncio.run(agent.run(edge_settings))
             return 0
         if options.command == "bench":
             return _bench(options)
+        if options.command == "manifest":
+            from offload.oip.manifest import write_manifest
+
+            path, written = write_manifest(options.repository, options.version)
+            files = [file for model in written.models for file in model.files]
+            models = len(written.models)
+            print(
+                f"wrote {path}: version {written.version}, {models} model{'s' if models != 1 else ''}, "
+                f"{len(files)} files, {sum(file.size for file in files):,} bytes"
+            )
+            return 0
         if options.command == "calibrate":
             from offload.models import DEMO_REPOSITORY
             from offload.oip.security import ChannelSecurity
