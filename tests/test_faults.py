@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,26 +33,25 @@ import pytest
 
 from conftest import SUBPROCESS_ENV
 from offload.cloud.dataplane import CloudDataPlane
+from offload.cloud.registry import ModelRegistry
+from offload.cloud.scheduler import Scheduler, SchedulerStats
 from offload.cloud.settings import CloudSettings
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
 from offload.models import DEMO_REPOSITORY
-from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
-from offload.oip.errors import UpstreamError
-from offload.oip.messages import request_to_pb, response_from_pb
+from offload.oip.errors import DeadlineExceeded, UpstreamError
 from offload.oip.repository import load_repository
-from offload.oip.server import OipServer, channel_options
+from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse
-from offload.router.core import RoutedModel
+from offload.router.models import RoutedModel
 from offload.router.options import REQUIRE_CLOUD
 from offload.router.resilience import BreakerState
 from offload.tools.process import ServerProcess
 from support import gate
 from support.chaos import (
     ALL_TO_CLOUD,
-    MAX_MESSAGE_BYTES,
     Call,
     ChaosProxy,
     Corruption,
@@ -62,8 +62,8 @@ from support.chaos import (
     cloud_bound,
     edge_under_test,
     eventually,
-    retry_bound,
     wait_for_cloud_answer,
+    within_retry_budget,
 )
 
 Code = grpc.StatusCode
@@ -89,15 +89,10 @@ def cloud(cloud_server: ServerProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(cloud: str, demo_edge_models: dict[str, RoutedModel]) -> Reference:
+def reference() -> Reference:
+    """What the bare model files answer for each test row: every answer in a burst is checked against it."""
     with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
-        pixels = data["inputs"].astype(np.float32)
-    request = request_to_pb(InferRequest("digits", [Tensor.of("pixels", pixels)]))
-    with grpc.insecure_channel(cloud, options=channel_options(MAX_MESSAGE_BYTES)) as channel:
-        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
-    scores = response_from_pb(reply).output("scores")
-    assert scores is not None
-    return Reference.build(demo_edge_models["digits"], pixels, scores.data)
+        return Reference.bare(data["inputs"].astype(np.float32))
 
 
 @pytest.fixture
@@ -119,8 +114,8 @@ def assert_sound(
     assert problems == [], "\n".join(problems[:20])
     if not errors_allowed:
         assert all(call.response is not None for call in calls)
-    stats = edge.endpoint.stats
-    assert stats.retries + stats.hedges <= retry_bound(edge.endpoint), f"retries and hedges past the budget: {stats}"
+    stats = edge.endpoint.stats()
+    assert within_retry_budget(edge.endpoint), f"retries and hedges past the budget: {stats}"
     sent_calls = stats.calls - stats.short_circuited
     assert stats.attempts <= sent_calls + stats.retries + stats.hedges, stats
     if proxy is not None:
@@ -233,7 +228,7 @@ async def test_cloud_frozen_by_sigstop(
             cloud_server.signal(signal.SIGCONT)
         assert_sound(warm + frozen, reference, edge)
         assert all(all_degraded(call, reference) for call in frozen)
-        stats = edge.endpoint.stats
+        stats = edge.endpoint.stats()
         assert stats.by_outcome.get("DEADLINE_EXCEEDED", 0) >= 5, "a hang ends at the cloud deadline"
         assert stats.short_circuited > 0, "the breaker opened and kept the rest off the frozen cloud"
         await wait_for_cloud_answer(edge, reference)
@@ -247,7 +242,7 @@ async def test_flaky_cloud_failing_30_percent(
         calls = await burst(edge.client, reference, 40, tag="flaky", concurrency=8, timeout=DEADLINE)
         assert_sound(calls, reference, edge, proxy)
         assert proxy.injected > 0
-        assert edge.endpoint.stats.retries > 0
+        assert edge.endpoint.stats().retries > 0
         # Degraded exactly where the cloud did not answer: the proxy knows which requests it answered.
         assert {call.id for call in calls if call.from_cloud} == proxy.answered
         assert {call.id for call in calls if call.degraded} == {call.id for call in calls} - proxy.answered
@@ -266,7 +261,7 @@ async def test_slow_cloud_past_the_deadline(
         assert_sound(calls, reference, edge, proxy)
         assert all(all_degraded(call, reference) for call in calls)
         assert proxy.answered == set()
-        assert edge.endpoint.stats.by_outcome.get("DEADLINE_EXCEEDED", 0) >= 1
+        assert edge.endpoint.stats().by_outcome.get("DEADLINE_EXCEEDED", 0) >= 1
         proxy.heal()
         await wait_for_cloud_answer(edge, reference)
 
@@ -284,7 +279,7 @@ async def test_malformed_answers_are_failures_never_passed_on(
         calls = await burst(edge.client, reference, 12, tag=f"bad-{kind}", concurrency=6, timeout=DEADLINE)
         assert_sound(calls, reference, edge, proxy)
         assert all(all_degraded(call, reference) for call in calls)
-        stats = edge.endpoint.stats
+        stats = edge.endpoint.stats()
         assert stats.by_outcome.get("INTERNAL", 0) >= 1
         assert stats.retries == 0, "a malformed answer is not retried"
         proxy.heal()
@@ -299,16 +294,16 @@ async def test_breaker_opens_on_a_failing_cloud_and_closes_when_it_recovers(
         calls = await burst(edge.client, reference, 30, tag="down", concurrency=6, timeout=DEADLINE)
         assert_sound(calls, reference, edge, proxy)
         assert all(all_degraded(call, reference) for call in calls)
-        stats = edge.endpoint.stats
+        stats = edge.endpoint.stats()
         assert stats.short_circuited > 0
         assert proxy.calls < len(calls), "the open breaker keeps most calls off the failing cloud"
-        # The state is visible in the health detail and on the "offload.cloud" health service.
-        assert edge.endpoint.health_details()["circuit"] in (BreakerState.OPEN, BreakerState.HALF_OPEN)
+        # The state is visible in the stats snapshot and on the "offload.cloud" health service.
+        assert edge.endpoint.stats().circuit in (BreakerState.OPEN, BreakerState.HALF_OPEN)
         await edge.wait_for_cloud_health(serving=False)
 
         proxy.heal()
         await wait_for_cloud_answer(edge, reference)
-        assert edge.endpoint.health_details()["circuit"] == BreakerState.CLOSED
+        assert edge.endpoint.stats().circuit == BreakerState.CLOSED
         await edge.wait_for_cloud_health(serving=True)
 
 
@@ -325,7 +320,7 @@ async def test_hedging_answers_for_stragglers_within_the_budget(
         calls = await burst(edge.client, reference, 16, tag="hedge", concurrency=8, timeout=DEADLINE)
         assert_sound(calls, reference, edge, proxy)
         assert all(call.from_cloud for call in calls), "answered by the hedge, within the deadline"
-        stats = edge.endpoint.stats
+        stats = edge.endpoint.stats()
         assert stats.hedges == stats.calls == 16, "one hedge per request, no more"
         assert stats.retries == 0
         assert proxy.calls == stats.attempts == 32
@@ -333,7 +328,7 @@ async def test_hedging_answers_for_stragglers_within_the_budget(
         assert proxy.answered == {call.id for call in calls}
         assert stats.by_outcome == {"OK": 16}, "the stragglers, cancelled, record nothing"
         # 100 tokens, one taken per hedge, 0.1 paid back per success.
-        assert edge.endpoint.throttle.tokens == pytest.approx(100 - 16 + 16 * 0.1)
+        assert stats.retry_tokens == pytest.approx(100 - 16 + 16 * 0.1)
         await eventually(lambda: proxy.cancelled == 16, "the stragglers were cancelled on the wire")
 
 
@@ -394,7 +389,7 @@ async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
     monkeypatch.setenv(gate.MARKER_ENV, str(gate_dir))
     settings = CloudSettings(model_repository=repository, inference_threads=1, max_queue=1)
     plane = CloudDataPlane.load(load_repository(repository), settings, torch.device("cpu"))
-    capacity = plane.capacity
+    capacity = plane.scheduler.stats().capacity
     assert capacity == 2  # one call running, one queued
     server = OipServer(plane, "gated-cloud")
     await server.start()
@@ -409,7 +404,7 @@ async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
                 await client.infer(request(0), timeout=CALLER_DEADLINE)
             assert late.value.status == Code.DEADLINE_EXCEEDED
             assert gate.started(gate_dir) == {gate.started_marker(0)}
-            assert plane.admitted == 1, "its job still runs, so it keeps its slot"
+            assert plane.scheduler.stats().admitted == 1, "its job still runs, so it keeps its slot"
             # Rounds of callers with short deadlines: the stuck call still holds its slot, so one
             # call is queued (until its caller gives up) and the other is refused at once.
             for round_ in (1, 2):
@@ -423,13 +418,16 @@ async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
                 assert sorted(error.status.name for error in errors) == ["DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"]
                 refused = next(error for error in errors if error.status == Code.RESOURCE_EXHAUSTED)
                 assert refused.pushback_ms == settings.pushback_ms
-                await eventually(lambda: plane.admitted == 1, "the queued job left with its caller")
-            assert plane.peak <= capacity, "admitted work never exceeded capacity"
+                await eventually(lambda: plane.scheduler.stats().admitted == 1, "the queued job left with its caller")
+            stats = plane.scheduler.stats()
+            assert stats.peak <= capacity, "admitted work never exceeded capacity"
             assert gate.started(gate_dir) == {gate.started_marker(0)}, "no job whose caller had gone ever ran"
-            assert plane.dropped == 2
-            assert plane.rejected == 2
+            assert stats.dropped == 2
+            assert stats.rejected == 2
             (gate_dir / "open").touch()
-            await eventually(lambda: plane.admitted == 0, "the stuck call's slot is freed when it ends")
+            await eventually(
+                lambda: plane.scheduler.stats().admitted == 0, "the stuck call's slot is freed when it ends"
+            )
             answer = await client.infer(request(5), timeout=30)
             np.testing.assert_array_equal(answer.outputs[0].data, [[5.0]])
     finally:
@@ -438,13 +436,39 @@ async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
         plane.close()
 
 
+async def test_a_queued_call_whose_deadline_has_passed_is_dropped_when_a_thread_comes_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    repository = gate.write_repository(tmp_path / "repository")
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    monkeypatch.setenv(gate.MARKER_ENV, str(gate_dir))
+    model = ModelRegistry.load(load_repository(repository), torch.device("cpu"), repository).model("gate", "")
+    scheduler = Scheduler(threads=1, max_queue=1)
+    try:
+        held = asyncio.create_task(scheduler.run(model, {"x": np.zeros((1, 1), np.float32)}, None))
+        await eventually((gate_dir / "arrived").exists, "the first call reached the model")
+        # Queued behind it with a deadline already gone: the thread that comes free must not run it.
+        late = asyncio.create_task(scheduler.run(model, {"x": np.ones((1, 1), np.float32)}, time.monotonic()))
+        await eventually(lambda: scheduler.stats().admitted == 2, "the late call was queued")
+        (gate_dir / "open").touch()
+        with pytest.raises(DeadlineExceeded, match="deadline passed while the call waited for a thread"):
+            await late
+        np.testing.assert_array_equal((await held)["y"], [[0.0]])
+        assert gate.started(gate_dir) == {gate.started_marker(0)}, "the late call never reached the model"
+        assert scheduler.stats() == SchedulerStats(capacity=2, admitted=0, peak=2, rejected=0, started=1, dropped=1)
+    finally:
+        (gate_dir / "open").touch()
+        scheduler.close()
+
+
 async def test_a_failing_cloud_with_the_row_cache_on_answers_cached_rows_and_degrades_the_rest(
     proxy: ChaosProxy, reference: Reference, models: dict[str, RoutedModel], edge_executor: ThreadPoolExecutor
 ) -> None:
     cache_bytes = EdgeSettings.model_fields["cache_max_bytes"].default  # on, as the agent has it
     async with edge_under_test(proxy.address, models, edge_executor, cache_max_bytes=cache_bytes) as edge:
-        cache = edge.router.cache
-        assert cache is not None
         warm = await burst(edge.client, reference, 10, tag="warm", concurrency=5, timeout=DEADLINE)
         assert all(call.from_cloud for call in warm)
 
@@ -461,7 +485,9 @@ async def test_a_failing_cloud_with_the_row_cache_on_answers_cached_rows_and_deg
             assert "cloud" not in call.routes
             assert "cache" in call.routes
         assert not any(request_id.startswith("cached-") for request_id in proxy.request_ids), "never sent"
-        assert cache.stats.hits == sum(int(cloud_bound(reference, call.rows).sum()) for call in cached)
+        cache = edge.router.stats().cache
+        assert cache is not None
+        assert cache.hits == sum(int(cloud_bound(reference, call.rows).sum()) for call in cached)
         assert all(all_degraded(call, reference) for call in fresh + twin)
         assert proxy.injected > 0
 
@@ -503,7 +529,7 @@ async def test_an_overloaded_cloud_is_retried_after_its_pushback_then_the_edge_a
 
                 async with edge_under_test(address, models, edge_executor, sleep=sleep) as edge:
                     (first,) = await burst(edge.client, reference, 1, tag="busy", concurrency=1, timeout=DEADLINE)
-                    assert edge.endpoint.stats.by_outcome == {"RESOURCE_EXHAUSTED": 3}, "all attempts were made"
+                    assert edge.endpoint.stats().by_outcome == {"RESOURCE_EXHAUSTED": 3}, "all attempts were made"
                     assert backoffs == [pushback_ms / 1000] * 2, "each retry waited as long as the cloud asked"
                     assert all_degraded(first, reference)
                     more = await burst(
@@ -551,7 +577,7 @@ async def test_the_status_line_says_what_happened_since_the_last_one(
     overrides = {"cache_max_bytes": cache_bytes, "breaker_cooldown_seconds": 60.0}
     async with edge_under_test(proxy.address, models, edge_executor, **overrides) as edge:
         now = [0.0]
-        status = StatusLog(edge.plane, 60.0, clock=lambda: now[0])
+        status = StatusLog(edge.router.stats, 60.0, clock=lambda: now[0])
         assert status.line() is None, "nothing happened yet"
 
         await burst(edge.client, reference, 4, tag="warm", concurrency=2, timeout=DEADLINE)
@@ -598,7 +624,7 @@ async def test_the_status_line_is_written_every_interval_only_when_something_hap
             naps.append(seconds)
             await ticks.get()
 
-        status = StatusLog(edge.plane, 30.0, sleep=nap)
+        status = StatusLog(edge.router.stats, 30.0, sleep=nap)
         loop = asyncio.create_task(status.run())
         try:
             await eventually(lambda: len(naps) == 1, "the loop waits for its first interval")
@@ -609,7 +635,7 @@ async def test_the_status_line_is_written_every_interval_only_when_something_hap
             # Auto routing at the model's threshold: the confident rows are audited (audit_share 1).
             await burst(edge.client, reference, 6, tag="audit", concurrency=3, timeout=DEADLINE, parameters={})
             await edge.router.wait_for_audits()
-            audit = edge.router.audit
+            audit = edge.router.stats().audit
             assert audit.agreement is not None
             ticks.put_nowait(None)
             await eventually(lambda: len(naps) == 3, "the loop went round")
@@ -622,3 +648,31 @@ async def test_the_status_line_is_written_every_interval_only_when_something_hap
             assert naps == [30.0] * 3
         finally:
             loop.cancel()
+
+
+@pytest.mark.parametrize(("deadline_from_due", "sent"), [(True, 1), (False, 2)])
+async def test_burst_counts_the_wait_for_a_slot_against_the_apps_deadline_when_asked(
+    deadline_from_due: bool, sent: int
+) -> None:
+    """The benchmark's app (deadline_from_due) starts each request's deadline when it is due: one whose deadline
+    passed while it waited for a slot is not sent and fails DEADLINE_EXCEEDED. Without it, it is sent."""
+    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
+        pixels = data["inputs"][:6].astype(np.float32)
+    scores = np.zeros((6, 10), dtype=np.float32)
+    rows_only = Reference(pixels, scores, np.zeros(6), scores)  # burst reads the pixels alone
+    async with ChaosProxy("127.0.0.1:1") as held, OipClient(held.address) as client:
+        held.delay_seconds = 60.0  # the injected fault: each call is held past its deadline, keeping its slot
+        # Both due at once (an open loop at a huge rate): the second waits for the slot the first's whole deadline.
+        calls = await burst(
+            client,
+            rows_only,
+            2,
+            tag="queued",
+            concurrency=1,
+            timeout=0.2,
+            rate=1e9,
+            deadline_from_due=deadline_from_due,
+        )
+    assert [call.error.status if call.error else None for call in calls] == [Code.DEADLINE_EXCEEDED] * 2
+    assert held.calls == sent
+    assert calls[1].sent_at >= calls[0].answered_at  # it got the slot once the first had its answer

@@ -11,14 +11,16 @@ import pytest
 
 from offload.cloud.dataplane import CloudDataPlane
 from offload.models import DEMO_REPOSITORY
-from offload.oip.repository import OutputKind
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
-from offload.router.confidence import max_probability
-from offload.router.core import MAX_AUDITS_IN_FLIGHT, RoutedModel, Router
+from offload.router.audit import MAX_AUDITS_IN_FLIGHT
+from offload.router.core import Router
+from offload.router.models import RoutedModel
 from offload.router.upstream import CloudEndpoint
+from support import reference
 from support.held import HeldCloud
+from support.reference import assert_rows_answered_as_routed
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,14 @@ async def test_online_budget_keeps_the_offload_share_near_its_target_when_traffi
         await adaptive.close()
     assert static_share > 2 * target, "the shift should blow a static threshold's budget"
     assert adaptive_share == pytest.approx(target, abs=0.05)
+    # The snapshot says which threshold each router judges rows by now: the budget's follows the
+    # traffic it saw (all of it fits the budget's window), the static one is the model's.
+    model = demo_edge_models["digits"]
+    assert static.stats().thresholds == {"digits": model.routing.threshold}
+    threshold = adaptive.stats().thresholds["digits"]
+    assert threshold != model.routing.threshold
+    confidence = reference.max_softmax(reference.edge_scores(shifted))
+    assert float(np.mean(confidence < threshold)) == pytest.approx(target, abs=0.01)
 
 
 async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_reports_agreement(
@@ -103,7 +113,6 @@ async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_rep
     edge_executor: ThreadPoolExecutor,
     cloud_address: str,
     traffic: npt.NDArray[np.float32],
-    demo_cloud_plane: CloudDataPlane,
 ) -> None:
     pixels = traffic[:200]
     router = _router(demo_edge_models, edge_executor, cloud_address, audit_share=1.0)
@@ -112,17 +121,19 @@ async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_rep
         await router.wait_for_audits()
     finally:
         await router.close()
-    model = demo_edge_models["digits"]
-    edge_scores = model.edge.predict({"pixels": pixels})["scores"]
-    confident = max_probability(edge_scores, OutputKind.LOGITS) >= model.config.routing.threshold
-    cloud_scores = demo_cloud_plane._model("digits", "").predict({"pixels": pixels[confident]})["scores"]
+    edge_scores = reference.edge_scores(pixels)
+    confident = ~reference.cloud_bound(pixels)
+    cloud_scores = reference.cloud_scores(pixels[confident])
     expected = int(np.sum(edge_scores[confident].argmax(axis=1) == cloud_scores.argmax(axis=1)))
     # Every confident row was audited; the audit does not change the answer's routing.
-    assert router.audit.rows == int(confident.sum())
-    assert router.audit.agreed == expected
-    assert router.audit.agreement is not None
-    assert 0.9 < router.audit.agreement <= 1.0
+    audit = router.stats().audit
+    assert audit.rows == int(confident.sum())
+    assert audit.agreed == expected
+    assert audit.agreement is not None
+    assert 0.9 < audit.agreement <= 1.0
     assert response.parameters["offload_offloaded_rows"] == int((~confident).sum())
+    routes = ["edge" if sure else "cloud" for sure in confident]
+    assert_rows_answered_as_routed(response.as_dict()["scores"].data, routes, pixels)
 
 
 async def test_audits_waiting_on_a_slow_cloud_are_capped_and_the_rest_skipped(
@@ -149,5 +160,6 @@ async def test_audits_waiting_on_a_slow_cloud_are_capped_and_the_rest_skipped(
         await router.close()
         await server.stop(0)
     # While the cloud held them, at most MAX_AUDITS_IN_FLIGHT audit calls were outstanding; the rest were skipped.
-    assert router.audit.rows == MAX_AUDITS_IN_FLIGHT
-    assert router.audit.skipped == rows - MAX_AUDITS_IN_FLIGHT
+    audit = router.stats().audit
+    assert audit.rows == MAX_AUDITS_IN_FLIGHT
+    assert audit.skipped == rows - MAX_AUDITS_IN_FLIGHT

@@ -13,7 +13,8 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import grpc
 import numpy as np
@@ -27,7 +28,7 @@ from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata
 from offload.router import upstream as cloud_module
-from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryThrottle
+from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryBudget, RetryThrottle
 from offload.router.upstream import CloudEndpoint, CloudFailure, RetryPolicy
 from support.chaos import ChaosProxy, eventually
 
@@ -53,7 +54,7 @@ class FakeTime:
 
 
 def test_throttle_follows_the_a6_token_arithmetic() -> None:
-    throttle = RetryThrottle(max_tokens=10, token_ratio=0.1)
+    throttle = RetryThrottle(RetryBudget(max_tokens=10, token_ratio=0.1))
     assert throttle.tokens == 10
     assert throttle.allows_retry()
     for _ in range(4):
@@ -69,7 +70,7 @@ def test_throttle_follows_the_a6_token_arithmetic() -> None:
 
 
 def test_throttle_tokens_stay_between_zero_and_max() -> None:
-    throttle = RetryThrottle(max_tokens=4, token_ratio=0.5)
+    throttle = RetryThrottle(RetryBudget(max_tokens=4, token_ratio=0.5))
     for _ in range(10):
         throttle.record_failure()
     assert throttle.tokens == 0
@@ -81,7 +82,7 @@ def test_throttle_tokens_stay_between_zero_and_max() -> None:
 @pytest.mark.parametrize(("max_tokens", "ratio"), [(0, 0.1), (10, 0), (-1, 0.1)])
 def test_throttle_refuses_a_budget_that_is_not_positive(max_tokens: float, ratio: float) -> None:
     with pytest.raises(ValueError, match="positive"):
-        RetryThrottle(max_tokens, ratio)
+        RetryBudget(max_tokens, ratio)
 
 
 # --- CircuitBreaker ---
@@ -285,7 +286,7 @@ def _endpoint(
         10.0,
         1 << 20,
         retry=retry,
-        throttle=throttle or RetryThrottle(100, 0.1),
+        throttle=throttle or RetryThrottle(RetryBudget(100, 0.1)),
         breaker=breaker or BreakerPolicy(consecutive_failures=1000, min_calls=1000),
         hedge_delay_seconds=hedge_delay_seconds,
         clock=rig.fake if fake_clock else time.monotonic,
@@ -317,9 +318,9 @@ async def test_retries_back_off_with_full_jitter_under_the_ceiling_and_keep_the_
     for slept, ceiling in zip(rig.fake.sleeps, ceilings, strict=True):
         assert 0.0 <= slept <= ceiling
     assert rig.fake.sleeps != ceilings, "full jitter: not always the ceiling"
-    assert rig.proxy.calls == endpoint.stats.attempts == 5
-    assert endpoint.stats.retries == 4
-    assert endpoint.stats.failures == 1
+    assert rig.proxy.calls == endpoint.stats().attempts == 5
+    assert endpoint.stats().retries == 4
+    assert endpoint.stats().failures == 1
     # One id on every attempt, in the metadata and in the OIP message.
     assert rig.proxy.request_ids == ["req-7"] * 5
     assert rig.proxy.message_ids == ["req-7"] * 5
@@ -345,9 +346,9 @@ async def test_a_retry_that_succeeds_returns_the_answer(rig: Rig) -> None:
     np.testing.assert_array_equal(response.outputs[0].data, [[1.0]])
     assert rig.proxy.injected == 1
     assert rig.proxy.answered == {"flaky-2"}
-    assert endpoint.stats.attempts == rig.proxy.calls == 2
-    assert endpoint.stats.retries == 1
-    assert endpoint.stats.failures == 0
+    assert endpoint.stats().attempts == rig.proxy.calls == 2
+    assert endpoint.stats().retries == 1
+    assert endpoint.stats().failures == 0
 
 
 async def test_pushback_sets_the_backoff(rig: Rig) -> None:
@@ -389,8 +390,8 @@ async def test_statuses_other_than_unavailable_are_not_retried(rig: Rig, code: g
     with pytest.raises(CloudFailure) as failure:
         await endpoint.infer(_request(), deadline=None)
     assert failure.value.status == code
-    assert rig.proxy.calls == endpoint.stats.attempts == 1
-    assert endpoint.stats.retries == 0
+    assert rig.proxy.calls == endpoint.stats().attempts == 1
+    assert endpoint.stats().retries == 0
     assert rig.fake.sleeps == []
     assert endpoint.throttle.tokens == endpoint.throttle.max_tokens, "only UNAVAILABLE/RESOURCE_EXHAUSTED cost tokens"
 
@@ -438,7 +439,7 @@ async def test_no_attempt_at_all_with_no_time_left(rig: Rig) -> None:
 
 async def test_the_retry_budget_is_shared_by_all_calls(rig: Rig) -> None:
     rig.proxy.fail_rate = 1.0
-    endpoint = _endpoint(rig, retry=RetryPolicy(max_attempts=5), throttle=RetryThrottle(4, 0.1))
+    endpoint = _endpoint(rig, retry=RetryPolicy(max_attempts=5), throttle=RetryThrottle(RetryBudget(4, 0.1)))
     with pytest.raises(CloudFailure):
         await endpoint.infer(_request("a"), deadline=None)
     # 4 -> 3 (3 > 2: retry) -> 2 (not above half: stop).
@@ -468,7 +469,7 @@ async def test_the_open_breaker_keeps_calls_off_the_wire_until_a_probe_closes_it
     with pytest.raises(CloudFailure, match="circuit"):
         await endpoint.infer(_request(), deadline=None)
     assert rig.proxy.calls == 2
-    assert endpoint.stats.short_circuited == 1
+    assert endpoint.stats().short_circuited == 1
     rig.proxy.heal()
     rig.fake.now += 5.0
     await endpoint.infer(_request(), deadline=None)  # the probe
@@ -523,7 +524,7 @@ async def test_a_hedge_answers_for_a_straggler_and_the_straggler_is_cancelled(ri
     endpoint = _endpoint(rig, hedge_delay_seconds=0.01, fake_clock=False)
     response = await endpoint.infer(_request("slow-first"), deadline=time.monotonic() + 5.0)
     np.testing.assert_array_equal(response.outputs[0].data, [[1.0]])
-    assert endpoint.stats.hedges == 1
+    assert endpoint.stats().hedges == 1
     assert rig.proxy.request_ids == ["slow-first", "slow-first"]
     # The cancellation reaches the proxy on its own time.
     await eventually(lambda: rig.proxy.cancelled >= 1, "the straggler was cancelled on the wire")
@@ -532,13 +533,13 @@ async def test_a_hedge_answers_for_a_straggler_and_the_straggler_is_cancelled(ri
 
 async def test_no_hedge_when_the_retry_budget_is_spent(rig: Rig) -> None:
     rig.proxy.delay_first_attempt_seconds = 0.1
-    throttle = RetryThrottle(10, 0.1)
+    throttle = RetryThrottle(RetryBudget(10, 0.1))
     for _ in range(5):
         throttle.record_failure()
     endpoint = _endpoint(rig, throttle=throttle, hedge_delay_seconds=0.01, fake_clock=False)
     response = await endpoint.infer(_request("patient"), deadline=time.monotonic() + 5.0)
     np.testing.assert_array_equal(response.outputs[0].data, [[1.0]])
-    assert endpoint.stats.hedges == 0
+    assert endpoint.stats().hedges == 0
     assert rig.proxy.request_ids == ["patient"]
 
 
@@ -558,34 +559,34 @@ async def test_a_call_cancelled_during_the_hedge_delay_cancels_its_attempt(rig: 
     await eventually(lambda: rig.proxy.cancelled + len(rig.proxy.answered) >= 1, "the first attempt ended")
     assert rig.proxy.cancelled == 1, "the attempt was cancelled with the call"
     assert rig.proxy.answered == set()
-    assert endpoint.stats.by_outcome == {}, "a cancelled attempt records no outcome"
+    assert endpoint.stats().by_outcome == {}, "a cancelled attempt records no outcome"
     assert endpoint.throttle.tokens == endpoint.throttle.max_tokens
     assert state(endpoint.breaker) is BreakerState.CLOSED
-    assert endpoint.stats.hedges == 0
+    assert endpoint.stats().hedges == 0
 
 
 async def test_a_hedge_takes_a_retry_token_even_when_it_wins(rig: Rig) -> None:
     rig.proxy.delay_first_attempt_seconds = 30.0
-    endpoint = _endpoint(rig, throttle=RetryThrottle(10, 0.1), hedge_delay_seconds=0.01, fake_clock=False)
+    endpoint = _endpoint(rig, throttle=RetryThrottle(RetryBudget(10, 0.1)), hedge_delay_seconds=0.01, fake_clock=False)
     await endpoint.infer(_request("hedged"), deadline=time.monotonic() + 5.0)
-    assert endpoint.stats.hedges == 1
+    assert endpoint.stats().hedges == 1
     # 10, minus the hedge's token, plus the ratio its success pays back; the straggler was cancelled.
     assert endpoint.throttle.tokens == pytest.approx(9.1)
-    assert endpoint.stats.by_outcome == {"OK": 1}
+    assert endpoint.stats().by_outcome == {"OK": 1}
 
 
 async def test_hedges_against_a_slow_but_healthy_cloud_stop_when_the_budget_is_spent(rig: Rig) -> None:
     # Every call succeeds, but only a hedge answers quickly: without the charge, every call would be hedged.
     rig.proxy.delay_first_attempt_seconds = 30.0
-    endpoint = _endpoint(rig, throttle=RetryThrottle(4, 0.1), hedge_delay_seconds=0.01, fake_clock=False)
+    endpoint = _endpoint(rig, throttle=RetryThrottle(RetryBudget(4, 0.1)), hedge_delay_seconds=0.01, fake_clock=False)
     for index in range(3):  # 4 -> 3.1 -> 2.2 -> 1.3: each hedge costs 1, each success pays back 0.1
         await endpoint.infer(_request(f"slow-{index}"), deadline=time.monotonic() + 5.0)
-    assert endpoint.stats.hedges == 3
+    assert endpoint.stats().hedges == 3
     assert endpoint.throttle.tokens == pytest.approx(1.3)
     assert not endpoint.throttle.allows_retry(), "no more hedges until successes refill the budget"
     rig.proxy.heal()
     await endpoint.infer(_request("fast"), deadline=time.monotonic() + 5.0)
-    assert endpoint.stats.hedges == 3
+    assert endpoint.stats().hedges == 3
     assert rig.proxy.request_ids.count("fast") == 1
 
 
@@ -597,20 +598,20 @@ async def test_the_half_open_probe_is_never_hedged(rig: Rig) -> None:
         hedge_delay_seconds=0.01,
     )
     await _open_then_cool_down(rig, endpoint)
-    hedges = endpoint.stats.hedges
+    hedges = endpoint.stats().hedges
     # The probe's answer takes longer than the hedge delay: a hedge would go out if the probe could hedge.
     rig.proxy.delay_first_attempt_seconds = 0.2
     await endpoint.infer(_request("probe"), deadline=None)
     assert state(endpoint.breaker) is BreakerState.CLOSED
     assert rig.proxy.request_ids.count("probe") == 1, "one probe, one RPC"
-    assert endpoint.stats.hedges == hedges
+    assert endpoint.stats().hedges == hedges
 
 
 # --- The retry budget follows gRPC A6 ---
 
 
 def _drained(tokens: float = 6.0) -> RetryThrottle:
-    throttle = RetryThrottle(10, 0.1)
+    throttle = RetryThrottle(RetryBudget(10, 0.1))
     throttle.tokens = tokens
     return throttle
 
@@ -656,7 +657,7 @@ async def test_a_negative_or_unparseable_pushback_means_do_not_retry(
     rig.proxy.fail_rate = 1.0
     rig.proxy.fail_code = code
     rig.proxy.pushback_ms = pushback
-    endpoint = _endpoint(rig, retry=RetryPolicy(max_attempts=3), throttle=RetryThrottle(10, 0.1))
+    endpoint = _endpoint(rig, retry=RetryPolicy(max_attempts=3), throttle=RetryThrottle(RetryBudget(10, 0.1)))
     with pytest.raises(CloudFailure) as failure:
         await endpoint.infer(_request(), deadline=None)
     assert failure.value.status == code
@@ -740,3 +741,33 @@ def test_status_log_seconds_is_a_validated_setting() -> None:
     assert EdgeSettings(status_log_seconds=0).status_log_seconds == 0.0
     with pytest.raises(ValidationError, match="status_log_seconds"):
         EdgeSettings(status_log_seconds=-1)
+
+
+def test_the_edge_settings_start_from_the_policies_defaults() -> None:
+    settings = EdgeSettings()
+    assert settings.policy(RetryPolicy) == RetryPolicy()
+    assert settings.policy(RetryBudget) == RetryBudget()
+    assert settings.policy(BreakerPolicy) == BreakerPolicy()
+
+
+def test_every_retry_and_breaker_setting_reaches_its_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    declared = EdgeSettings.model_fields
+    names = [name for name in declared if name.startswith(("retry_", "breaker_"))]
+    assert len(names) == 10
+    # A valid value other than the default for each: ints one more, floats half.
+    changed: dict[str, Any] = {}
+    for name in names:
+        default = declared[name].default
+        changed[name] = default + 1 if isinstance(default, int) else default / 2
+    monkeypatch.setenv("OFFLOAD_EDGE_BREAKER_WINDOW", "7")  # the flat names, from the environment too
+    settings = EdgeSettings(**{name: value for name, value in changed.items() if name != "breaker_window"})
+    changed["breaker_window"] = 7
+    policies: list[tuple[str, RetryPolicy | RetryBudget | BreakerPolicy]] = [
+        ("retry_", settings.policy(RetryPolicy)),
+        ("retry_budget_", settings.policy(RetryBudget)),
+        ("breaker_", settings.policy(BreakerPolicy)),
+    ]
+    reached: dict[str, Any] = {}
+    for prefix, policy in policies:
+        reached.update({prefix + field.name: getattr(policy, field.name) for field in fields(policy)})
+    assert {name: reached.get(name) for name in names} == changed

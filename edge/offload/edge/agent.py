@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
 from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES, OnnxModel
+from offload.edge.rollout import ModelRollout
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
 from offload.oip.errors import ConfigurationError
@@ -18,23 +21,34 @@ from offload.oip.memory import limit_arenas
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
-from offload.router.core import RoutedModel, Router
-from offload.router.resilience import BreakerPolicy, BreakerState, RetryThrottle
-from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep
+from offload.router.config import RoutedConfig
+from offload.router.core import Router
+from offload.router.models import RoutedModel
+from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
+from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep, Upstream
 
 log = logging.getLogger(__name__)
 
 
-def load_edge_models(repository: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, RoutedModel]:
-    """The [edge] models of a repository; each runs a batch in chunks of at most `chunk_bytes` of input."""
+def load_edge_models(
+    repository: Path, keep: Mapping[str, RoutedModel] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> dict[str, RoutedModel]:
+    """The [edge] models of a repository, loaded; those named in `keep` are taken from it as they are
+    (a rollout keeps the models it did not change). Each runs a batch in chunks of at most `chunk_bytes`
+    of input."""
     models: dict[str, RoutedModel] = {}
     for name, entry in load_repository(repository).items():
-        section = entry.config.edge
+        if keep is not None and name in keep:
+            models[name] = keep[name]
+            continue
+        section = entry.section("edge", EdgeSection)
         if section is None:
             continue
+        # The [routing] table is the router's to validate; a wrong one stops start-up before any model loads.
+        config = RoutedConfig.of(entry)
         onnx = OnnxModel(entry.artifact_path(section.artifact), section, chunk_bytes)
         onnx.check_declared(entry.config.inputs, entry.config.outputs)
-        routed = RoutedModel(entry.config, onnx)
+        routed = RoutedModel(config, onnx)
         if routed.score_output not in {spec.name for spec in onnx.outputs}:
             raise ConfigurationError(
                 f"model {name!r}: routing.output {routed.score_output!r} is not an output of {onnx.path}"
@@ -44,7 +58,7 @@ def load_edge_models(repository: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -
             name,
             entry.config.version,
             ",".join(onnx.providers),
-            entry.config.routing.threshold,
+            routed.routing.threshold,
         )
         models[name] = routed
     if not models:
@@ -65,32 +79,32 @@ def build_cloud_endpoint(
         settings.cloud_timeout_seconds,
         settings.max_message_bytes,
         max_elements=settings.max_elements,
-        retry=RetryPolicy(
-            max_attempts=settings.retry_max_attempts,
-            initial_backoff_seconds=settings.retry_initial_backoff_seconds,
-            max_backoff_seconds=settings.retry_max_backoff_seconds,
-        ),
-        throttle=RetryThrottle(settings.retry_budget_max_tokens, settings.retry_budget_token_ratio),
-        breaker=BreakerPolicy(
-            consecutive_failures=settings.breaker_consecutive_failures,
-            failure_rate=settings.breaker_failure_rate,
-            window=settings.breaker_window,
-            min_calls=settings.breaker_min_calls,
-            cooldown_seconds=settings.breaker_cooldown_seconds,
-        ),
+        retry=settings.policy(RetryPolicy),
+        throttle=RetryThrottle(settings.policy(RetryBudget)),
+        breaker=settings.policy(BreakerPolicy),
         hedge_delay_seconds=settings.hedge_delay_seconds,
         on_breaker_change=on_breaker_change,
         sleep=sleep or asyncio.sleep,
+        security=settings.cloud_security(),
     )
 
 
-def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerState], None] | None = None) -> Router:
-    """The in-process router an app can call directly, configured like the agent."""
+def build_router(
+    settings: EdgeSettings,
+    on_breaker_change: Callable[[BreakerState], None] | None = None,
+    models: Mapping[str, RoutedModel] | None = None,
+) -> Router:
+    """The in-process router an app can call directly, configured like the agent; it serves `models` if
+    given (the agent's from model_repository_url), else those of model_repository."""
+    # The cloud channel first: its certificates and token are checked before any model loads.
+    cloud = build_cloud_endpoint(settings, on_breaker_change)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
+    if models is None:
+        models = load_edge_models(settings.model_repository, chunk_bytes=settings.edge_chunk_bytes)
     return Router(
-        load_edge_models(settings.model_repository, settings.edge_chunk_bytes),
-        build_cloud_endpoint(settings, on_breaker_change),
+        models,
+        cloud,
         executor,
         deadline_reserve_seconds=settings.deadline_reserve_seconds,
         cache=cache,
@@ -106,6 +120,30 @@ def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerSta
 MALLOC_ARENAS = 1
 GIVE_BACK_AFTER_BYTES = 1 << 20
 
+# How long the start-up look at the cloud waits for its answer. A device may well start offline,
+# so the look only decides whether to warn: it runs beside the server, which serves at once.
+CLOUD_CHECK_SECONDS = 5.0
+
+
+async def report_cloud_at_start(cloud: Upstream, timeout: float = CLOUD_CHECK_SECONDS) -> None:
+    """Say once whether the cloud answers: INFO if it does, WARNING with the address and the reason if not.
+
+    Without this, an agent whose cloud is unreachable (a wrong host, a firewall, a cloud not
+    started yet) would degrade every cloud-bound row while its log said nothing until the
+    breaker opened.
+    """
+    problem = await cloud.check_ready(timeout)
+    if problem is None:
+        log.info("cloud %s is ready", cloud.target)
+        return
+    log.warning(
+        "cloud %s does not answer at start-up (%s); serving on the edge meanwhile: rows meant for the cloud get "
+        "the edge's answer, flagged degraded, until it does",
+        cloud.target,
+        problem,
+    )
+
+
 # The health service name that reports the circuit to the cloud: SERVING while
 # closed, NOT_SERVING while open or half-open (rows are answered on the edge).
 CLOUD_HEALTH_SERVICE = "offload.cloud"
@@ -119,19 +157,39 @@ async def run(settings: EdgeSettings) -> None:
         if server is not None:
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
-    router = build_router(settings, breaker_changed)
+    # Certificates and tokens are checked before anything else is loaded: a wrong file stops start-up at once.
+    security = settings.security()
+    # With a model repository URL, the models are the kept or downloaded ones (see offload.edge.rollout).
+    load = functools.partial(load_edge_models, chunk_bytes=settings.edge_chunk_bytes)
+    rollout = ModelRollout.open(settings, load) if settings.model_repository_url else None
+    models = await rollout.start(settings.model_repository) if rollout is not None else None
+    router = build_router(settings, breaker_changed, models)
     plane = RouterDataPlane(router)
-    server = OipServer(plane, SERVER_NAME, settings.limits, give_back_after_bytes=GIVE_BACK_AFTER_BYTES)
+    server = OipServer(plane, SERVER_NAME, settings.limits, security, give_back_after_bytes=GIVE_BACK_AFTER_BYTES)
     port = await server.start(settings.host, settings.grpc_port)
-    if router.cloud is not None:
+    if settings.cloud:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
     cloud = settings.cloud or "none (edge answers only)"
-    print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud})", flush=True)
-    status = StatusLog(plane, settings.status_log_seconds)
+    status = StatusLog(router.stats, settings.status_log_seconds)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
+    check = asyncio.create_task(report_cloud_at_start(router.upstream)) if router.upstream is not None else None
+    poller = asyncio.create_task(rollout.run(router, settings.model_poll_seconds)) if rollout is not None else None
     try:
-        await serve_until_signalled(server, settings.grace_seconds)
+        await serve_until_signalled(
+            server,
+            settings.grace_seconds,
+            announce=lambda: print(
+                f"offload-edge listening on {settings.host}:{port} (cloud: {cloud}; {security.description})", flush=True
+            ),
+        )
     finally:
+        for task in (check, poller):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if rollout is not None:
+            await rollout.close()
         if reporter is not None:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -5,20 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata
+from offload.oip.version import SERVER_VERSION
 from offload.router.core import Router
-from offload.router.options import RESPONSE_DEGRADED
 
 SERVER_NAME = "offload-edge"
-SERVER_VERSION = "0.1.0"
 
 
 class RouterDataPlane:
+    """An OIP adapter over a router: what the router counts, it counts itself (`router.stats()`)."""
+
     def __init__(self, router: Router) -> None:
         self.router = router
-        # What the app saw, for the status line and health details.
-        self.requests = 0
-        self.degraded = 0  # answered, with some rows the edge's because the cloud failed
-        self.errors = 0  # answered with an error status
 
     def live(self) -> bool:
         return True
@@ -38,27 +35,9 @@ class RouterDataPlane:
         return self.router.model(name, version).metadata()
 
     def health_details(self) -> Mapping[str, str]:
-        details = {
-            "models": ",".join(sorted(self.router.models)),
-            "requests": str(self.requests),
-            "degraded": str(self.degraded),
-            "errors": str(self.errors),
-        }
-        agreement = self.router.audit.agreement
-        if agreement is not None:
-            details["audit_agreement"] = f"{agreement:.4f} over {self.router.audit.rows} rows"
-        for name, budget in self.router.budgets.items():
-            details[f"threshold.{name}"] = f"{budget.threshold(self.router.models[name].config.routing.threshold):.4f}"
-        details.update(self.router.cloud.health_details() if self.router.cloud else {"cloud": "none"})
-        return details
+        # offload.oip's DataPlane protocol asks for it, but no server serves it: the router's
+        # state is in router.stats() and the agent's status line.
+        return {}
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        self.requests += 1
-        try:
-            response = await self.router.infer(request, deadline)
-        except Exception:
-            self.errors += 1
-            raise
-        if response.parameters.get(RESPONSE_DEGRADED):
-            self.degraded += 1
-        return response
+        return await self.router.infer(request, deadline)

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES
 from offload.models import DEMO_REPOSITORY
+from offload.oip.address import check_address
+from offload.oip.security import ChannelSecurity
 from offload.oip.settings import ServerSettings
+from offload.router.resilience import BreakerPolicy, RetryBudget
+from offload.router.upstream import RetryPolicy
+
+# The policies hold the defaults; the settings below start from them.
+_RETRY, _BUDGET, _BREAKER = RetryPolicy(), RetryBudget(), BreakerPolicy()
+Policy = TypeVar("Policy", RetryPolicy, RetryBudget, BreakerPolicy)
+# A policy's field F is the setting PREFIX + F (retry_max_attempts, breaker_window, ...).
+_PREFIXES: dict[type, str] = {RetryPolicy: "retry_", RetryBudget: "retry_budget_", BreakerPolicy: "breaker_"}
 
 
 class EdgeSettings(ServerSettings):
@@ -19,8 +32,47 @@ class EdgeSettings(ServerSettings):
     model_repository: Path = Field(
         DEMO_REPOSITORY, description="Folder of model folders; models with [edge] are served."
     )
+    model_repository_url: str | None = Field(
+        None,
+        description="HTTP(S) URL of a model repository with a manifest.json (offload manifest DIR writes it): "
+        "the agent serves its models, polls it and swaps new versions in; model_repository is then served only "
+        "until a first download succeeds.",
+    )
+    model_poll_seconds: Annotated[
+        float,
+        Field(gt=0, description="Seconds between looks at model_repository_url (If-None-Match: unchanged is cheap)."),
+    ] = 60.0
+    model_cache_dir: Path | None = Field(
+        None,
+        description="Where the last good repository from model_repository_url is kept, to serve after a restart "
+        "(offline too); default: $STATE_DIRECTORY/model-cache (systemd's StateDirectory), else "
+        "$XDG_STATE_HOME/offload/model-cache, else ~/.local/state/offload/model-cache.",
+    )
+    model_download_max_bytes: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="Most bytes one rollout may download (the files the edge needs, together); a manifest that "
+            "lists more is refused before any download.",
+        ),
+    ] = 1024 * 1024 * 1024
     cloud: str | None = Field(
-        None, description="The cloud's HOST:PORT (any OIP server); none: answer everything on the edge."
+        None,
+        description="The cloud's HOST:PORT (any OIP server; IPv6 in brackets); none or empty: answer everything "
+        "on the edge.",
+    )
+    cloud_tls_ca: Path | None = Field(
+        None, description="PEM CA certificate(s) to verify the cloud with; turns TLS to the cloud on."
+    )
+    cloud_tls_cert: Path | None = Field(
+        None, description="PEM client certificate to present to the cloud (and cloud_tls_key); turns TLS on."
+    )
+    cloud_tls_key: Path | None = Field(None, description="Unencrypted PEM private key of cloud_tls_cert.")
+    cloud_tls_server_name: str | None = Field(
+        None, description="Name to check the cloud's certificate against, instead of the host in cloud."
+    )
+    cloud_token_file: Path | None = Field(
+        None, description="File whose first token is sent to the cloud as 'authorization: Bearer'. Re-read on change."
     )
     cloud_timeout_seconds: Annotated[
         float,
@@ -39,32 +91,36 @@ class EdgeSettings(ServerSettings):
         int, Field(ge=1024, description="Largest gRPC message sent or received; larger ones get RESOURCE_EXHAUSTED.")
     ] = 16 * 1024 * 1024
 
-    retry_max_attempts: Annotated[int, Field(ge=1, description="Attempts per cloud request, the first included.")] = 3
+    retry_max_attempts: Annotated[int, Field(ge=1, description="Attempts per cloud request, the first included.")] = (
+        _RETRY.max_attempts
+    )
     retry_initial_backoff_seconds: Annotated[
         float, Field(gt=0, description="Backoff ceiling before the 2nd attempt (full jitter; doubles each time).")
-    ] = 0.05
-    retry_max_backoff_seconds: Annotated[float, Field(gt=0, description="Largest backoff ceiling.")] = 1.0
+    ] = _RETRY.initial_backoff_seconds
+    retry_max_backoff_seconds: Annotated[float, Field(gt=0, description="Largest backoff ceiling.")] = (
+        _RETRY.max_backoff_seconds
+    )
     retry_budget_max_tokens: Annotated[
         float, Field(gt=0, description="Retry budget (gRPC A6): tokens; retries stop below half of them.")
-    ] = 10.0
+    ] = _BUDGET.max_tokens
     retry_budget_token_ratio: Annotated[
         float, Field(gt=0, description="Retry budget: tokens a successful cloud call gives back.")
-    ] = 0.1
+    ] = _BUDGET.token_ratio
     breaker_consecutive_failures: Annotated[
         int, Field(ge=1, description="Circuit breaker: consecutive failures that open it.")
-    ] = 5
+    ] = _BREAKER.consecutive_failures
     breaker_failure_rate: Annotated[
         float, Field(gt=0, le=1, description="Circuit breaker: failure share over the window that opens it.")
-    ] = 0.5
+    ] = _BREAKER.failure_rate
     breaker_window: Annotated[int, Field(ge=1, description="Circuit breaker: recent calls the rate is taken over.")] = (
-        20
+        _BREAKER.window
     )
     breaker_min_calls: Annotated[
         int, Field(ge=1, description="Circuit breaker: calls needed before the rate counts.")
-    ] = 10
+    ] = _BREAKER.min_calls
     breaker_cooldown_seconds: Annotated[
         float, Field(ge=0, description="Circuit breaker: how long it stays open before one probe call.")
-    ] = 5.0
+    ] = _BREAKER.cooldown_seconds
     cache_max_bytes: Annotated[
         int, Field(ge=0, description="Bytes of cloud answers cached per row (least recently used out); 0: no cache.")
     ] = 64 * 1024 * 1024
@@ -93,3 +149,48 @@ class EdgeSettings(ServerSettings):
             "happened; 0: none.",
         ),
     ] = 60.0
+
+    def cloud_security(self) -> ChannelSecurity:
+        """TLS credentials and the token for the cloud channel, from the files these settings name, checked now."""
+        return ChannelSecurity.load(
+            self.cloud_tls_ca,
+            self.cloud_tls_cert,
+            self.cloud_tls_key,
+            self.cloud_tls_server_name,
+            self.cloud_token_file,
+        )
+
+    def model_cache_folder(self) -> Path:
+        """model_cache_dir, or the default: a state folder (systemd's StateDirectory, the XDG one, or ~'s)."""
+        if self.model_cache_dir is not None:
+            return self.model_cache_dir
+        # systemd sets STATE_DIRECTORY (colon-separated when a unit names several) for StateDirectory=.
+        systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if systemd:
+            return Path(systemd) / "model-cache"
+        xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(xdg) / "offload" / "model-cache"
+
+    def policy(self, kind: type[Policy]) -> Policy:
+        """The retry, retry-budget or breaker policy these settings describe: each field F of the
+        policy is the setting <prefix>F where there is one, else the policy's default."""
+        prefix = _PREFIXES[kind]
+        names = type(self).model_fields
+        return kind(**{f.name: getattr(self, prefix + f.name) for f in fields(kind) if prefix + f.name in names})
+
+    @field_validator("model_repository_url")
+    @classmethod
+    def _url_is_http(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("cloud")
+    @classmethod
+    def _cloud_is_host_port(cls, value: str | None) -> str | None:
+        # gRPC would take any string and fail only when it dials: say what is wrong now, at start-up.
+        # Empty means none, as it did before addresses were checked (OFFLOAD_EDGE_CLOUD= in a unit file).
+        return check_address(value) if value else None

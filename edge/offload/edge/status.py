@@ -17,14 +17,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 
-from offload.edge.dataplane import RouterDataPlane
+from offload.router.stats import RouterStats
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class _Counts:
-    """Running totals; a line reports the difference between two of these."""
+    """The running totals a line reports the difference of."""
 
     requests: int = 0
     degraded: int = 0
@@ -40,22 +40,21 @@ class _Counts:
     audit_rows: int = 0
 
     @classmethod
-    def of(cls, plane: RouterDataPlane) -> _Counts:
-        router = plane.router
-        cloud, cache = router.cloud, router.cache
+    def of(cls, stats: RouterStats) -> _Counts:
+        cloud, cache = stats.cloud, stats.cache
         return cls(
-            requests=plane.requests,
-            degraded=plane.degraded,
-            errors=plane.errors,
-            cloud_calls=cloud.stats.calls if cloud else 0,
-            cloud_failures=cloud.stats.failures if cloud else 0,
-            short_circuited=cloud.stats.short_circuited if cloud else 0,
-            retries=cloud.stats.retries if cloud else 0,
-            hedges=cloud.stats.hedges if cloud else 0,
-            circuit_changes=cloud.breaker.transitions if cloud else 0,
-            cache_hits=cache.stats.hits if cache else 0,
-            cache_misses=cache.stats.misses if cache else 0,
-            audit_rows=router.audit.rows,
+            requests=stats.requests,
+            degraded=stats.degraded,
+            errors=stats.errors,
+            cloud_calls=cloud.calls if cloud else 0,
+            cloud_failures=cloud.failures if cloud else 0,
+            short_circuited=cloud.short_circuited if cloud else 0,
+            retries=cloud.retries if cloud else 0,
+            hedges=cloud.hedges if cloud else 0,
+            circuit_changes=cloud.circuit_changes if cloud else 0,
+            cache_hits=cache.hits if cache else 0,
+            cache_misses=cache.misses if cache else 0,
+            audit_rows=stats.audit.rows,
         )
 
     def minus(self, other: _Counts) -> _Counts:
@@ -63,26 +62,28 @@ class _Counts:
 
 
 class StatusLog:
-    """Writes the agent's status line every `interval_seconds` (clock and sleep injectable for tests)."""
+    """Writes the agent's status line every `interval_seconds` from the router's `stats` snapshots
+    (clock and sleep injectable for tests)."""
 
     def __init__(
         self,
-        plane: RouterDataPlane,
+        stats: Callable[[], RouterStats],
         interval_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.plane = plane
+        self.stats = stats
         self.interval_seconds = interval_seconds
         self._clock = clock
         self._sleep = sleep
-        self._last = _Counts.of(plane)
+        self._last = _Counts.of(stats())
         self._last_at = clock()
 
     def line(self) -> str | None:
         """The status since the previous line, or None if nothing happened since (then the
         next line still covers the time from the previous one)."""
-        now = _Counts.of(self.plane)
+        stats = self.stats()
+        now = _Counts.of(stats)
         if now == self._last:
             return None
         change = now.minus(self._last)
@@ -92,18 +93,18 @@ class StatusLog:
             f"status over the last {elapsed:.0f}s: {change.requests} requests "
             f"({change.degraded} degraded, {change.errors} errors)"
         ]
-        cloud = self.plane.router.cloud
+        cloud = stats.cloud
         if cloud is None:
             parts.append("cloud: none")
         else:
             count = change.circuit_changes
             changes = f" ({count} change{'s' if count != 1 else ''})" if count else ""
             parts.append(
-                f"cloud {cloud.target}: circuit {cloud.breaker.state}{changes}, retry tokens {cloud.retry_tokens}, "
+                f"cloud {cloud.target}: circuit {cloud.circuit}{changes}, retry tokens {cloud.retry_tokens_text}, "
                 f"{change.cloud_calls} calls ({change.cloud_failures} failed, {change.short_circuited} "
                 f"short-circuited, {change.retries} retries, {change.hedges} hedges)"
             )
-        if self.plane.router.cache is not None:
+        if stats.cache is not None:
             lookups = change.cache_hits + change.cache_misses
             if lookups:
                 parts.append(
@@ -111,7 +112,7 @@ class StatusLog:
                 )
             else:
                 parts.append("cache: no lookups")
-        audit = self.plane.router.audit
+        audit = stats.audit
         if audit.agreement is not None:
             parts.append(f"audit agreement {100 * audit.agreement:.1f}% over {audit.rows} rows")
         return "; ".join(parts)

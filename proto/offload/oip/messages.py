@@ -6,10 +6,9 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from google.protobuf.message import DecodeError
-
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.errors import InvalidArgument
+from offload.oip.limits import MAX_ELEMENTS
 from offload.oip.repository import TensorSpec
 from offload.oip.tensors import (
     CheckedTensor,
@@ -27,7 +26,6 @@ from offload.oip.types import InferRequest, InferResponse, ModelMetadata, Parame
 from offload.oip.validation import check_declared_inputs
 from offload.oip.wire import split_field
 
-DEFAULT_MAX_ELEMENTS = 1 << 28
 _RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 
 
@@ -41,6 +39,9 @@ def parameters_from_pb(parameters: Mapping[str, pb.InferParameter], where: str) 
     return values
 
 
+INT64_MIN, INT64_MAX, UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+
+
 def parameters_to_pb(values: Mapping[str, ParameterValue], target: MutableMapping[str, pb.InferParameter]) -> None:
     for key, value in values.items():
         parameter = target[key]
@@ -48,7 +49,13 @@ def parameters_to_pb(values: Mapping[str, ParameterValue], target: MutableMappin
         if isinstance(value, bool):
             parameter.bool_param = value
         elif isinstance(value, int):
-            parameter.int64_param = value
+            # A uint64_param over int64's range (a caller's, forwarded to the cloud) stays a uint64.
+            if INT64_MIN <= value <= INT64_MAX:
+                parameter.int64_param = value
+            elif 0 <= value <= UINT64_MAX:
+                parameter.uint64_param = value
+            else:
+                raise InvalidArgument(f"parameter {key!r}: {value} fits neither int64_param nor uint64_param")
         elif isinstance(value, float):
             parameter.double_param = value
         else:
@@ -89,9 +96,6 @@ class ReceivedRequest:
     message: pb.ModelInferRequest
     raw_contents: Sequence[RawContents]
     size: int  # bytes on the wire
-    # Why the bytes are no ModelInferRequest at all, refused as INVALID_ARGUMENT by check_request (an
-    # exception from gRPC's deserializer would reach the caller as UNKNOWN).
-    unreadable: str | None = None
 
     @classmethod
     def of(cls, message: pb.ModelInferRequest) -> ReceivedRequest:
@@ -100,15 +104,13 @@ class ReceivedRequest:
 
 
 def receive_infer_request(data: bytes) -> ReceivedRequest:
-    """gRPC's deserializer for ModelInfer requests: the raw contents stay in the bytes received."""
-    try:
-        split = split_field(data, _RAW_INPUT_CONTENTS)
-        if split is None:
-            return ReceivedRequest.of(pb.ModelInferRequest.FromString(data))
-        rest, raw_contents = split
-        return ReceivedRequest(pb.ModelInferRequest.FromString(rest), raw_contents, len(data))
-    except DecodeError as exc:
-        return ReceivedRequest(pb.ModelInferRequest(), [], len(data), unreadable=str(exc))
+    """A server's reader of ModelInfer requests: the raw contents stay in the bytes received. Raises
+    DecodeError, with the reason, for bytes that are no ModelInferRequest (as protobuf's parser does)."""
+    split = split_field(data, _RAW_INPUT_CONTENTS)
+    if split is None:
+        return ReceivedRequest.of(pb.ModelInferRequest.FromString(data))
+    rest, raw_contents = split
+    return ReceivedRequest(pb.ModelInferRequest.FromString(rest), raw_contents, len(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +149,7 @@ def _requested_outputs(message: pb.ModelInferRequest) -> list[str]:
 
 
 def check_request(
-    received: ReceivedRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
+    received: ReceivedRequest, max_elements: int = MAX_ELEMENTS, model_inputs: ModelInputs | None = None
 ) -> CheckedRequest:
     """Every check that needs no tensor value: the model (with `model_inputs`), parameters, each
     input's name, datatype, shape and content sizes, and the inputs against the model's.
@@ -155,8 +157,6 @@ def check_request(
     Cheap in the size of the message (it reads lengths, never values), so a wrong request is
     refused before anything in it is decoded, however large it is.
     """
-    if received.unreadable is not None:
-        raise InvalidArgument(f"the request is not a ModelInferRequest in protobuf: {received.unreadable}")
     message = received.message
     if not message.model_name:
         raise InvalidArgument("model_name is empty; name the model to run")
@@ -196,7 +196,7 @@ def decode_request(checked: CheckedRequest) -> InferRequest:
 
 
 def request_from_pb(
-    message: pb.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
+    message: pb.ModelInferRequest, max_elements: int = MAX_ELEMENTS, model_inputs: ModelInputs | None = None
 ) -> InferRequest:
     return decode_request(check_request(ReceivedRequest.of(message), max_elements, model_inputs))
 
@@ -244,7 +244,7 @@ def response_to_pb(response: InferResponse, raw: bool) -> pb.ModelInferResponse:
 
 
 def response_from_pb(
-    message: pb.ModelInferResponse, where: str = "response", max_elements: int = DEFAULT_MAX_ELEMENTS
+    message: pb.ModelInferResponse, where: str = "response", max_elements: int = MAX_ELEMENTS
 ) -> InferResponse:
     raw_given = _raw_given(len(message.raw_output_contents), len(message.outputs), "output", where)
     raw = list(message.raw_output_contents) if raw_given else None

@@ -16,6 +16,7 @@ from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.core import Router
 from offload.router.options import AnsweredBy, Route, RoutingOptions
+from offload.router.stats import RouterStats
 
 __all__ = [
     "AnsweredBy",
@@ -23,6 +24,7 @@ __all__ = [
     "InferResponse",
     "Route",
     "Router",
+    "RouterStats",
     "RoutingOptions",
     "Tensor",
 ]

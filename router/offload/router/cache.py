@@ -17,7 +17,6 @@ the cloud reports a new version of a model, that model's entries are dropped.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,8 +27,10 @@ import numpy as np
 import numpy.typing as npt
 from cachetools import TTLCache
 
-from offload.oip.tensors import Tensor, raw_bytes
+from offload.oip.cache_keys import KeyHasher
+from offload.oip.tensors import Tensor
 from offload.oip.types import ParameterValue
+from offload.router.stats import CacheStats
 
 RowOutputs = dict[str, npt.NDArray[Any]]  # output name -> that row's values (no batch dimension)
 _KEY_BYTES = 16
@@ -47,7 +48,9 @@ class FetchAbandoned(Exception):
 
 
 @dataclass(slots=True)
-class CacheStats:
+class _Counts:
+    """Live counters; stats() hands out a frozen copy with the cache's size."""
+
     hits: int = 0
     misses: int = 0
     shared: int = 0  # rows that waited for another request's cloud call (single-flight)
@@ -74,7 +77,7 @@ class RowCache:
         # The cloud version last seen per (edge model, cloud model): a change drops the model's entries.
         self._cloud_versions: dict[str, str] = {}
         self.max_bytes = max_bytes
-        self.stats = CacheStats()
+        self._counts = _Counts()
 
     @property
     def bytes_used(self) -> int:
@@ -83,6 +86,17 @@ class RowCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def stats(self) -> CacheStats:
+        counts = self._counts
+        return CacheStats(
+            hits=counts.hits,
+            misses=counts.misses,
+            shared=counts.shared,
+            invalidations=counts.invalidations,
+            bytes=self.bytes_used,
+            entries=len(self),
+        )
+
     def keys(
         self,
         scope: str,
@@ -90,21 +104,10 @@ class RowCache:
         parameters: Mapping[str, ParameterValue],
     ) -> list[bytes]:
         """One key per row; `scope` names the models and their versions."""
-        prefix = hashlib.blake2b(digest_size=_KEY_BYTES)
-        prefix.update(scope.encode())
-        for key, value in sorted(parameters.items()):
-            prefix.update(f"\0{key}={type(value).__name__}:{value!r}".encode())
+        hasher = KeyHasher(scope, parameters, digest_bytes=_KEY_BYTES)
         rows = inputs[0].shape[0] if inputs else 0
-        keys: list[bytes] = []
-        for row in range(rows):
-            digest = prefix.copy()
-            for tensor in inputs:
-                part = Tensor(tensor.name, tensor.datatype, tensor.data[row : row + 1])
-                digest.update(f"\0{tensor.name}:{tensor.datatype}:{part.shape}\0".encode())
-                digest.update(raw_bytes(part))
-            # The digest covers the scope, so it is the whole key: every key is the same 16 bytes.
-            keys.append(digest.digest())
-        return keys
+        # The digest covers the scope, so it is the whole key: every key is the same 16 bytes.
+        return [hasher.key(Tensor(t.name, t.datatype, t.data[row : row + 1]) for t in inputs) for row in range(rows)]
 
     def plan(self, keys: list[bytes]) -> RowPlan:
         """Look every row up; claim the rows nobody is fetching, so identical ones wait for them."""
@@ -115,17 +118,17 @@ class RowCache:
             cached = self._entries.get(key)
             if cached is not None:
                 plan.hits[position] = cached[1]
-                self.stats.hits += 1
+                self._counts.hits += 1
             elif key in first_send:
                 plan.duplicates[position] = first_send[key]
             elif key in self._in_flight:
                 plan.waits[position] = self._in_flight[key]
-                self.stats.shared += 1
+                self._counts.shared += 1
             else:
                 self._in_flight[key] = loop.create_future()
                 first_send[key] = position
                 plan.sends.append(position)
-                self.stats.misses += 1
+                self._counts.misses += 1
         return plan
 
     def fulfil(self, plan: RowPlan, model: str, cloud_version: str, answers: Sequence[RowOutputs]) -> None:
@@ -163,7 +166,7 @@ class RowCache:
         stale = [key for key, (owner, _) in self._entries.items() if owner == model]
         for key in stale:
             del self._entries[key]
-        self.stats.invalidations += 1
+        self._counts.invalidations += 1
 
 
 def _own_copy(values: npt.NDArray[Any]) -> npt.NDArray[Any]:

@@ -17,6 +17,18 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 
 
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """The size of a RetryThrottle's bucket, and the share of a token each success gives back."""
+
+    max_tokens: float = 10.0
+    token_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0 or self.token_ratio <= 0:
+            raise ValueError("max_tokens and token_ratio must be positive")
+
+
 class RetryThrottle:
     """gRPC's retry throttling (proposal A6): one token bucket per cloud, shared by all calls.
 
@@ -34,12 +46,11 @@ class RetryThrottle:
     whose every call succeeds, would get every call twice, forever.
     """
 
-    def __init__(self, max_tokens: float = 10.0, token_ratio: float = 0.1) -> None:
-        if max_tokens <= 0 or token_ratio <= 0:
-            raise ValueError("max_tokens and token_ratio must be positive")
-        self.max_tokens = max_tokens
-        self.token_ratio = token_ratio
-        self.tokens = max_tokens
+    def __init__(self, budget: RetryBudget | None = None) -> None:
+        budget = budget or RetryBudget()
+        self.max_tokens = budget.max_tokens
+        self.token_ratio = budget.token_ratio
+        self.tokens = budget.max_tokens
 
     def record_failure(self) -> None:
         self.tokens = max(0.0, self.tokens - 1.0)

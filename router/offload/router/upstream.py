@@ -15,21 +15,25 @@ Every failure surfaces as CloudFailure, which the router answers from the edge.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from offload.oip.client import OipClient
 from offload.oip.errors import DeadlineExceeded, InvalidArgument, OffloadError, UpstreamError
-from offload.oip.messages import DEFAULT_MAX_ELEMENTS
+from offload.oip.limits import MAX_ELEMENTS
+from offload.oip.security import ChannelSecurity
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryThrottle
+from offload.router.stats import UpstreamStats
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,37 @@ UNHEALTHY = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.CANCELLED,
 }
+
+
+# The request id also travels as this header, for proxies and logs on the way to the cloud.
+REQUEST_ID_HEADER = "x-request-id"
+# The longest request id sent in the header as it is (a UUID takes 36, a W3C trace id 32).
+MAX_HEADER_REQUEST_ID = 128
+
+
+def request_id_header(request_id: str) -> str:
+    """The x-request-id value for a request id: the id itself where gRPC can carry it, else a digest.
+
+    OIP puts no limit on a request's `id`, and apps send what they like (any length, any
+    characters), so refusing some ids would break calls that are valid OIP. The cloud
+    request's body carries the id unchanged (a message field has no such limit, and the
+    cloud echoes it back). A header value, though, must be printable ASCII, and gRPC
+    refuses a call whose headers exceed the peer's metadata limit (8 KiB by default): a
+    header copied blindly failed the cloud call and degraded the answer. So the header
+    carries the id when it is short printable ASCII without surrounding blanks, and
+    otherwise "sha256:" and the first 32 hex digits of the SHA-256 of its UTF-8 bytes,
+    which is legal, stable across retries and hedges, and computable from the id by
+    whoever reads the logs.
+    """
+    if (
+        len(request_id) <= MAX_HEADER_REQUEST_ID
+        and request_id.isascii()
+        and request_id.isprintable()
+        and request_id == request_id.strip()
+    ):
+        return request_id
+    digest = hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"sha256:{digest[:32]}"
 
 
 class CloudFailure(UpstreamError):
@@ -69,9 +104,32 @@ class RetryPolicy:
     min_attempt_seconds: float = 0.005
 
 
+class Upstream(Protocol):
+    """The upstream a router sends rows to: one CloudEndpoint today, a pool of replicas next."""
+
+    async def infer(
+        self, request: InferRequest, deadline: float | None, validate: Validator | None = None
+    ) -> InferResponse:
+        """The answer, checked by `validate` (which raises InvalidArgument), or CloudFailure."""
+        ...
+
+    async def check_ready(self, timeout: float) -> str | None:
+        """Ask once, outside retries, budget and breaker, whether it can answer: None if so, else why not."""
+        ...
+
+    @property
+    def target(self) -> str:
+        """Where it sends rows, for logs."""
+        ...
+
+    def stats(self) -> UpstreamStats: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass(slots=True)
-class CloudStats:
-    """Counters for tests, benchmarks and health detail."""
+class _Counts:
+    """Live counters; stats() hands out a frozen copy."""
 
     calls: int = 0  # cloud-bound requests
     attempts: int = 0  # RPCs sent, retries and hedges included
@@ -95,7 +153,8 @@ class CloudEndpoint:
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         on_breaker_change: Callable[[BreakerState], None] | None = None,
-        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        max_elements: int = MAX_ELEMENTS,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.target = target
         self.timeout_seconds = timeout_seconds
@@ -103,27 +162,44 @@ class CloudEndpoint:
         self.throttle = throttle or RetryThrottle()
         self.breaker = CircuitBreaker(target, breaker, clock, on_breaker_change, describe=self._tokens_text)
         self.hedge_delay_seconds = hedge_delay_seconds
-        self.stats = CloudStats()
+        self._counts = _Counts()
         self._clock = clock
         self._sleep = sleep
-        self._client = OipClient(target, max_message_bytes, max_elements)
+        self._client = OipClient(target, max_message_bytes, max_elements, security)
 
     async def close(self) -> None:
         await self._client.close()
 
-    def health_details(self) -> dict[str, str]:
-        return {
-            "cloud": self.target,
-            "circuit": str(self.breaker.state),
-            "retry_tokens": self.retry_tokens,
-        }
+    def stats(self) -> UpstreamStats:
+        counts = self._counts
+        return UpstreamStats(
+            target=self.target,
+            circuit=self.breaker.state,
+            circuit_changes=self.breaker.transitions,
+            retry_tokens=self.throttle.tokens,
+            retry_tokens_max=self.throttle.max_tokens,
+            calls=counts.calls,
+            attempts=counts.attempts,
+            retries=counts.retries,
+            hedges=counts.hedges,
+            failures=counts.failures,
+            short_circuited=counts.short_circuited,
+            by_outcome=dict(counts.by_outcome),
+        )
 
-    @property
-    def retry_tokens(self) -> str:
-        return f"{self.throttle.tokens:.1f}/{self.throttle.max_tokens:g}"
+    async def check_ready(self, timeout: float) -> str | None:
+        """Ask the cloud once whether it is ready: None if it says so within `timeout`, else why not.
+
+        Outside the retries, the budget and the breaker: it is a look, not traffic.
+        """
+        try:
+            ready = await self._client.server_ready(timeout)
+        except UpstreamError as exc:
+            return str(exc)
+        return None if ready else f"{self.target} is live but not ready"
 
     def _tokens_text(self) -> str:
-        return f"retry tokens {self.retry_tokens}"
+        return f"retry tokens {self.stats().retry_tokens_text}"
 
     async def infer(
         self, request: InferRequest, deadline: float | None, validate: Validator | None = None
@@ -133,7 +209,7 @@ class CloudEndpoint:
         `validate` checks an answer inside the attempt (raising InvalidArgument), so an
         answer that does not fit the request counts as a failure of the cloud.
         """
-        self.stats.calls += 1
+        self._counts.calls += 1
         if not request.id:
             # One id for every attempt, so the cloud (and its logs) can tell retries apart from new work.
             request.id = uuid.uuid4().hex
@@ -141,7 +217,7 @@ class CloudEndpoint:
         end = budget_end if deadline is None else min(deadline, budget_end)
         probes: list[int] = []  # half-open probes this call was given
         if not self._allow(probes):
-            self.stats.short_circuited += 1
+            self._counts.short_circuited += 1
             raise CloudFailure(f"circuit to {self.target} is open after repeated failures; answered on the edge")
         retrying = AsyncRetrying(
             stop=lambda state: self._stop(state, end, probes),
@@ -154,12 +230,12 @@ class CloudEndpoint:
             async for attempt in retrying:
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
-                        self.stats.retries += 1
+                        self._counts.retries += 1
                     # A half-open probe is one RPC: a hedge would make it two, and
                     # both would count as the probe's outcome.
                     return await self._hedged(request, end, validate, may_hedge=not probes)
         except OffloadError as exc:
-            self.stats.failures += 1
+            self._counts.failures += 1
             raise _as_failure(exc) from exc
         finally:
             # A probe that got no outcome (cancelled, or no time left to send it) must not
@@ -211,7 +287,7 @@ class CloudEndpoint:
             started, _ = await asyncio.wait(attempts, timeout=self.hedge_delay_seconds)
             if started or not self._send_hedge(end):
                 return await first
-            self.stats.hedges += 1
+            self._counts.hedges += 1
             attempts.add(asyncio.create_task(self._attempt(request, end, validate)))
             pending = set(attempts)
             error: BaseException | None = None
@@ -241,9 +317,11 @@ class CloudEndpoint:
         timeout = end - self._clock()
         if timeout < self.retry.min_attempt_seconds:
             raise DeadlineExceeded(f"too little time left ({max(timeout, 0) * 1000:.0f} ms) to call {self.target}")
-        self.stats.attempts += 1
+        self._counts.attempts += 1
         try:
-            response = await self._client.infer(request, timeout=timeout, metadata=(("x-request-id", request.id),))
+            response = await self._client.infer(
+                request, timeout=timeout, metadata=((REQUEST_ID_HEADER, request_id_header(request.id)),)
+            )
             if validate is not None:
                 validate(response)
         except UpstreamError as exc:
@@ -258,7 +336,7 @@ class CloudEndpoint:
 
     def _record(self, code: grpc.StatusCode, pushback_ms: int | None = None) -> None:
         name = code.name
-        self.stats.by_outcome[name] = self.stats.by_outcome.get(name, 0) + 1
+        self._counts.by_outcome[name] = self._counts.by_outcome.get(name, 0) + 1
         if code == grpc.StatusCode.OK:
             self.throttle.record_success()
             self.breaker.record_success()

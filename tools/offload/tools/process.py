@@ -29,7 +29,10 @@ class ServerProcess:
         self._printed = threading.Condition()  # notified on every line
         self._ended = False
         self._ready = threading.Event()
+        self._printed = threading.Condition()
         self._process: subprocess.Popen[str] | None = None
+        self._ended = False
+        self._reader: threading.Thread | None = None
         self.address = ""
 
     def start(self, timeout: float = 120.0) -> str:
@@ -37,7 +40,8 @@ class ServerProcess:
         self._process = subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self._env
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         if not self._ready.wait(timeout) or not self.address:
             self.kill()
             raise RuntimeError(f"{' '.join(self.args[3:])} did not start within {timeout}s:\n{self.output()}")
@@ -59,6 +63,9 @@ class ServerProcess:
             self._ended = True
             self._printed.notify_all()
         self._ready.set()  # the process ended: stop waiting
+        with self._printed:
+            self._ended = True
+            self._printed.notify_all()
 
     @property
     def pid(self) -> int:
@@ -92,7 +99,22 @@ class ServerProcess:
 
     def output(self) -> str:
         """The last lines the process printed (stdout and stderr)."""
-        return "\n".join(self._lines)
+        with self._printed:  # not while the reader appends
+            return "\n".join(self._lines)
+
+    def wait_for_output(self, text: str, timeout: float = 30.0) -> str:
+        """The first line (of the last ones kept) that contains `text`, once the process has printed it;
+        raise with the output if it does not within the timeout or ends first."""
+        with self._printed:
+            found = self._printed.wait_for(lambda: self._line_with(text) is not None or self._ended, timeout)
+            line = self._line_with(text)
+        if line is None:
+            state = "ended" if found else f"did not print it within {timeout}s"
+            raise RuntimeError(f"{' '.join(self.args[3:])} never printed {text!r} ({state}):\n{self.output()}")
+        return line
+
+    def _line_with(self, text: str) -> str | None:
+        return next((line for line in self._lines if text in line), None)
 
     def signal(self, signum: signal.Signals) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -113,10 +135,14 @@ class ServerProcess:
         if self._process is None:
             return 0
         try:
-            return self._process.wait(timeout)
+            code = self._process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        if self._reader is not None:
+            # The reader may still be taking in the last lines: once wait returns, output() has them.
+            self._reader.join(timeout)
+        return code
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -1,0 +1,76 @@
+"""The router's running totals, as one frozen snapshot: `Router.stats()` returns a `RouterStats`.
+
+This is the single source of counters for whoever reports on a router (the edge
+agent's status line; metrics next): every piece keeps its own live counters private
+and hands out a frozen copy, and the router puts those copies together. All counts
+are totals since the piece was made; a reader that wants rates takes differences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from offload.router.resilience import BreakerState
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStats:
+    """The upstream the router sends rows to: where it is, how its circuit stands, what its calls did."""
+
+    target: str
+    circuit: BreakerState
+    circuit_changes: int
+    retry_tokens: float  # left in the retry budget's bucket
+    retry_tokens_max: float
+    calls: int  # cloud-bound requests
+    attempts: int  # RPCs sent, retries and hedges included
+    retries: int
+    hedges: int
+    failures: int  # requests that ended in CloudFailure
+    short_circuited: int  # refused by the open breaker
+    by_outcome: Mapping[str, int]  # attempts by the gRPC status they ended with (cancelled ones: none)
+
+    @property
+    def retry_tokens_text(self) -> str:
+        """The retry tokens left of the bucket, as "7.0/10"."""
+        return f"{self.retry_tokens:.1f}/{self.retry_tokens_max:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """The row cache of cloud answers."""
+
+    hits: int
+    misses: int
+    shared: int  # rows that waited for another request's cloud call (single-flight)
+    invalidations: int
+    bytes: int
+    entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditStats:
+    """Edge-cloud agreement on confident rows that were also sent to the cloud in the background."""
+
+    rows: int = 0
+    agreed: int = 0
+    failed: int = 0
+    skipped: int = 0  # picked while the most audits allowed were already waiting on the cloud
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.rows if self.rows else None
+
+
+@dataclass(frozen=True, slots=True)
+class RouterStats:
+    """Everything a router has counted, at one moment."""
+
+    requests: int  # answered or failed, in-process callers and the OIP server alike
+    degraded: int  # answered, with some rows the edge's because the cloud failed
+    errors: int  # ended in an error
+    thresholds: Mapping[str, float]  # per model: the threshold unsure rows are judged by now
+    audit: AuditStats
+    cloud: UpstreamStats | None  # None: the router has no cloud (everything is answered on the edge)
+    cache: CacheStats | None  # None: no row cache
