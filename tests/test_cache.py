@@ -21,8 +21,8 @@ from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.cache import RowCache
 from offload.router.core import Router
 from offload.router.models import RoutedModel
+from offload.router.pool import CloudPool
 from offload.router.stats import CacheStats, UpstreamStats
-from offload.router.upstream import CloudEndpoint
 from support.held import HeldCloud
 
 SCOPE = "digits@1->digits@"
@@ -141,7 +141,7 @@ async def cached_router(
 ) -> AsyncIterator[tuple[Router, str]]:
     cloud = OipServer(demo_cloud_plane, "test-cloud")
     await cloud.start()
-    endpoint = CloudEndpoint(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
+    endpoint = CloudPool(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
     router = Router(demo_edge_models, endpoint, edge_executor, cache=RowCache(64 << 20, 300))
     edge = OipServer(RouterDataPlane(router), "test-edge")
     await edge.start()
@@ -262,7 +262,7 @@ async def held_router(
     held = HeldCloud(demo_cloud_plane)
     cloud = OipServer(held, "held-cloud")
     await cloud.start()
-    endpoint = CloudEndpoint(f"127.0.0.1:{cloud.port}", 30.0, 64 << 20)
+    endpoint = CloudPool(f"127.0.0.1:{cloud.port}", 30.0, 64 << 20)
     router = Router(demo_edge_models, endpoint, edge_executor, cache=RowCache(64 << 20, 300))
     try:
         yield router, held

@@ -19,7 +19,7 @@ from offload.router.audit import MAX_AUDITS_IN_FLIGHT
 from offload.router.confidence import max_probability
 from offload.router.core import Router
 from offload.router.models import RoutedModel
-from offload.router.upstream import CloudEndpoint
+from offload.router.pool import CloudPool
 from support.held import HeldCloud
 
 
@@ -51,7 +51,7 @@ def _router(
 ) -> Router:
     return Router(
         models,
-        CloudEndpoint(address, 10.0, 64 << 20),
+        CloudPool(address, 10.0, 64 << 20),
         executor,
         target_offload=target_offload,
         audit_share=audit_share,

@@ -1,4 +1,4 @@
-"""Assemble the edge agent: edge models from the repository, the cloud endpoint, the router, the server."""
+"""Assemble the edge agent: edge models from the repository, the cloud's replicas, the router, the server."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
 from offload.router.core import Router
 from offload.router.models import RoutedModel
+from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
-from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep
+from offload.router.upstream import RetryPolicy, Sleep
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,15 @@ def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
     return models
 
 
-def build_cloud_endpoint(
+def build_cloud_pool(
     settings: EdgeSettings,
     on_breaker_change: Callable[[BreakerState], None] | None = None,
     sleep: Sleep | None = None,
-) -> CloudEndpoint | None:
-    """The endpoint the settings describe; `sleep` replaces asyncio.sleep for its backoffs (tests)."""
+) -> CloudPool | None:
+    """The cloud's replicas the settings describe; `sleep` replaces asyncio.sleep for backoffs (tests)."""
     if not settings.cloud:
         return None
-    return CloudEndpoint(
+    return CloudPool(
         settings.cloud,
         settings.cloud_timeout_seconds,
         settings.max_message_bytes,
@@ -70,6 +71,7 @@ def build_cloud_endpoint(
         hedge_delay_seconds=settings.hedge_delay_seconds,
         on_breaker_change=on_breaker_change,
         sleep=sleep or asyncio.sleep,
+        resolve_seconds=settings.cloud_resolve_seconds,
     )
 
 
@@ -79,7 +81,7 @@ def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerSta
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     return Router(
         load_edge_models(settings.model_repository),
-        build_cloud_endpoint(settings, on_breaker_change),
+        build_cloud_pool(settings, on_breaker_change),
         executor,
         deadline_reserve_seconds=settings.deadline_reserve_seconds,
         cache=cache,
@@ -88,8 +90,8 @@ def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerSta
     )
 
 
-# The health service name that reports the circuit to the cloud: SERVING while
-# closed, NOT_SERVING while open or half-open (rows are answered on the edge).
+# The health service name that reports the circuit to the cloud: SERVING while at
+# least one replica's is closed, NOT_SERVING while none is (rows are answered on the edge).
 CLOUD_HEALTH_SERVICE = "offload.cloud"
 
 

@@ -6,11 +6,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, TypeVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from offload.models import DEMO_REPOSITORY
 from offload.oip.settings import ServerSettings
+from offload.router.discovery import CloudTargets
 from offload.router.resilience import BreakerPolicy, RetryBudget
 from offload.router.upstream import RetryPolicy
 
@@ -28,8 +29,14 @@ class EdgeSettings(ServerSettings):
         DEMO_REPOSITORY, description="Folder of model folders; models with [edge] are served."
     )
     cloud: str | None = Field(
-        None, description="The cloud's HOST:PORT (any OIP server); none: answer everything on the edge."
+        None,
+        description="The cloud (any OIP server): HOST:PORT, several replicas as HOST:PORT,HOST:PORT,..., or "
+        "dns:///NAME:PORT for a replica at every address of NAME (a headless Kubernetes Service); calls are "
+        "balanced across the replicas. None: answer everything on the edge.",
     )
+    cloud_resolve_seconds: Annotated[
+        float, Field(gt=0, description="How often the dns:/// names in cloud are looked up again for replicas.")
+    ] = 30.0
     cloud_timeout_seconds: Annotated[
         float,
         Field(gt=0, description="Default cloud deadline: all attempts at one request, when the caller's is longer."),
@@ -97,6 +104,13 @@ class EdgeSettings(ServerSettings):
             "happened; 0: none.",
         ),
     ] = 60.0
+
+    @field_validator("cloud")
+    @classmethod
+    def _cloud_targets(cls, value: str | None) -> str | None:
+        if value is not None:
+            CloudTargets.parse(value)  # a ValueError says what is wrong with it
+        return value
 
     def policy(self, kind: type[Policy]) -> Policy:
         """The retry, retry-budget or breaker policy these settings describe: each field F of the
