@@ -40,7 +40,7 @@ from offload.router.models import RoutedModel
 from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
 from offload.router.stats import ReplicaStats
-from offload.router.upstream import RetryPolicy
+from offload.router.upstream import CloudFailure, RetryPolicy
 from offload.tools.process import ServerProcess
 from support.chaos import (
     MODEL,
@@ -420,6 +420,22 @@ async def test_a_dns_name_gives_a_replica_per_address_looked_up_again(
         assert targets() == [second.address], "a failed lookup keeps the replicas known"
         assert "no addresses for dns:///replicas.cloud.test:8101 (lookup failed)" in caplog.text
         assert pool.stats().calls == 6, "the pool's totals keep the retired replica's calls"
+    finally:
+        await pool.close()
+
+
+async def test_a_dns_lookup_that_hangs_holds_no_request_past_its_deadline() -> None:
+    hang = asyncio.Event()
+
+    async def resolver(host: str, port: int) -> list[str]:
+        await hang.wait()  # a DNS server that does not answer
+        return []
+
+    pool = _pool("dns:///silent.cloud.test:8101", resolver=resolver)
+    try:
+        with pytest.raises(CloudFailure, match=r"no address of dns:///silent.cloud.test:8101 is known yet"):
+            await pool.infer(_request("waits"), deadline=time.monotonic() + 0.2)
+        assert pool.stats().short_circuited == 1
     finally:
         await pool.close()
 

@@ -4,9 +4,9 @@ Circuit transitions are logged the moment they happen (offload.router.resilience
 this line is the steady picture between them, for an operator reading the log of
 a device: the circuit's state, the retry tokens left, and since the previous line
 the requests, degraded answers and errors, the cloud calls and how many failed or
-were kept off the wire (with several replicas, each one's circuit, calls, failures and calls
-in flight), the cache's hit rate and the audit's agreement. It is
-written only when something happened since the previous one, so an idle device
+were kept off the wire, the cache's hit rate and the audit's agreement. With several
+cloud replicas it adds each one's circuit, calls and failed calls, and calls in flight.
+It is written only when something happened since the previous one, so an idle device
 does not fill its log.
 """
 

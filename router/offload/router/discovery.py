@@ -21,6 +21,7 @@ does: a DNS hiccup must not empty the pool) and is tried again after RETRY_LOOKU
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -145,11 +146,14 @@ class ReplicaSet:
             return  # made outside an event loop (an app's router before asyncio.run): the first call starts them
         self._start_lookups()
 
-    async def current(self) -> list[Replica]:
-        """The replicas now; before the first lookup of the names has ended, waits for it."""
+    async def current(self, timeout: float) -> list[Replica]:
+        """The replicas now; before the first lookup of the names has ended, waits for it, at most
+        `timeout` seconds (a slow DNS server must not hold a request past its deadline)."""
         if self._names:
             self._start_lookups()
-            await self._looked_up.wait()
+            if not self._looked_up.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._looked_up.wait(), max(timeout, 0.0))
         return self.replicas
 
     async def close(self) -> None:
@@ -159,7 +163,7 @@ class ReplicaSet:
         await asyncio.gather(*self._retiring, *(replica.close() for replica in self.replicas))
 
     def _start_lookups(self) -> None:
-        if self._lookups is None:
+        if self._lookups is None or self._lookups.done():  # done: it failed, so start over
             self._lookups = asyncio.create_task(self._keep_looking_up())
 
     async def _keep_looking_up(self) -> None:

@@ -178,7 +178,7 @@ class CloudPool:
             request.id = uuid.uuid4().hex
         budget_end = self._clock() + self.timeout_seconds
         end = budget_end if deadline is None else min(deadline, budget_end)
-        await self._replicas.current()
+        await self._replicas.current(end - self._clock())
         state = _Request()
         first = self._next(state)
         if first is None:
