@@ -199,7 +199,8 @@ class CloudPool:
                     replica = self._next(state) if retry else first
                     if replica is None:
                         raise self._all_open()
-                    self._counts.retries += retry
+                    if retry:
+                        self._counts.retries += 1
                     return await self._hedged(state, replica, request, end, validate)
         except OffloadError as exc:
             self._counts.failures += 1

@@ -22,7 +22,7 @@ class ReplicaStats:
     circuit: BreakerState
     circuit_changes: int
     calls: int  # RPCs sent to it (first attempts, retries and hedges alike)
-    failures: int  # of those, the ones that ended in an error status (cancelled ones: neither)
+    failures: int  # of those, the ones that ended in an error status (not those their caller cancelled)
     outstanding: int  # in flight now
     reachable: bool  # False while its channel cannot connect (the process is gone, the port closed)
 
