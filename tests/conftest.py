@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,8 +16,9 @@ from offload.cloud.settings import CloudSettings
 from offload.edge.agent import load_edge_models
 from offload.edge.dataplane import RouterDataPlane
 from offload.models import DEMO_REPOSITORY
+from offload.oip.limits import ServerLimits
 from offload.oip.repository import load_repository
-from offload.oip.server import OipServer, ServerLimits
+from offload.oip.server import OipServer
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.pool import CloudPool
@@ -133,11 +134,12 @@ class Processes:
     edge: ServerProcess
 
 
-def start_processes(repository: Path) -> Processes:
+def start_processes(repository: Path, edge_args: Sequence[str] = ()) -> Processes:
+    """`offload cloud`, then `offload edge` pointed at it (with `edge_args` besides), on free ports."""
     cloud = ServerProcess(["cloud", "--grpc-port", "0", "--model-repository", str(repository)], env=SUBPROCESS_ENV)
     cloud_address = cloud.start()
     edge = ServerProcess(
-        ["edge", "--grpc-port", "0", "--model-repository", str(repository), "--cloud", cloud_address],
+        ["edge", "--grpc-port", "0", "--model-repository", str(repository), "--cloud", cloud_address, *edge_args],
         env=SUBPROCESS_ENV,
     )
     try:

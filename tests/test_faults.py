@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,12 +33,14 @@ import pytest
 
 from conftest import SUBPROCESS_ENV
 from offload.cloud.dataplane import CloudDataPlane
+from offload.cloud.registry import ModelRegistry
+from offload.cloud.scheduler import Scheduler, SchedulerStats
 from offload.cloud.settings import CloudSettings
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
 from offload.models import DEMO_REPOSITORY
 from offload.oip.client import OipClient
-from offload.oip.errors import UpstreamError
+from offload.oip.errors import DeadlineExceeded, UpstreamError
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
@@ -49,7 +52,6 @@ from offload.tools.process import ServerProcess
 from support import gate
 from support.chaos import (
     ALL_TO_CLOUD,
-    MODEL,
     Call,
     ChaosProxy,
     Corruption,
@@ -60,8 +62,8 @@ from support.chaos import (
     cloud_bound,
     edge_under_test,
     eventually,
-    retry_bound,
     wait_for_cloud_answer,
+    within_retry_budget,
 )
 
 Code = grpc.StatusCode
@@ -87,8 +89,10 @@ def cloud(cloud_server: ServerProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(cloud: str, demo_edge_models: dict[str, RoutedModel]) -> Reference:
-    return Reference.of_demo(cloud, demo_edge_models[MODEL])
+def reference() -> Reference:
+    """What the bare model files answer for each test row: every answer in a burst is checked against it."""
+    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
+        return Reference.bare(data["inputs"].astype(np.float32))
 
 
 @pytest.fixture
@@ -111,7 +115,7 @@ def assert_sound(
     if not errors_allowed:
         assert all(call.response is not None for call in calls)
     stats = edge.endpoint.stats()
-    assert stats.retries + stats.hedges <= retry_bound(edge.endpoint), f"retries and hedges past the budget: {stats}"
+    assert within_retry_budget(edge.endpoint), f"retries and hedges past the budget: {stats}"
     sent_calls = stats.calls - stats.short_circuited
     assert stats.attempts <= sent_calls + stats.retries + stats.hedges, stats
     if proxy is not None:
@@ -385,7 +389,7 @@ async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
     monkeypatch.setenv(gate.MARKER_ENV, str(gate_dir))
     settings = CloudSettings(model_repository=repository, inference_threads=1, max_queue=1)
     plane = CloudDataPlane.load(load_repository(repository), settings, torch.device("cpu"))
-    capacity = plane.capacity
+    capacity = plane.scheduler.stats().capacity
     assert capacity == 2  # one call running, one queued
     server = OipServer(plane, "gated-cloud")
     await server.start()
@@ -400,7 +404,7 @@ async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
                 await client.infer(request(0), timeout=CALLER_DEADLINE)
             assert late.value.status == Code.DEADLINE_EXCEEDED
             assert gate.started(gate_dir) == {gate.started_marker(0)}
-            assert plane.admitted == 1, "its job still runs, so it keeps its slot"
+            assert plane.scheduler.stats().admitted == 1, "its job still runs, so it keeps its slot"
             # Rounds of callers with short deadlines: the stuck call still holds its slot, so one
             # call is queued (until its caller gives up) and the other is refused at once.
             for round_ in (1, 2):
@@ -414,19 +418,50 @@ async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
                 assert sorted(error.status.name for error in errors) == ["DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"]
                 refused = next(error for error in errors if error.status == Code.RESOURCE_EXHAUSTED)
                 assert refused.pushback_ms == settings.pushback_ms
-                await eventually(lambda: plane.admitted == 1, "the queued job left with its caller")
-            assert plane.peak <= capacity, "admitted work never exceeded capacity"
+                await eventually(lambda: plane.scheduler.stats().admitted == 1, "the queued job left with its caller")
+            stats = plane.scheduler.stats()
+            assert stats.peak <= capacity, "admitted work never exceeded capacity"
             assert gate.started(gate_dir) == {gate.started_marker(0)}, "no job whose caller had gone ever ran"
-            assert plane.dropped == 2
-            assert plane.rejected == 2
+            assert stats.dropped == 2
+            assert stats.rejected == 2
             (gate_dir / "open").touch()
-            await eventually(lambda: plane.admitted == 0, "the stuck call's slot is freed when it ends")
+            await eventually(
+                lambda: plane.scheduler.stats().admitted == 0, "the stuck call's slot is freed when it ends"
+            )
             answer = await client.infer(request(5), timeout=30)
             np.testing.assert_array_equal(answer.outputs[0].data, [[5.0]])
     finally:
         (gate_dir / "open").touch()
         await server.stop(0)
         plane.close()
+
+
+async def test_a_queued_call_whose_deadline_has_passed_is_dropped_when_a_thread_comes_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    repository = gate.write_repository(tmp_path / "repository")
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    monkeypatch.setenv(gate.MARKER_ENV, str(gate_dir))
+    model = ModelRegistry.load(load_repository(repository), torch.device("cpu"), repository).model("gate", "")
+    scheduler = Scheduler(threads=1, max_queue=1)
+    try:
+        held = asyncio.create_task(scheduler.run(model, {"x": np.zeros((1, 1), np.float32)}, None))
+        await eventually((gate_dir / "arrived").exists, "the first call reached the model")
+        # Queued behind it with a deadline already gone: the thread that comes free must not run it.
+        late = asyncio.create_task(scheduler.run(model, {"x": np.ones((1, 1), np.float32)}, time.monotonic()))
+        await eventually(lambda: scheduler.stats().admitted == 2, "the late call was queued")
+        (gate_dir / "open").touch()
+        with pytest.raises(DeadlineExceeded, match="deadline passed while the call waited for a thread"):
+            await late
+        np.testing.assert_array_equal((await held)["y"], [[0.0]])
+        assert gate.started(gate_dir) == {gate.started_marker(0)}, "the late call never reached the model"
+        assert scheduler.stats() == SchedulerStats(capacity=2, admitted=0, peak=2, rejected=0, started=1, dropped=1)
+    finally:
+        (gate_dir / "open").touch()
+        scheduler.close()
 
 
 async def test_a_failing_cloud_with_the_row_cache_on_answers_cached_rows_and_degrades_the_rest(
@@ -613,3 +648,31 @@ async def test_the_status_line_is_written_every_interval_only_when_something_hap
             assert naps == [30.0] * 3
         finally:
             loop.cancel()
+
+
+@pytest.mark.parametrize(("deadline_from_due", "sent"), [(True, 1), (False, 2)])
+async def test_burst_counts_the_wait_for_a_slot_against_the_apps_deadline_when_asked(
+    deadline_from_due: bool, sent: int
+) -> None:
+    """The benchmark's app (deadline_from_due) starts each request's deadline when it is due: one whose deadline
+    passed while it waited for a slot is not sent and fails DEADLINE_EXCEEDED. Without it, it is sent."""
+    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
+        pixels = data["inputs"][:6].astype(np.float32)
+    scores = np.zeros((6, 10), dtype=np.float32)
+    rows_only = Reference(pixels, scores, np.zeros(6), scores)  # burst reads the pixels alone
+    async with ChaosProxy("127.0.0.1:1") as held, OipClient(held.address) as client:
+        held.delay_seconds = 60.0  # the injected fault: each call is held past its deadline, keeping its slot
+        # Both due at once (an open loop at a huge rate): the second waits for the slot the first's whole deadline.
+        calls = await burst(
+            client,
+            rows_only,
+            2,
+            tag="queued",
+            concurrency=1,
+            timeout=0.2,
+            rate=1e9,
+            deadline_from_due=deadline_from_due,
+        )
+    assert [call.error.status if call.error else None for call in calls] == [Code.DEADLINE_EXCEEDED] * 2
+    assert held.calls == sent
+    assert calls[1].sent_at >= calls[0].answered_at  # it got the slot once the first had its answer

@@ -13,6 +13,7 @@ The unit tests (the balancer's choice, a retry or a hedge sent to another replic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -462,6 +463,52 @@ async def test_a_real_dns_lookup_of_localhost(echo: str) -> None:
         await pool.close()
 
 
+async def test_the_start_up_look_is_ready_while_one_replica_answers_and_names_every_one_that_does_not(
+    echo: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed = [f"127.0.0.1:{port}" for port in _closed_ports(2)]
+    caplog.set_level(logging.WARNING, logger="offload.router.pool")
+    pool = _pool(f"{echo},{closed[0]}")
+    try:
+        assert await pool.check_ready(5.0) is None, "one replica answers: the cloud is ready"
+        warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert f"1 of 2 replicas do not answer ({closed[0]}: UNAVAILABLE" in warnings[0]
+        assert echo not in warnings[0].partition("do not answer")[2], "the replica that answers is not named"
+        assert pool.stats().attempts == 0, "a look, not traffic"
+    finally:
+        await pool.close()
+    pool = _pool(",".join(closed))
+    try:
+        problem = await pool.check_ready(5.0)
+        assert problem is not None
+        assert problem.startswith("no replica answers: ")
+        assert f"{closed[0]}: UNAVAILABLE" in problem
+        assert f"{closed[1]}: UNAVAILABLE" in problem
+    finally:
+        await pool.close()
+
+
+async def test_the_start_up_look_at_a_dns_name_without_addresses_says_so() -> None:
+    async def resolver(host: str, port: int) -> list[str]:
+        raise OSError("no such name")
+
+    pool = _pool("dns:///nowhere.cloud.test:8101", resolver=resolver)
+    try:
+        assert await pool.check_ready(1.0) == "no address of dns:///nowhere.cloud.test:8101 is known yet"
+    finally:
+        await pool.close()
+
+
+def _closed_ports(count: int) -> list[int]:
+    """Different ports nothing listens on: bound by the OS for us together, then let go."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+
+
 # --- The --cloud value ---
 
 
@@ -484,6 +531,10 @@ def test_cloud_takes_several_addresses_and_dns_names() -> None:
         ("dns:///:8101", "dns:///NAME:PORT needs a name and a port"),
         ("dns://8.8.8.8/cloud:8101", "a DNS server in the target is not supported"),
         ("dns://cloud:8101", "write dns:///NAME:PORT (three slashes)"),
+        ("a:1,gpu-host", "'gpu-host' is not HOST:PORT: it has no port (gpu-host:8101, 10.0.0.5:8101 or "),
+        ("a:1, ::1:8101", "'::1:8101' is not HOST:PORT: an IPv6 address goes in brackets, as in [::1]:8101"),
+        ("dns:///not a host:8101", "'not a host' is neither an IP address nor a DNS name"),
+        ("unix:/run/cloud.sock", "'unix:/run/cloud.sock' is not HOST:PORT"),
     ],
 )
 def test_a_bad_cloud_value_is_refused_with_what_to_write(value: str, message: str) -> None:

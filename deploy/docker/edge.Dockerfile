@@ -1,6 +1,6 @@
 # The edge agent: the router's OIP gRPC API + the small ONNX models. No torch.
 #   docker build -f deploy/docker/edge.Dockerfile -t offload-edge .
-#   docker run -p 8001:8001 -e OFFLOAD_EDGE_CLOUD=cloud-host:8101 offload-edge
+#   docker run --stop-timeout 20 -p 8001:8001 -e OFFLOAD_EDGE_CLOUD=cloud-host:8101 offload-edge
 FROM python:3.11-slim
 
 WORKDIR /opt/offload
@@ -12,9 +12,12 @@ COPY router router
 COPY tools tools
 COPY models models
 # The [edge] extra brings onnxruntime and never torch.
-RUN pip install --no-cache-dir '.[edge]' && useradd --system --uid 10001 offload
+RUN pip install --no-cache-dir '.[edge]' \
+    && groupadd --system --gid 10001 offload \
+    && useradd --system --uid 10001 --gid 10001 offload
 
-USER offload
+# Numeric, so that Kubernetes can check runAsNonRoot against the image itself.
+USER 10001:10001
 ENV OFFLOAD_EDGE_HOST=0.0.0.0 OFFLOAD_EDGE_GRPC_PORT=8001
 EXPOSE 8001
 # SIGTERM drains: NOT_SERVING, new calls refused with UNAVAILABLE, calls in flight finish.

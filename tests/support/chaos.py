@@ -17,9 +17,9 @@ with a raw stub. Faults are switched at run time, between or during bursts:
   datatype, raw bytes of the wrong size).
 
 The proxy counts what it received: calls, the x-request-id of each (so retries and
-hedges of one request can be told from new work), the time each had left before its
-gRPC deadline as it arrived, which ids got a good answer, and how many calls were
-cancelled by the client.
+hedges of one request can be told from new work), the parameters of each as they came
+over the wire, the time each had left before its gRPC deadline as it arrived, which ids
+got a good answer, and how many calls were cancelled by the client.
 
 The rest is what the fault tests and the fault benchmark share: an edge router on
 a real gRPC port configured like the agent (`edge_under_test`), bounded concurrent
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import random
 import statistics
 import time
@@ -55,8 +56,9 @@ from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import PUSHBACK_KEY, UpstreamError
+from offload.oip.limits import MAX_MESSAGE_BYTES, channel_options
 from offload.oip.messages import request_to_pb, response_from_pb, response_to_pb
-from offload.oip.server import OipServer, channel_options
+from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.cache import RowCache
@@ -73,6 +75,7 @@ from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerState
 from offload.router.stats import UpstreamStats
 from offload.router.upstream import Sleep
+from support import reference as bare_models
 
 if TYPE_CHECKING:
     from offload.oip.grpc_service_pb2_grpc import GRPCInferenceServiceAsyncStub
@@ -82,7 +85,6 @@ Request = TypeVar("Request")
 Reply = TypeVar("Reply")
 Method = grpc.aio.UnaryUnaryMultiCallable
 REQUEST_ID_KEY = "x-request-id"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class Corruption(StrEnum):
@@ -113,6 +115,12 @@ def corrupt(reply: pb.ModelInferResponse, kind: Corruption) -> pb.ModelInferResp
         first = Tensor(first.name, datatype, data.astype(dtype))
     response.outputs[0] = first
     return response_to_pb(response, raw=True)
+
+
+def wire_value(parameter: pb.InferParameter) -> tuple[str, object]:
+    """A parameter as it travels: which field of the oneof is set (bool_param, int64_param, ...) and its value."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return (kind, getattr(parameter, kind)) if kind else ("", None)
 
 
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -157,6 +165,8 @@ class ChaosProxy:
         self.calls = 0
         self.request_ids: list[str] = []  # x-request-id of each ModelInfer call, in arrival order
         self.message_ids: list[str] = []  # the OIP request id of each call, in arrival order
+        # The request parameters of each call, as they came over the wire: name -> (the oneof field set, its value).
+        self.parameters: list[dict[str, tuple[str, object]]] = []
         # Seconds each call had left before its deadline (its grpc-timeout) as it arrived; None: no deadline.
         self.time_left: list[float | None] = []
         self.answered: set[str] = set()  # ids that got a good answer from upstream through the proxy
@@ -190,6 +200,7 @@ class ChaosProxy:
         self.calls = 0
         self.request_ids.clear()
         self.message_ids.clear()
+        self.parameters.clear()
         self.time_left.clear()
         self.answered.clear()
         self.injected = 0
@@ -235,6 +246,7 @@ class ChaosProxy:
         self.calls += 1
         self.request_ids.append(request_id)
         self.message_ids.append(request.id)
+        self.parameters.append({name: wire_value(value) for name, value in request.parameters.items()})
         self.time_left.append(context.time_remaining())
         self._attempts[request_id] += 1
         attempt = self._attempts[request_id]
@@ -397,9 +409,16 @@ class Reference:
 
     @classmethod
     def build(cls, model: RoutedModel, pixels: npt.NDArray[np.float32], cloud_scores: npt.NDArray[Any]) -> Reference:
+        """From the edge model as the router runs it and a cloud's answers (the benchmark: that cloud may be a GPU)."""
         edge = model.edge.predict({"pixels": pixels})
         confidence = row_confidence(edge, model.routing, model.score_output)
         return cls(pixels, edge["scores"], confidence, np.asarray(cloud_scores, dtype=np.float32))
+
+    @classmethod
+    def bare(cls, pixels: npt.NDArray[np.float32]) -> Reference:
+        """From the model files run bare and a NumPy softmax (support.reference), independent of Offload (tests)."""
+        edge = bare_models.edge_scores(pixels)
+        return cls(pixels, edge, bare_models.max_softmax(edge), bare_models.cloud_scores(pixels))
 
     def rows(self, index: int) -> npt.NDArray[np.intp]:
         """The test-set rows of request number `index` (deterministic)."""
@@ -413,13 +432,19 @@ def cloud_bound(reference: Reference, rows: npt.NDArray[np.intp], threshold: flo
 
 @dataclass
 class Call:
-    """One app request and what came of it."""
+    """One app request and what came of it.
+
+    Its clock starts at `due_at`, when the app would have sent it (its scheduled send time, or
+    the moment it began to wait for a concurrency slot): time spent waiting for a slot is part
+    of `seconds`, as it is of what the app sees. `sent_at` is when it got a slot and went out.
+    """
 
     id: str
     index: int
     rows: npt.NDArray[np.intp]
-    sent_at: float
-    seconds: float = 0.0
+    due_at: float
+    sent_at: float = math.nan
+    seconds: float = 0.0  # from due_at to the answer or the error
     response: InferResponse | None = None
     error: UpstreamError | None = None
     order: int = -1  # completion order within its burst
@@ -430,6 +455,15 @@ class Call:
         tensor = self.response.output(name)
         assert tensor is not None, f"{self.id}: the answer lacks {name!r}"
         return tensor.data
+
+    @property
+    def queued(self) -> float:
+        """Seconds it waited for a concurrency slot."""
+        return self.sent_at - self.due_at
+
+    @property
+    def answered_at(self) -> float:
+        return self.due_at + self.seconds
 
     @property
     def degraded_rows(self) -> npt.NDArray[np.bool_]:
@@ -463,13 +497,18 @@ async def burst(
     on_done: Callable[[Call, int], None] | None = None,
     on_send: Callable[[Call], None] | None = None,
     rate: float | None = None,
+    deadline_from_due: bool = False,
 ) -> list[Call]:
     """Send `count` requests, at most `concurrency` at a time, each with a gRPC deadline of `timeout` seconds.
 
-    `on_send(call)` runs as each request goes out, `on_done(call, completed)` as each
-    one ends (completed counts the ends so far): hooks to break things on a condition.
-    With `rate`, request i is not sent before i / rate seconds from the start (an open
-    loop, for the benchmark); without, each goes as soon as a slot is free.
+    `on_send(call)` runs as each request goes out (once it has a slot), `on_done(call,
+    completed)` as each one ends (completed counts the ends so far): hooks to break things
+    on a condition. With `rate`, request i is due i / rate seconds from the start (an open
+    loop, for the benchmark); without, every request is due at once. Each call's clock
+    starts when it is due, before it waits for a slot (see `Call`). With
+    `deadline_from_due`, the deadline runs from then too, as an app's deadline does: the
+    gRPC deadline sent is what is left of `timeout` after the wait for a slot, and a request
+    whose deadline passed while it waited is not sent and fails DEADLINE_EXCEEDED.
     """
     gate = asyncio.Semaphore(concurrency)
     calls: list[Call] = []
@@ -480,20 +519,30 @@ async def burst(
     async def one(index: int) -> None:
         nonlocal completed
         rows = reference.rows(index)
+        due = time.monotonic()
         if rate is not None:
-            await asyncio.sleep(max(0.0, start + (index - first_index) / rate - time.monotonic()))  # load pacing
+            due = start + (index - first_index) / rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))  # load pacing
+        call = Call(f"{tag}-{index}", index, rows, due)
         async with gate:
-            call = Call(f"{tag}-{index}", index, rows, time.monotonic())
+            call.sent_at = time.monotonic()
             if on_send is not None:
                 on_send(call)
             request = InferRequest(
                 MODEL, [Tensor.of("pixels", reference.pixels[rows])], id=call.id, parameters=dict(parameters)
             )
-            try:
-                call.response = await client.infer(request, timeout=timeout)
-            except UpstreamError as exc:
-                call.error = exc
-            call.seconds = time.monotonic() - call.sent_at
+            left = timeout - call.queued if deadline_from_due else timeout
+            if left > 0:
+                try:
+                    call.response = await client.infer(request, timeout=left)
+                except UpstreamError as exc:
+                    call.error = exc
+            else:
+                call.error = UpstreamError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"{call.id}: the app's {timeout}s deadline passed while it waited {call.queued:.3f}s for a slot",
+                )
+            call.seconds = time.monotonic() - call.due_at
             call.order = completed
             completed += 1
             calls.append(call)
@@ -520,7 +569,8 @@ def check(
     (and carries the cloud's answer) xor is flagged degraded (and carries the edge's
     answer); other rows are the edge's, never degraded. Per request: the response's
     degraded parameter agrees with its rows. With `deadline` and `margin` (the fault
-    benchmark), also: it came within the deadline plus the margin. Tests leave that
+    benchmark), also: it came within the deadline plus the margin, counted from when it was
+    due (time waiting for a concurrency slot included, see `Call`). Tests leave that
     out: a timing depends on the machine's load, and the benchmark reports it.
     """
     problems: list[str] = []
@@ -563,6 +613,15 @@ def retry_bound(endpoint: CloudPool, since: UpstreamStats | None = None) -> floa
     throttle = endpoint.throttle
     successes = endpoint.stats().by_outcome.get("OK", 0) - (since.by_outcome.get("OK", 0) if since else 0)
     return throttle.max_tokens / 2 + 1 + throttle.token_ratio * successes
+
+
+def within_retry_budget(endpoint: CloudPool, since: UpstreamStats | None = None) -> bool:
+    """The retries and hedges sent (since that snapshot), together, are within `retry_bound`: both take
+    the budget's tokens."""
+    stats = endpoint.stats()
+    retries = stats.retries - (since.retries if since else 0)
+    hedges = stats.hedges - (since.hedges if since else 0)
+    return retries + hedges <= retry_bound(endpoint, since)
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,14 @@ new keys, so stale answers are never served.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 
 from cachetools import TTLCache
 
+from offload.oip.cache_keys import KeyHasher
 from offload.oip.datatypes import payload_bytes
-from offload.oip.tensors import Tensor, raw_bytes
+from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 
 _ENTRY_OVERHEAD = 128
@@ -32,14 +32,8 @@ class ResponseCache:
 
     @staticmethod
     def key(request: InferRequest, model_version: str, outputs: list[str]) -> bytes:
-        digest = hashlib.blake2b(digest_size=20)
-        digest.update(f"{request.model_name}\0{model_version}\0{outputs!r}\0".encode())
-        for name, value in sorted(request.parameters.items()):
-            digest.update(f"{name}={type(value).__name__}:{value!r}\0".encode())
-        for tensor in sorted(request.inputs, key=lambda t: t.name):
-            digest.update(f"{tensor.name}:{tensor.datatype}:{tensor.shape}\0".encode())
-            digest.update(raw_bytes(tensor))
-        return digest.digest()
+        scope = f"{request.model_name}\0{model_version}\0{outputs!r}"
+        return KeyHasher(scope, request.parameters).key(sorted(request.inputs, key=lambda t: t.name))
 
     def get(self, key: bytes) -> list[Tensor] | None:
         outputs = self._entries.get(key)

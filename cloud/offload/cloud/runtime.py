@@ -7,16 +7,19 @@ for models that are not tensors in, tensors out (or for tests that echo).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from offload.oip.errors import ConfigurationError, Internal
+from offload.cloud.config import CloudSection
+from offload.oip.errors import ConfigurationError, Internal, one_line
 from offload.oip.repository import ModelEntry, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,8 @@ class CloudModel:
 
     def __init__(self, entry: ModelEntry, device: torch.device) -> None:
         config = entry.config
-        if config.cloud is None:
+        section = entry.section("cloud", CloudSection)
+        if section is None:
             raise ConfigurationError(f"model {config.name!r} has no [cloud] section")
         if not config.inputs or not config.outputs:
             raise ConfigurationError(f"model {config.name!r}: a cloud model must declare its inputs and outputs")
@@ -54,7 +58,6 @@ class CloudModel:
         self.device = device
         self._module: torch.nn.Module | None = None
         self._array_model: ArrayModel | None = None
-        section = config.cloud
         program_rows: int | None = None
         if section.factory is not None:
             self.platform = "python"
@@ -64,12 +67,12 @@ class CloudModel:
             path = entry.artifact_path(section.artifact)
             if path.suffix == ".pt2":
                 self.platform = "pytorch_torchexport"
-                program = torch.export.load(str(path))
+                program = _load_program(path)
                 program_rows = _program_max_rows(program)
                 loaded = program.module()
             else:
                 self.platform = "pytorch_libtorch"
-                loaded = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+                loaded = _load_torchscript(path, device)
         if isinstance(loaded, torch.nn.Module):
             self._module = loaded.to(device)
             if hasattr(self._module, "eval") and not isinstance(self._module, torch.fx.GraphModule):
@@ -95,7 +98,15 @@ class CloudModel:
         for spec in self.inputs:
             shape = (self._warmup_rows, *(dim if dim > 0 else 1 for dim in spec.shape[1:]))
             inputs[spec.name] = np.zeros(shape, dtype=object) if spec.datatype == "BYTES" else _zeros(spec, shape)
-        self.predict(inputs)
+        try:
+            self.predict(inputs)
+        except Exception as exc:
+            log.debug("the warm-up batch of %r failed", self.name, exc_info=True)
+            raise ConfigurationError(
+                f"model {self.name!r}: the warm-up batch ({self._warmup_rows} rows of zeros shaped as model.toml "
+                f"declares the inputs) failed ({one_line(exc)}); check that model.toml's inputs and outputs are "
+                "what the model takes and gives (warmup_rows = 0 skips the warm-up)"
+            ) from exc
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
         rows = _rows(inputs)
@@ -166,13 +177,88 @@ def _program_max_rows(program: torch.export.ExportedProgram) -> int | None:
     return min(bounds) if bounds else None
 
 
+# Every artifact that fails to load stops the server with one line: the file (or factory), what
+# failed, and what to do. The library's traceback goes to the DEBUG log, for whoever needs it.
+_DEBUG_HINT = "(--log-level DEBUG shows the traceback)"
+
+
+class _Swallowed(logging.Filter):
+    """Keeps a logger's records that carry an exception from being written, and keeps the exception."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _swallowing(logger_name: str) -> Iterator[_Swallowed]:
+    swallowed = _Swallowed()
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(swallowed)
+    try:
+        yield swallowed
+    finally:
+        logger.removeFilter(swallowed)
+
+
+def _load_program(path: Path) -> torch.export.ExportedProgram:
+    # torch.export.load logs the archive reader's error with its traceback at WARNING, then tries
+    # an older format and fails again: that first error is the one that says what is wrong.
+    with _swallowing("torch.export") as swallowed:
+        try:
+            return torch.export.load(str(path))
+        except Exception as exc:
+            cause = swallowed.errors[0] if swallowed.errors else exc
+            log.debug("torch.export could not load %s", path, exc_info=True)
+            raise ConfigurationError(
+                f"{path}: torch.export.load cannot read the program ({one_line(cause)}); check that the file is "
+                f"a whole .pt2 saved by torch.export.save with torch {torch.__version__} or older (save it again "
+                f"if it was cut short or corrupted) {_DEBUG_HINT}"
+            ) from exc
+
+
+def _load_torchscript(path: Path, device: torch.device) -> Any:
+    try:
+        return torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        log.debug("torch.jit could not load %s", path, exc_info=True)
+        raise ConfigurationError(
+            f"{path}: torch.jit.load cannot read the TorchScript model ({one_line(exc)}); check that the file is "
+            f"a whole TorchScript archive saved by torch.jit.save (save it again if it was cut short or corrupted; "
+            f"a torch.export program must end in .pt2) {_DEBUG_HINT}"
+        ) from exc
+
+
 def _call_factory(reference: str) -> Any:
     module_name, _, function_name = reference.partition(":")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(f"factory {reference!r} cannot be imported: {exc}") from exc
-    return function()
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises as it runs
+        log.debug("factory module %s failed to import", module_name, exc_info=True)
+        raise ConfigurationError(
+            f"factory {reference!r}: module {module_name!r} cannot be imported ({one_line(exc)}); check that it is "
+            f"installed or on PYTHONPATH and that `python -c 'import {module_name}'` works {_DEBUG_HINT}"
+        ) from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigurationError(
+            f"factory {reference!r}: module {module_name!r} has no function {function_name!r}; "
+            "write the factory as 'package.module:function'"
+        )
+    try:
+        return function()
+    except Exception as exc:
+        log.debug("factory %s raised", reference, exc_info=True)
+        raise ConfigurationError(
+            f"factory {reference!r} raised {one_line(exc)} when called; fix the factory (it is called with no "
+            f"arguments and returns the model) {_DEBUG_HINT}"
+        ) from exc
 
 
 def _check_torch_datatypes(name: str, specs: tuple[TensorSpec, ...]) -> None:

@@ -36,10 +36,12 @@ def size_torch_threads(settings: CloudSettings, device: torch.device) -> None:
 
 
 async def build_server(settings: CloudSettings) -> tuple[OipServer, CloudDataPlane]:
+    # Certificates and tokens are checked before the models load: a wrong file stops start-up at once.
+    security = settings.security()
     device = pick_device(settings.device)
     size_torch_threads(settings, device)
     plane = CloudDataPlane.load(load_repository(settings.model_repository), settings, device)
-    return OipServer(plane, SERVER_NAME, settings.limits), plane
+    return OipServer(plane, SERVER_NAME, settings.limits, security), plane
 
 
 async def run(settings: CloudSettings) -> None:
@@ -50,10 +52,16 @@ async def run(settings: CloudSettings) -> None:
     """
     server, plane = await build_server(settings)
     port = await server.start(settings.host, settings.grpc_port)
-    # One line that scripts (the demo, the tests) read to learn the port.
-    print(f"offload-cloud listening on {settings.host}:{port}", flush=True)
     try:
-        await serve_until_signalled(server, settings.grace_seconds)
+        # One line that scripts (the demo, the tests) read to learn the port.
+        await serve_until_signalled(
+            server,
+            settings.grace_seconds,
+            # One line that scripts (the demo, the tests) read to learn the port.
+            announce=lambda: print(
+                f"offload-cloud listening on {settings.host}:{port} ({server.security.description})", flush=True
+            ),
+        )
     finally:
         running = plane.close()
     if running:

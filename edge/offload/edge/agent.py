@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
 from offload.edge.onnx_model import OnnxModel
 from offload.edge.settings import EdgeSettings
@@ -17,11 +18,12 @@ from offload.oip.errors import ConfigurationError
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
+from offload.router.config import RoutedConfig
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
-from offload.router.upstream import RetryPolicy, Sleep
+from offload.router.upstream import RetryPolicy, Sleep, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +31,14 @@ log = logging.getLogger(__name__)
 def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
     models: dict[str, RoutedModel] = {}
     for name, entry in load_repository(repository).items():
-        section = entry.config.edge
+        section = entry.section("edge", EdgeSection)
         if section is None:
             continue
+        # The [routing] table is the router's to validate; a wrong one stops start-up before any model loads.
+        config = RoutedConfig.of(entry)
         onnx = OnnxModel(entry.artifact_path(section.artifact), section)
         onnx.check_declared(entry.config.inputs, entry.config.outputs)
-        routed = RoutedModel(entry.config, onnx)
+        routed = RoutedModel(config, onnx)
         if routed.score_output not in {spec.name for spec in onnx.outputs}:
             raise ConfigurationError(
                 f"model {name!r}: routing.output {routed.score_output!r} is not an output of {onnx.path}"
@@ -72,21 +76,48 @@ def build_cloud_pool(
         on_breaker_change=on_breaker_change,
         sleep=sleep or asyncio.sleep,
         resolve_seconds=settings.cloud_resolve_seconds,
+        security=settings.cloud_security(),
     )
 
 
 def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerState], None] | None = None) -> Router:
     """The in-process router an app can call directly, configured like the agent."""
+    # The cloud channel first: its certificates and token are checked before any model loads.
+    cloud = build_cloud_pool(settings, on_breaker_change)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     return Router(
         load_edge_models(settings.model_repository),
-        build_cloud_pool(settings, on_breaker_change),
+        cloud,
         executor,
         deadline_reserve_seconds=settings.deadline_reserve_seconds,
         cache=cache,
         target_offload=settings.target_offload,
         audit_share=settings.audit_share,
+    )
+
+
+# How long the start-up look at the cloud waits for its answer. A device may well start offline,
+# so the look only decides whether to warn: it runs beside the server, which serves at once.
+CLOUD_CHECK_SECONDS = 5.0
+
+
+async def report_cloud_at_start(cloud: Upstream, timeout: float = CLOUD_CHECK_SECONDS) -> None:
+    """Say once whether the cloud answers: INFO if it does, WARNING with the address and the reason if not.
+
+    Without this, an agent whose cloud is unreachable (a wrong host, a firewall, a cloud not
+    started yet) would degrade every cloud-bound row while its log said nothing until the
+    breaker opened.
+    """
+    problem = await cloud.check_ready(timeout)
+    if problem is None:
+        log.info("cloud %s is ready", cloud.target)
+        return
+    log.warning(
+        "cloud %s does not answer at start-up (%s); serving on the edge meanwhile: rows meant for the cloud get "
+        "the edge's answer, flagged degraded, until it does",
+        cloud.target,
+        problem,
     )
 
 
@@ -102,19 +133,31 @@ async def run(settings: EdgeSettings) -> None:
         if server is not None:
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
+    # Certificates and tokens are checked before anything else is loaded: a wrong file stops start-up at once.
+    security = settings.security()
     router = build_router(settings, breaker_changed)
     plane = RouterDataPlane(router)
-    server = OipServer(plane, SERVER_NAME, settings.limits)
+    server = OipServer(plane, SERVER_NAME, settings.limits, security)
     port = await server.start(settings.host, settings.grpc_port)
     if settings.cloud:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
     cloud = settings.cloud or "none (edge answers only)"
-    print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud})", flush=True)
     status = StatusLog(router.stats, settings.status_log_seconds)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
+    check = asyncio.create_task(report_cloud_at_start(router.upstream)) if router.upstream is not None else None
     try:
-        await serve_until_signalled(server, settings.grace_seconds)
+        await serve_until_signalled(
+            server,
+            settings.grace_seconds,
+            announce=lambda: print(
+                f"offload-edge listening on {settings.host}:{port} (cloud: {cloud}; {security.description})", flush=True
+            ),
+        )
     finally:
+        if check is not None:
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
         if reporter is not None:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata
+from offload.oip.version import SERVER_VERSION
 from offload.router.core import Router
 
 SERVER_NAME = "offload-edge"
-SERVER_VERSION = "0.1.0"
 
 
 class RouterDataPlane:

@@ -11,8 +11,9 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from offload.oip.errors import ConfigurationError, InvalidArgument
-from offload.oip.repository import BATCH_DIM, EdgeSection, TensorSpec
+from offload.edge.config import EdgeSection
+from offload.oip.errors import ConfigurationError, InvalidArgument, one_line
+from offload.oip.repository import BATCH_DIM, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,12 @@ class OnnxModel:
         try:
             self._session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
-            raise ConfigurationError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+            log.debug("ONNX Runtime could not load %s", path, exc_info=True)
+            raise ConfigurationError(
+                f"{path}: ONNX Runtime {ort.__version__} cannot load the model ({one_line(exc)}); "
+                "check that the file is a whole ONNX model (export it again if it was cut short or corrupted) "
+                "of an opset this onnxruntime runs"
+            ) from exc
         self.path = path
         self.providers = tuple(self._session.get_providers())
         self.inputs = tuple(_spec(arg, path) for arg in self._session.get_inputs())

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from offload.models import DEMO_REPOSITORY
+from offload.oip.security import ChannelSecurity
 from offload.oip.settings import ServerSettings
 from offload.router.discovery import CloudTargets
 from offload.router.resilience import BreakerPolicy, RetryBudget
@@ -30,9 +31,24 @@ class EdgeSettings(ServerSettings):
     )
     cloud: str | None = Field(
         None,
-        description="The cloud (any OIP server): HOST:PORT, several replicas as HOST:PORT,HOST:PORT,..., or "
-        "dns:///NAME:PORT for a replica at every address of NAME (a headless Kubernetes Service); calls are "
-        "balanced across the replicas. None: answer everything on the edge.",
+        description="The cloud (any OIP server): HOST:PORT (IPv6 in brackets), several replicas as "
+        "HOST:PORT,HOST:PORT,..., or dns:///NAME:PORT for a replica at every address of NAME (a headless Kubernetes "
+        "Service); calls are balanced across the replicas. None or empty: answer everything on the edge.",
+    )
+    cloud_tls_ca: Path | None = Field(
+        None, description="PEM CA certificate(s) to verify the cloud with; turns TLS to the cloud on."
+    )
+    cloud_tls_cert: Path | None = Field(
+        None, description="PEM client certificate to present to the cloud (and cloud_tls_key); turns TLS on."
+    )
+    cloud_tls_key: Path | None = Field(None, description="Unencrypted PEM private key of cloud_tls_cert.")
+    cloud_tls_server_name: str | None = Field(
+        None,
+        description="Name to check the cloud's certificate against, instead of the host in cloud (for a "
+        "replica found through dns:///NAME:PORT, NAME).",
+    )
+    cloud_token_file: Path | None = Field(
+        None, description="File whose first token is sent to the cloud as 'authorization: Bearer'. Re-read on change."
     )
     cloud_resolve_seconds: Annotated[
         float, Field(gt=0, description="How often the dns:/// names in cloud are looked up again for replicas.")
@@ -105,12 +121,15 @@ class EdgeSettings(ServerSettings):
         ),
     ] = 60.0
 
-    @field_validator("cloud")
-    @classmethod
-    def _cloud_targets(cls, value: str | None) -> str | None:
-        if value is not None:
-            CloudTargets.parse(value)  # a ValueError says what is wrong with it
-        return value
+    def cloud_security(self) -> ChannelSecurity:
+        """TLS credentials and the token for the cloud channel, from the files these settings name, checked now."""
+        return ChannelSecurity.load(
+            self.cloud_tls_ca,
+            self.cloud_tls_cert,
+            self.cloud_tls_key,
+            self.cloud_tls_server_name,
+            self.cloud_token_file,
+        )
 
     def policy(self, kind: type[Policy]) -> Policy:
         """The retry, retry-budget or breaker policy these settings describe: each field F of the
@@ -118,3 +137,14 @@ class EdgeSettings(ServerSettings):
         prefix = _PREFIXES[kind]
         names = type(self).model_fields
         return kind(**{f.name: getattr(self, prefix + f.name) for f in fields(kind) if prefix + f.name in names})
+
+    @field_validator("cloud")
+    @classmethod
+    def _cloud_targets(cls, value: str | None) -> str | None:
+        # gRPC would take any string and fail only when it dials: say what is wrong now, at start-up
+        # (CloudTargets.parse's ValueError names the entry and what to write).
+        # Empty means none, as it did before addresses were checked (OFFLOAD_EDGE_CLOUD= in a unit file).
+        if not value:
+            return None
+        CloudTargets.parse(value)
+        return value

@@ -1,5 +1,8 @@
 """The Open Inference Protocol (KServe v2) layer shared by the edge agent and the cloud service.
 
 Generated gRPC code, the tensor codec, the transport-free data-plane types, one
-error-to-status mapping, and a generic asyncio gRPC server and client.
+error-to-status mapping, the wire's limits and defaults (`limits`), the cache-key
+hasher, the model repository format (each wing validates its own section), security
+(TLS credentials and bearer tokens from checked files, the token guard), and a generic
+asyncio gRPC server and client that take their security from their caller.
 """

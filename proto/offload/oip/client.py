@@ -8,10 +8,11 @@ import grpc
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
-from offload.oip.errors import PUSHBACK_KEY, UpstreamError, parse_pushback
-from offload.oip.messages import DEFAULT_MAX_ELEMENTS, encode_cost, request_to_pb, response_from_pb
+from offload.oip.errors import PUSHBACK_KEY, UpstreamError, parse_pushback, printable
+from offload.oip.limits import INLINE_CODEC_ELEMENTS, MAX_ELEMENTS, MAX_MESSAGE_BYTES, channel_options
+from offload.oip.messages import encode_cost, request_to_pb, response_from_pb
 from offload.oip.repository import TensorSpec
-from offload.oip.server import INLINE_CODEC_ELEMENTS, channel_options
+from offload.oip.security import ChannelSecurity
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata
 
 # gRPC's default reconnect backoff starts at 1 s and grows to 120 s while a peer is
@@ -25,16 +26,32 @@ RECONNECT_OPTIONS = [
 
 
 class OipClient:
-    """One channel to one server. Calls raise UpstreamError carrying the server's status."""
+    """One channel to one server. Calls raise UpstreamError carrying the server's status.
+
+    With TLS credentials in `security` the channel is a secure one; without, it is plaintext.
+    Its bearer token, if any, goes with every call.
+    """
 
     def __init__(
-        self, target: str, max_message_bytes: int = 64 * 1024 * 1024, max_elements: int = DEFAULT_MAX_ELEMENTS
+        self,
+        target: str,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_elements: int = MAX_ELEMENTS,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.target = target
         # The most elements one answer's tensor may declare: the peer's sizes are checked before decoding.
         self.max_elements = max_elements
-        options = [*channel_options(max_message_bytes), *RECONNECT_OPTIONS]
-        self._channel = grpc.aio.insecure_channel(target, options=options)
+        self.security = security or ChannelSecurity()
+        options: list[tuple[str, str | int]] = [
+            *channel_options(max_message_bytes),
+            *RECONNECT_OPTIONS,
+            *self.security.options(),
+        ]
+        if self.security.credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, self.security.credentials, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def close(self, grace: float | None = None) -> None:
@@ -55,7 +72,9 @@ class OipClient:
     async def wait_for_ready(self, timeout: float) -> None:
         """Wait until the server answers ServerReady=true, or raise UpstreamError."""
         try:
-            reply = await self._stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout, wait_for_ready=True)
+            reply = await self._stub.ServerReady(
+                pb.ServerReadyRequest(), timeout=timeout, wait_for_ready=True, metadata=self.security.metadata()
+            )
         except grpc.aio.AioRpcError as exc:
             raise _upstream(exc, self.target) from exc
         if not reply.ready:
@@ -63,13 +82,20 @@ class OipClient:
 
     async def server_ready(self, timeout: float | None = None) -> bool:
         try:
-            return (await self._stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout)).ready
+            reply = await self._stub.ServerReady(
+                pb.ServerReadyRequest(), timeout=timeout, metadata=self.security.metadata()
+            )
         except grpc.aio.AioRpcError as exc:
             raise _upstream(exc, self.target) from exc
+        return reply.ready
 
     async def model_metadata(self, name: str, version: str = "", timeout: float | None = None) -> ModelMetadata:
         try:
-            reply = await self._stub.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), timeout=timeout)
+            reply = await self._stub.ModelMetadata(
+                pb.ModelMetadataRequest(name=name, version=version),
+                timeout=timeout,
+                metadata=self.security.metadata(),
+            )
         except grpc.aio.AioRpcError as exc:
             raise _upstream(exc, self.target) from exc
 
@@ -105,7 +131,9 @@ class OipClient:
         else:
             message = request_to_pb(request, raw=raw)
         try:
-            reply = await self._stub.ModelInfer(message, timeout=timeout, metadata=metadata)
+            reply = await self._stub.ModelInfer(
+                message, timeout=timeout, metadata=(*self.security.metadata(), *metadata)
+            )
         except grpc.aio.AioRpcError as exc:
             raise _upstream(exc, self.target) from exc
         where = f"{self.target} response"
@@ -131,4 +159,5 @@ def _upstream(exc: grpc.aio.AioRpcError, target: str) -> UpstreamError:
         if key == PUSHBACK_KEY:
             # A negative or garbled value is kept as "do not retry" (gRPC A6), not dropped.
             pushback = parse_pushback(value)
-    return UpstreamError(exc.code(), f"{target}: {exc.code().name}: {exc.details()}", pushback)
+    # The peer's message is its own free text: escaped, so that it cannot break a log line of ours.
+    return UpstreamError(exc.code(), f"{target}: {exc.code().name}: {printable(exc.details() or '')}", pushback)

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.errors import InvalidArgument
+from offload.oip.limits import MAX_ELEMENTS
 from offload.oip.repository import TensorSpec
 from offload.oip.tensors import (
     CheckedTensor,
@@ -23,8 +24,6 @@ from offload.oip.tensors import (
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ParameterValue, ServerMetadata
 from offload.oip.validation import check_declared_inputs
 
-DEFAULT_MAX_ELEMENTS = 1 << 28
-
 
 def parameters_from_pb(parameters: Mapping[str, pb.InferParameter], where: str) -> dict[str, ParameterValue]:
     values: dict[str, ParameterValue] = {}
@@ -36,6 +35,9 @@ def parameters_from_pb(parameters: Mapping[str, pb.InferParameter], where: str) 
     return values
 
 
+INT64_MIN, INT64_MAX, UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+
+
 def parameters_to_pb(values: Mapping[str, ParameterValue], target: MutableMapping[str, pb.InferParameter]) -> None:
     for key, value in values.items():
         parameter = target[key]
@@ -43,7 +45,13 @@ def parameters_to_pb(values: Mapping[str, ParameterValue], target: MutableMappin
         if isinstance(value, bool):
             parameter.bool_param = value
         elif isinstance(value, int):
-            parameter.int64_param = value
+            # A uint64_param over int64's range (a caller's, forwarded to the cloud) stays a uint64.
+            if INT64_MIN <= value <= INT64_MAX:
+                parameter.int64_param = value
+            elif 0 <= value <= UINT64_MAX:
+                parameter.uint64_param = value
+            else:
+                raise InvalidArgument(f"parameter {key!r}: {value} fits neither int64_param nor uint64_param")
         elif isinstance(value, float):
             parameter.double_param = value
         else:
@@ -112,7 +120,7 @@ def _requested_outputs(message: pb.ModelInferRequest) -> list[str]:
 
 
 def check_request(
-    message: pb.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
+    message: pb.ModelInferRequest, max_elements: int = MAX_ELEMENTS, model_inputs: ModelInputs | None = None
 ) -> CheckedRequest:
     """Every check that needs no tensor value: the model (with `model_inputs`), parameters, each
     input's name, datatype, shape and content sizes, and the inputs against the model's.
@@ -159,7 +167,7 @@ def decode_request(checked: CheckedRequest) -> InferRequest:
 
 
 def request_from_pb(
-    message: pb.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS, model_inputs: ModelInputs | None = None
+    message: pb.ModelInferRequest, max_elements: int = MAX_ELEMENTS, model_inputs: ModelInputs | None = None
 ) -> InferRequest:
     return decode_request(check_request(message, max_elements, model_inputs))
 
@@ -207,7 +215,7 @@ def response_to_pb(response: InferResponse, raw: bool) -> pb.ModelInferResponse:
 
 
 def response_from_pb(
-    message: pb.ModelInferResponse, where: str = "response", max_elements: int = DEFAULT_MAX_ELEMENTS
+    message: pb.ModelInferResponse, where: str = "response", max_elements: int = MAX_ELEMENTS
 ) -> InferResponse:
     raw_given = _raw_given(len(message.raw_output_contents), len(message.outputs), "output", where)
     raw = list(message.raw_output_contents) if raw_given else None

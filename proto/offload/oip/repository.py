@@ -5,6 +5,11 @@ the cloud service uses `[cloud]`; a model may have either or both. Inputs and
 outputs are declared once at the top, because the router forwards the very
 tensors the edge model takes to the cloud model.
 
+This module reads the top (name, version, description, inputs, outputs) and keeps
+each section as a raw table; the wing that uses a section validates it with its own
+model (`ModelEntry.section`): [edge] offload.edge.config, [cloud] offload.cloud.config,
+[routing] offload.router.config.
+
     name = "digits"              # default: the folder's name
     version = "1"
     inputs  = [{ name = "pixels", datatype = "FP32", shape = [-1, 64] }]
@@ -28,9 +33,8 @@ tensors the edge model takes to the cloud model.
 from __future__ import annotations
 
 import tomllib
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -45,6 +49,16 @@ BATCH_DIM = -1
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Section(_Strict):
+    """Base of a wing's model of its section: unknown keys are errors, values are read-only."""
+
+
+# The sections a model.toml may have, each owned by the wing that uses it: [edge] by offload.edge,
+# [cloud] by offload.cloud, [routing] by offload.router.
+SectionName = Literal["edge", "cloud", "routing"]
+SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
 class TensorSpec(_Strict):
@@ -69,85 +83,18 @@ class TensorSpec(_Strict):
         return value
 
 
-class EdgeSection(_Strict):
-    """The small model that runs on the device."""
-
-    artifact: str
-    # ONNX Runtime: threads per operator (0: ORT decides), execution providers
-    # in order of preference; those missing from this build are skipped.
-    intra_op_threads: Annotated[int, Field(ge=0)] = 1
-    inter_op_threads: Annotated[int, Field(ge=0)] = 1
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-
-
-class CloudSection(_Strict):
-    """The large model that runs on the GPU server."""
-
-    artifact: str | None = None
-    factory: str | None = None
-    # Rows of the warm-up batch run before the model reports ready.
-    warmup_rows: Annotated[int, Field(ge=0)] = 8
-    # Larger batches are run in chunks of at most this many rows and the outputs joined (to bound
-    # memory per call). A torch.export program's own bound on its batch dimension applies anyway.
-    max_batch_rows: Annotated[int, Field(ge=1)] | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> Self:
-        if (self.artifact is None) == (self.factory is None):
-            raise ValueError("give exactly one of 'artifact' (a .pt2 or TorchScript file) or 'factory' (pkg.module:fn)")
-        if self.factory is not None and ":" not in self.factory:
-            raise ValueError(f"factory {self.factory!r} must look like 'package.module:function'")
-        return self
-
-
-class OutputKind(StrEnum):
-    LOGITS = "logits"
-    PROBABILITIES = "probabilities"
-
-
-# How a row's confidence is computed (offload.router.confidence). Every measure
-# lies in [0, 1], higher meaning surer, so one threshold in [0, 1] fits them all.
-ConfidenceMeasure = Literal["max_probability", "margin", "negative_entropy", "output"]
-
-
-class RoutingSection(_Strict):
-    output: str | None = None
-    output_kind: OutputKind = OutputKind.LOGITS
-    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
-    cloud_model: str | None = None
-    cloud_version: str = ""
-    # max_probability: the largest softmax probability; margin: top-1 minus
-    # top-2 probability; negative_entropy: 1 - H(p) / log(classes); output: the
-    # model's own per-row confidence, the output named by confidence_output.
-    confidence: ConfidenceMeasure = "max_probability"
-    confidence_output: Annotated[str, Field(min_length=1)] | None = None
-    # Logits are divided by it before the softmax (`offload calibrate` fits it).
-    temperature: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
-
-    @model_validator(mode="after")
-    def _confidence_source(self) -> Self:
-        if self.confidence == "output" and self.confidence_output is None:
-            raise ValueError(
-                "confidence = 'output' needs confidence_output, the name of the output that holds each row's confidence"
-            )
-        if self.confidence != "output" and self.confidence_output is not None:
-            raise ValueError(
-                f"confidence_output is only used with confidence = 'output' (confidence is {self.confidence!r})"
-            )
-        if self.confidence == "output" and self.temperature != 1.0:
-            raise ValueError("temperature scales class scores; it cannot apply to confidence = 'output'")
-        return self
-
-
 class ModelConfig(_Strict):
+    """What the wire needs of a model: its name, version and tensors. The wings' sections are kept
+    as raw tables; each wing validates its own with `ModelEntry.section`."""
+
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
     version: Annotated[str, Field(min_length=1)] = "1"
     description: str = ""
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
-    edge: EdgeSection | None = None
-    cloud: CloudSection | None = None
-    routing: RoutingSection = RoutingSection()
+    edge: dict[str, Any] | None = None
+    cloud: dict[str, Any] | None = None
+    routing: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -155,21 +102,7 @@ class ModelConfig(_Strict):
             names = [spec.name for spec in specs]
             if len(set(names)) != len(names):
                 raise ValueError(f"duplicate {kind} names in {names}")
-        if self.routing.output is not None and self.outputs:
-            declared = [spec.name for spec in self.outputs]
-            if self.routing.output not in declared:
-                raise ValueError(f"routing.output {self.routing.output!r} is not among the outputs {declared}")
-        if self.routing.confidence_output is not None and self.outputs:
-            declared = [spec.name for spec in self.outputs]
-            if self.routing.confidence_output not in declared:
-                raise ValueError(
-                    f"routing.confidence_output {self.routing.confidence_output!r} is not among the outputs {declared}"
-                )
         return self
-
-    @property
-    def cloud_model_name(self) -> str:
-        return self.routing.cloud_model or self.name
 
 
 class ModelEntry(BaseModel):
@@ -180,11 +113,33 @@ class ModelEntry(BaseModel):
     config: ModelConfig
     folder: Path
 
+    @property
+    def config_file(self) -> Path:
+        return self.folder / CONFIG_FILE
+
     def artifact_path(self, relative: str) -> Path:
         path = (self.folder / relative).resolve()
         if not path.is_file():
-            raise ConfigurationError(f"{self.folder / CONFIG_FILE}: artifact {relative!r} not found at {path}")
+            raise self.error(f"artifact {relative!r} not found at {path}")
         return path
+
+    def section(self, name: SectionName, schema: type[SectionT]) -> SectionT | None:
+        """The [name] table validated with a wing's model, or None when the file has none.
+
+        Errors name the file and the field, as the rest of the file's do:
+        `.../model.toml: routing.threshold: Input should be less than or equal to 1`.
+        """
+        table = getattr(self.config, name)
+        if table is None:
+            return None
+        try:
+            return schema.model_validate(table)
+        except ValidationError as exc:
+            raise self.error(_problems(exc, name)) from exc
+
+    def error(self, problem: str) -> ConfigurationError:
+        """A configuration error in this model's file, naming it."""
+        return ConfigurationError(f"{self.config_file}: {problem}")
 
 
 def load_model(folder: Path) -> ModelEntry:
@@ -200,11 +155,16 @@ def load_model(folder: Path) -> ModelEntry:
     try:
         config = ModelConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or '(top)'}: {error['msg']}" for error in exc.errors()
-        )
-        raise ConfigurationError(f"{config_path}: {problems}") from exc
+        raise ConfigurationError(f"{config_path}: {_problems(exc)}") from exc
     return ModelEntry(config=config, folder=folder.resolve())
+
+
+def _problems(exc: ValidationError, *within: str) -> str:
+    """Every problem pydantic found, each as `field.path: message`; `within` is the section's name."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in (*within, *error['loc'])) or '(top)'}: {error['msg']}"
+        for error in exc.errors()
+    )
 
 
 def load_repository(root: Path) -> dict[str, ModelEntry]:

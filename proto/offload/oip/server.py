@@ -9,20 +9,24 @@ after any bad request.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
-from offload.oip.errors import Unavailable, status_for, trailers_for
+from offload.oip.errors import InvalidArgument, Unavailable, status_for, trailers_for
+from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, channel_options
 from offload.oip.messages import (
     ModelInputs,
     check_request,
@@ -33,26 +37,14 @@ from offload.oip.messages import (
     server_metadata_to_pb,
 )
 from offload.oip.repository import TensorSpec
+from offload.oip.security import ServerSecurity
 from offload.oip.types import DataPlane, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-# Decoding or encoding that touches more elements one by one than this runs in a worker thread,
-# so one large request cannot hold the event loop (every other call on this server) for its
-# duration. Below it the work is too small to matter: 4096 elements take about 0.25 ms typed,
-# 1.5 ms as raw BYTES, against about 0.1 ms for the hand-off itself.
-INLINE_CODEC_ELEMENTS = 1 << 12
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAME = _SERVICE.full_name
 _Reply = TypeVar("_Reply")
-
-
-@dataclass(frozen=True, slots=True)
-class ServerLimits:
-    # Set explicitly on every server and channel rather than relying on gRPC's
-    # 4 MiB default; larger messages get RESOURCE_EXHAUSTED from gRPC itself.
-    max_message_bytes: int = 64 * 1024 * 1024
-    # Upper bound on the elements of one tensor a request may declare.
-    max_elements: int = 1 << 26
 
 
 async def read_request(
@@ -74,11 +66,31 @@ async def write_response(response: InferResponse, raw: bool) -> pb.ModelInferRes
     return response_to_pb(response, raw)
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
+@dataclass(frozen=True, slots=True)
+class _Unparsable:
+    """What a request that is not a valid message of its method's type decodes to."""
+
+    message_type: str
+    error: str
+
+    async def refuse(self) -> NoReturn:
+        raise InvalidArgument(
+            f"the request is not a valid {self.message_type} protobuf message ({self.error}); "
+            "check the client's encoding (string fields must be UTF-8)"
+        )
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | _Unparsable]:
+    """A request deserializer that returns _Unparsable rather than raising."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Message | _Unparsable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return _Unparsable(name, str(exc))
+
+    return deserialize
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -98,6 +110,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no inference call is in flight; False if the timeout came first."""
+        if self._idle.is_set():
+            return True  # asyncio.wait_for with a timeout of 0 would time out even on a set event
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -120,6 +134,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 context.set_trailing_metadata(trailers)
             await context.abort(code, message)
             raise AssertionError("context.abort returned") from exc  # pragma: no cover
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+        """The service's handlers, with requests that do not parse answered INVALID_ARGUMENT.
+
+        The generated registration lets gRPC parse each request, and gRPC answers one it cannot
+        parse (a string field that is not UTF-8, a message cut short) with UNKNOWN "Unexpected
+        DecodeError", which names no field and tells no client what to fix. Here the parser hands
+        such a request to the handler as _Unparsable, which refuses it through `_guard` like
+        any other bad request. The methods and their message types are read from the service
+        descriptor, so the registration follows the .proto as the generated one does.
+        """
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        for method in _SERVICE.methods:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                self._refusing_unparsable(getattr(self, method.name)),
+                request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            )
+        return handlers
+
+    def _refusing_unparsable(
+        self, handler: Callable[[Any, grpc.aio.ServicerContext[object, object]], Awaitable[Any]]
+    ) -> Callable[[Any, grpc.aio.ServicerContext[object, object]], Awaitable[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[object, object]) -> Any:
+            if isinstance(request, _Unparsable):
+                return await self._guard(context, request.refuse)
+            return await handler(request, context)
+
+        return handle
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
@@ -186,28 +229,69 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._idle.set()
 
 
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """A descriptor pool with every service the server lists, for reflection to describe them: OIP's
+    messages live in a private pool (see proto/generate.py), health's and reflection's in protobuf's
+    default one, and reflection answers from a single pool."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        pool.AddSerializedFile(file.serialized_pb)
+    return pool
+
+
 class OipServer:
     """One gRPC server: OIP, health (grpc.health.v1) and reflection, on one port."""
 
-    def __init__(self, data_plane: DataPlane, name: str, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        data_plane: DataPlane,
+        name: str,
+        limits: ServerLimits | None = None,
+        security: ServerSecurity | None = None,
+    ) -> None:
+        """`security`: TLS credentials and bearer tokens (default: plaintext, any caller).
+
+        Tokens guard the inference service only: health and reflection stay open, so
+        probes and tools need no secret.
+        """
         self.name = name
         self.data_plane = data_plane
         self.limits = limits or ServerLimits()
+        self.security = security or ServerSecurity()
         self.port = 0
         self._background: set[asyncio.Task[None]] = set()
         self._health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(options=channel_options(self.limits.max_message_bytes))
+        self._server = grpc.aio.server(
+            options=channel_options(self.limits.max_message_bytes),
+            interceptors=self.security.interceptors(SERVICE_NAME),
+        )
         self._servicer = InferenceServicer(data_plane, self.limits)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
+        handlers = self._servicer.method_handlers()
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=pb.DESCRIPTOR.pool
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=_reflection_pool()
         )
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Bind (port 0: any free port), start, and report SERVING; returns the bound port."""
+        """Bind (port 0: any free port), start, and report SERVING; returns the bound port.
+
+        With TLS credentials in `security` the port is a secure one (and only that); without, it is plaintext.
+        """
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.port = self._server.add_insecure_port(address)
+        credentials = self.security.credentials
+        if credentials is None:
+            if not _is_loopback(host):
+                log.warning(
+                    "%s: serving plaintext on %s: anyone on the network can read the traffic; "
+                    "give tls_cert and tls_key for TLS",
+                    self.name,
+                    host,
+                )
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"{self.name}: could not bind {address}; is the port in use?")
         await self._server.start()
@@ -247,13 +331,30 @@ class OipServer:
         await self._server.wait_for_termination()
 
 
-async def serve_until_signalled(server: OipServer, grace_seconds: float) -> None:
-    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve_until_signalled(
+    server: OipServer, grace_seconds: float, announce: Callable[[], None] | None = None
+) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully.
+
+    `announce` runs once the signals are handled: a server announced before that (its
+    `listening on` line) could be stopped by a signal sent right after the line, with no drain.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
+        if announce is not None:
+            announce()
         await stop.wait()
         log.info("%s: shutting down; answering calls in flight for up to %.1fs", server.name, grace_seconds)
         await server.stop(grace_seconds)

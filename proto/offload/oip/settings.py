@@ -16,7 +16,8 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from offload.oip.errors import ConfigurationError
-from offload.oip.server import ServerLimits
+from offload.oip.limits import MAX_ELEMENTS, MAX_MESSAGE_BYTES, ServerLimits
+from offload.oip.security import ServerSecurity
 
 _config_file: ContextVar[Path | None] = ContextVar("offload_config_file", default=None)
 
@@ -46,14 +47,25 @@ class ServerSettings(BaseSettings):
     grpc_port: Annotated[int, Field(ge=0, le=65535, description="gRPC port; 0 picks a free one.")] = 8001
     max_message_bytes: Annotated[
         int, Field(ge=1024, description="Largest gRPC message sent or received; larger ones get RESOURCE_EXHAUSTED.")
-    ] = 64 * 1024 * 1024
+    ] = MAX_MESSAGE_BYTES
     max_elements: Annotated[
         int, Field(ge=1, description="Most elements one request tensor may declare; more is INVALID_ARGUMENT.")
-    ] = 1 << 26
+    ] = MAX_ELEMENTS
     grace_seconds: Annotated[
         float, Field(ge=0, description="On SIGTERM/SIGINT, how long calls in flight may take to finish.")
     ] = 10.0
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain to serve TLS with (and tls_key); none: plaintext."
+    )
+    tls_key: Path | None = Field(None, description="Unencrypted PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA certificate(s): require client certificates they signed (mutual TLS)."
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="Accepted bearer tokens, one a line (# comments); inference calls need one. Re-read on change.",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -69,6 +81,10 @@ class ServerSettings(BaseSettings):
     @property
     def limits(self) -> ServerLimits:
         return ServerLimits(max_message_bytes=self.max_message_bytes, max_elements=self.max_elements)
+
+    def security(self) -> ServerSecurity:
+        """TLS credentials and accepted tokens from the files these settings name, each read and checked now."""
+        return ServerSecurity.load(self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_token_file)
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)

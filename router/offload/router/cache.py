@@ -14,7 +14,6 @@ the cloud reports a new version of a model, that model's entries are dropped.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +22,9 @@ from typing import Any
 import numpy.typing as npt
 from cachetools import TTLCache
 
+from offload.oip.cache_keys import KeyHasher
 from offload.oip.datatypes import payload_bytes
-from offload.oip.tensors import Tensor, raw_bytes
+from offload.oip.tensors import Tensor
 from offload.oip.types import ParameterValue
 from offload.router.stats import CacheStats
 
@@ -94,20 +94,12 @@ class RowCache:
         parameters: Mapping[str, ParameterValue],
     ) -> list[bytes]:
         """One key per row; `scope` names the models and their versions."""
-        prefix = hashlib.blake2b(digest_size=16)
-        prefix.update(scope.encode())
-        for key, value in sorted(parameters.items()):
-            prefix.update(f"\0{key}={type(value).__name__}:{value!r}".encode())
+        hasher = KeyHasher(scope, parameters)
         rows = inputs[0].shape[0] if inputs else 0
-        keys: list[bytes] = []
-        for row in range(rows):
-            digest = prefix.copy()
-            for tensor in inputs:
-                part = Tensor(tensor.name, tensor.datatype, tensor.data[row : row + 1])
-                digest.update(f"\0{tensor.name}:{tensor.datatype}:{part.shape}\0".encode())
-                digest.update(raw_bytes(part))
-            keys.append(scope.encode() + b"\0" + digest.digest())
-        return keys
+        return [
+            scope.encode() + b"\0" + hasher.key(Tensor(t.name, t.datatype, t.data[row : row + 1]) for t in inputs)
+            for row in range(rows)
+        ]
 
     def plan(self, keys: list[bytes]) -> RowPlan:
         """Look every row up; claim the rows nobody is fetching, so identical ones wait for them."""

@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 
 from offload.oip.errors import ConfigurationError
-from offload.oip.repository import RoutingSection
 from offload.router.confidence import as_rows, class_confidence, log_softmax, row_confidence, scaled_logits
+from offload.router.config import RoutingSection
 
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]

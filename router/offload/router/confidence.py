@@ -24,16 +24,14 @@ import numpy as np
 import numpy.typing as npt
 
 from offload.oip.errors import Internal
-from offload.oip.repository import ConfidenceMeasure, OutputKind, RoutingSection
+from offload.router.config import ConfidenceMeasure, OutputKind, RoutingSection
 
 Floats = npt.NDArray[np.float64]
 
 
 def max_probability(scores: npt.NDArray[Any], kind: OutputKind) -> npt.NDArray[np.float64]:
     """Max softmax probability per row of a [rows, classes] array (probabilities are used as given)."""
-    # Explicit width: reshape(-1) cannot infer it for an empty batch.
-    width = int(np.prod(scores.shape[1:]))
-    values = np.asarray(scores, dtype=np.float64).reshape(scores.shape[0], width)
+    values = as_rows(scores)
     if values.shape[1] == 0:
         return np.ones(values.shape[0])
     if kind is OutputKind.PROBABILITIES:
@@ -46,7 +44,10 @@ def max_probability(scores: npt.NDArray[Any], kind: OutputKind) -> npt.NDArray[n
 def as_rows(scores: npt.NDArray[Any]) -> Floats:
     """A [rows, ...] array as float64 [rows, width] (explicit width: an empty batch cannot infer it)."""
     width = int(np.prod(scores.shape[1:]))
-    return np.asarray(scores, dtype=np.float64).reshape(scores.shape[0], width)
+    # A signalling NaN among the scores (a caller's random bytes, echoed) raises the "invalid" flag as it is
+    # widened, and NumPy would print a RuntimeWarning: here it is a NaN like any other (confidence 0).
+    with np.errstate(invalid="ignore"):
+        return np.asarray(scores, dtype=np.float64).reshape(scores.shape[0], width)
 
 
 def log_softmax(logits: npt.NDArray[Any], temperature: float = 1.0) -> Floats:

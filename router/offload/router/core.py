@@ -74,6 +74,11 @@ class Router:
             raise NotFound(f"model {name!r} has no version {version!r}; available: [{model.version!r}]")
         return model
 
+    @property
+    def upstream(self) -> Upstream | None:
+        """Where unsure rows go (None: this router answers everything on the edge)."""
+        return self._fetcher.upstream
+
     def stats(self) -> RouterStats:
         upstream, cache = self._fetcher.upstream, self._fetcher.cache
         return RouterStats(

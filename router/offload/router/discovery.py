@@ -2,8 +2,9 @@
 
 `--cloud` (EdgeSettings.cloud) is one target or several, separated by commas:
 
-- HOST:PORT (or any other gRPC target): one replica on its own channel. gRPC resolves a name
-  itself and connects to the first of its addresses that answers, as with a single cloud.
+- HOST:PORT (an IPv4 address, an IPv6 address in brackets, or a DNS name; offload.oip.address):
+  one replica on its own channel. gRPC resolves a name itself and connects to the first of its
+  addresses that answers, as with a single cloud.
 - dns:///NAME:PORT: one replica for every address NAME resolves to (all its A and AAAA
   records), looked up again every `resolve_seconds`: what a headless Kubernetes Service gives.
 
@@ -27,6 +28,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from offload.oip.address import check_address
 from offload.router.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,8 @@ class CloudTargets:
         duplicates = sorted({entry for entry in entries if entries.count(entry) > 1})
         if duplicates:
             raise ValueError(f"cloud {text!r} lists {duplicates[0]!r} more than once")
-        addresses = tuple(entry for entry in entries if not entry.startswith(DNS_SCHEME))
+        # check_address returns a good entry unchanged; its ValueError names the entry and what is wrong.
+        addresses = tuple(check_address(entry) for entry in entries if not entry.startswith(DNS_SCHEME))
         names = tuple(_dns_name(entry) for entry in entries if entry.startswith(DNS_SCHEME))
         return cls(addresses, names)
 
@@ -80,20 +83,12 @@ def _dns_name(entry: str) -> DnsName:
                 f"cloud entry {entry!r}: a DNS server in the target is not supported (the system resolver is "
                 "used); write dns:///NAME:PORT"
             )
-    host, port = _host_port(rest)
-    if not host or port is None:
-        raise ValueError(f"cloud entry {entry!r}: dns:///NAME:PORT needs a name and a port from 1 to 65535")
-    return DnsName(host, port)
-
-
-def _host_port(text: str) -> tuple[str, int | None]:
-    if text.startswith("["):  # [IPv6]:PORT
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.removeprefix(":") if rest.startswith(":") else ""
-    else:
-        host, _, port_text = text.rpartition(":")
-    port = int(port_text) if port_text.isdigit() else None
-    return host, port if port is not None and 0 < port < 65536 else None
+    try:
+        check_address(rest)
+    except ValueError as exc:
+        raise ValueError(f"cloud entry {entry!r}: dns:///NAME:PORT needs a name and a port: {exc}") from None
+    host, _, port = rest.rpartition(":")
+    return DnsName(host.removeprefix("[").removesuffix("]"), int(port))
 
 
 def address(host: str, port: int) -> str:
@@ -114,12 +109,15 @@ class ReplicaSet:
     once if this is made inside one, else at the first call), every `resolve_seconds`, or every
     RETRY_LOOKUP_SECONDS while a name has no address: it keeps going when no call comes (an agent
     whose cloud is unhealthy still learns of new replicas).
+
+    `make(address, name)` makes the replica at `address`: a fixed one (name None), or one a lookup of
+    `name` found, whose TLS certificate is then checked against `name`, not against the address.
     """
 
     def __init__(
         self,
         targets: CloudTargets,
-        make: Callable[[str], Replica],
+        make: Callable[[str, str | None], Replica],
         resolve_seconds: float,
         retire_grace_seconds: float,
         on_change: Callable[[], None],
@@ -130,7 +128,7 @@ class ReplicaSet:
         self._retire_grace_seconds = retire_grace_seconds
         self._on_change = on_change
         self._resolver = resolver
-        self._fixed = [make(target) for target in targets.addresses]
+        self._fixed = [make(target, None) for target in targets.addresses]
         self._names = targets.names
         self._found: dict[DnsName, list[str]] = {}  # each name's addresses, as last found
         self._resolved: dict[str, Replica] = {}  # the replicas at those addresses
@@ -193,14 +191,18 @@ class ReplicaSet:
                 len(self.replicas),
                 RETRY_LOOKUP_SECONDS,
             )
-        wanted = {target for found in self._found.values() for target in found}
-        wanted -= {replica.target for replica in self._fixed}
-        added = sorted(wanted - set(self._resolved))
-        gone = sorted(set(self._resolved) - wanted)
+        wanted: dict[str, str] = {}  # each address, and the name it was found for
+        for name, found in self._found.items():
+            for target in found:
+                wanted.setdefault(target, name.host)
+        for replica in self._fixed:
+            wanted.pop(replica.target, None)
+        added = sorted(wanted.keys() - self._resolved.keys())
+        gone = sorted(self._resolved.keys() - wanted.keys())
         for target in gone:
             self._retire(self._resolved.pop(target))
         for target in added:
-            self._resolved[target] = self._make(target)
+            self._resolved[target] = self._make(target, wanted[target])
         if added or gone:
             self.replicas = [*self._fixed, *self._resolved.values()]
             log.info(

@@ -9,9 +9,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from offload.oip.repository import ModelConfig, RoutingSection, TensorSpec
+from offload.oip.repository import TensorSpec
 from offload.oip.types import ModelMetadata
 from offload.router.confidence import row_confidence
+from offload.router.config import RoutedConfig, RoutingSection
 
 Arrays = dict[str, npt.NDArray[Any]]  # output (or input) name -> its rows
 
@@ -28,7 +29,7 @@ class LocalModel(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RoutedModel:
-    config: ModelConfig
+    config: RoutedConfig
     edge: LocalModel
 
     @property

@@ -22,6 +22,7 @@ Every failure surfaces as CloudFailure, which the router answers from the edge.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import uuid
@@ -32,7 +33,8 @@ import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from offload.oip.errors import DeadlineExceeded, OffloadError, UpstreamError
-from offload.oip.messages import DEFAULT_MAX_ELEMENTS
+from offload.oip.limits import MAX_ELEMENTS
+from offload.oip.security import ChannelSecurity
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.balancer import pick
 from offload.router.discovery import CloudTargets, ReplicaSet, Resolver, lookup
@@ -40,6 +42,8 @@ from offload.router.replica import Replica
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryThrottle
 from offload.router.stats import UpstreamStats
 from offload.router.upstream import CloudFailure, RetryPolicy, Sleep, Validator, retryable
+
+log = logging.getLogger(__name__)
 
 _HEALTHIEST_FIRST = (BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.OPEN)
 
@@ -91,10 +95,11 @@ class CloudPool:
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         on_breaker_change: Callable[[BreakerState], None] | None = None,
-        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        max_elements: int = MAX_ELEMENTS,
         resolve_seconds: float = 30.0,
         resolver: Resolver = lookup,
         rng: random.Random | None = None,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.target = target
         self.timeout_seconds = timeout_seconds
@@ -110,9 +115,21 @@ class CloudPool:
         # The pool's circuit as last reported: closed until a replica's breaker says otherwise.
         self._circuit = BreakerState.CLOSED
 
-        def replica(address: str) -> Replica:
+        channel_security = security or ChannelSecurity()
+
+        def replica(address: str, name: str | None) -> Replica:
+            # Every replica's channel gets the TLS credentials and the token; one found by a DNS
+            # lookup checks the certificate against the name looked up.
+            replica_security = channel_security if name is None else channel_security.for_name(name)
             return Replica(
-                address, max_message_bytes, breaker, clock, self._replica_changed, self._tokens_text, max_elements
+                address,
+                max_message_bytes,
+                breaker,
+                clock,
+                self._replica_changed,
+                self._tokens_text,
+                max_elements,
+                replica_security,
             )
 
         # A retired replica's calls can take at most the cloud timeout: that long to finish.
@@ -144,6 +161,33 @@ class CloudPool:
             by_outcome=dict(counts.by_outcome),
             replicas=tuple(replica.stats() for replica in self.replicas),
         )
+
+    async def check_ready(self, timeout: float) -> str | None:
+        """Ask every replica once, at the same time, whether it is ready: None if any is (the others are
+        named in a WARNING), else why not, naming each replica and its reason.
+
+        Outside the retries, the budget and the breakers: it is a look, not traffic.
+        """
+        end = self._clock() + timeout
+        replicas = await self._replicas.current(timeout)
+        if not replicas:
+            return f"no address of {self.target} is known yet"
+        left = max(end - self._clock(), 0.0)
+        problems = await asyncio.gather(*(replica.check_ready(left) for replica in replicas))
+        unready = [problem for problem in problems if problem is not None]
+        if not unready:
+            return None
+        if len(unready) == len(replicas):
+            # Each reason starts with its replica's address.
+            return unready[0] if len(unready) == 1 else f"no replica answers: {'; '.join(unready)}"
+        log.warning(
+            "cloud %s: %d of %d replicas do not answer (%s); the others take the calls",
+            self.target,
+            len(unready),
+            len(replicas),
+            "; ".join(unready),
+        )
+        return None
 
     def _tokens_text(self) -> str:
         return f"retry tokens {self.stats().retry_tokens_text}"

@@ -14,12 +14,13 @@ from collections.abc import Callable
 import grpc
 
 from offload.oip.client import OipClient
-from offload.oip.errors import InvalidArgument
-from offload.oip.messages import DEFAULT_MAX_ELEMENTS
+from offload.oip.errors import InvalidArgument, UpstreamError
+from offload.oip.limits import MAX_ELEMENTS
+from offload.oip.security import ChannelSecurity
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker
 from offload.router.stats import ReplicaStats
-from offload.router.upstream import CloudFailure, Validator
+from offload.router.upstream import REQUEST_ID_HEADER, CloudFailure, Validator, request_id_header
 
 # Failures that say the replica (or the way to it) is unwell, as opposed to a
 # request the cloud judged wrong; only these count against the breaker's health.
@@ -44,14 +45,15 @@ class Replica:
         clock: Callable[[], float] = time.monotonic,
         on_breaker_change: Callable[[BreakerState], None] | None = None,
         describe: Callable[[], str] | None = None,
-        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        max_elements: int = MAX_ELEMENTS,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.target = target
         self.breaker = CircuitBreaker(target, breaker, clock, on_breaker_change, describe)
         self.calls = 0  # RPCs sent
         self.failures = 0  # RPCs that ended in an error status
         self.outstanding = 0  # RPCs in flight
-        self._client = OipClient(target, max_message_bytes, max_elements)
+        self._client = OipClient(target, max_message_bytes, max_elements, security)
 
     async def close(self, grace: float | None = None) -> None:
         """Close the channel; with `grace`, calls in flight get that long to finish (a replica DNS
@@ -65,6 +67,17 @@ class Replica:
     def reachable(self) -> bool:
         """False while its channel cannot connect (then a call would fail at once)."""
         return self._client.reachable()
+
+    async def check_ready(self, timeout: float) -> str | None:
+        """Ask this replica once whether it is ready: None if it says so within `timeout`, else why not.
+
+        Outside the retries, the budget and the breaker: it is a look, not traffic.
+        """
+        try:
+            ready = await self._client.server_ready(timeout)
+        except UpstreamError as exc:
+            return str(exc)
+        return None if ready else f"{self.target} is live but not ready"
 
     def stats(self) -> ReplicaStats:
         return ReplicaStats(
@@ -86,7 +99,9 @@ class Replica:
         self.calls += 1
         self.outstanding += 1
         try:
-            response = await self._client.infer(request, timeout=timeout, metadata=(("x-request-id", request.id),))
+            response = await self._client.infer(
+                request, timeout=timeout, metadata=((REQUEST_ID_HEADER, request_id_header(request.id)),)
+            )
             if validate is not None:
                 validate(response)
         except InvalidArgument as exc:

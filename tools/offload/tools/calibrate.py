@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ import numpy.typing as npt
 
 from offload.oip.datatypes import DATATYPES
 from offload.oip.errors import ConfigurationError, OffloadError
-from offload.oip.repository import CONFIG_FILE, ModelConfig, TensorSpec, load_model, load_repository
+from offload.oip.repository import CONFIG_FILE, TensorSpec, load_model, load_repository
+from offload.oip.security import ChannelSecurity
 from offload.router.calibration import (
     Arrays,
     Calibration,
@@ -38,6 +38,8 @@ from offload.router.calibration import (
     wilson_interval,
 )
 from offload.router.confidence import as_rows
+from offload.router.config import RoutedConfig
+from offload.tools.progress import with_progress
 
 # Rows per request to the cloud and per edge batch.
 BATCH_ROWS = 256
@@ -95,19 +97,9 @@ def _batches(rows: int, size: int = BATCH_ROWS) -> list[slice]:
 
 
 def _progress(batches: list[slice], label: str) -> Iterator[slice]:
-    """A progress bar on stderr (rows done) while a model runs; no bar where stderr is not a terminal."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency, but a missing bar must not stop a calibration
-        yield from batches
-        return
+    """The batches, with a bar on stderr counting rows done while a model runs."""
     total = batches[-1].stop if batches else 0
-    with tqdm(
-        total=total, desc=label, unit="row", file=sys.stderr, leave=False, disable=not sys.stderr.isatty()
-    ) as bar:
-        for batch in batches:
-            yield batch
-            bar.update(batch.stop - batch.start)
+    return with_progress(batches, total, label, "row", size=lambda batch: batch.stop - batch.start)
 
 
 def _concatenate(parts: Iterable[Arrays]) -> Arrays:
@@ -133,7 +125,7 @@ def edge_predictions(model: Any, inputs: Mapping[str, npt.NDArray[Any]], label: 
 
 
 def local_cloud_scores(
-    repository: Path, config: ModelConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
+    repository: Path, config: RoutedConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
 ) -> npt.NDArray[Any]:
     """The cloud model's score output, computed here with PyTorch (offload[cloud])."""
     try:
@@ -157,14 +149,25 @@ def local_cloud_scores(
 
 
 def remote_cloud_scores(
-    target: str, config: ModelConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
+    target: str,
+    config: RoutedConfig,
+    inputs: Mapping[str, npt.NDArray[Any]],
+    score_output: str,
+    security: ChannelSecurity | None = None,
 ) -> npt.NDArray[Any]:
-    """The cloud model's score output from a running OIP server, BATCH_ROWS rows per request."""
-    return asyncio.run(_remote_cloud_scores(target, config, inputs, score_output))
+    """The cloud model's score output from a running OIP server, BATCH_ROWS rows per request.
+
+    `security`: TLS and the bearer token for the channel, as the edge agent's (default: plaintext, no token).
+    """
+    return asyncio.run(_remote_cloud_scores(target, config, inputs, score_output, security))
 
 
 async def _remote_cloud_scores(
-    target: str, config: ModelConfig, inputs: Mapping[str, npt.NDArray[Any]], score_output: str
+    target: str,
+    config: RoutedConfig,
+    inputs: Mapping[str, npt.NDArray[Any]],
+    score_output: str,
+    security: ChannelSecurity | None,
 ) -> npt.NDArray[Any]:
     from offload.oip.client import OipClient
     from offload.oip.errors import UpstreamError
@@ -174,7 +177,7 @@ async def _remote_cloud_scores(
     rows = next(iter(inputs.values())).shape[0]
     parts: list[npt.NDArray[Any]] = []
     try:
-        async with OipClient(target) as client:
+        async with OipClient(target, security=security) as client:
             await client.wait_for_ready(timeout=30.0)
             for batch in _progress(_batches(rows), f"cloud model ({target})"):
                 request = InferRequest(
@@ -266,7 +269,7 @@ def write_routing(folder: Path, threshold: float, temperature: float | None) -> 
     values = {"threshold": threshold} if temperature is None else {"threshold": threshold, "temperature": temperature}
     _replace_file(path, with_routing_values(original, values))
     try:
-        routing = load_model(folder).config.routing
+        routing = RoutedConfig.of(load_model(folder)).routing
         if routing.threshold != threshold or (temperature is not None and routing.temperature != temperature):
             raise CalibrationError(
                 f"{path}: the edited file does not hold the new values (is [routing] written as an inline "
@@ -287,6 +290,7 @@ class CalibrateOptions:
     data: Path
     target: Target
     cloud: str | None = None
+    cloud_security: ChannelSecurity | None = None
     plot: Path | None = None
     fit_temperature: bool = True
     dry_run: bool = False
@@ -309,7 +313,7 @@ def run_calibrate(options: CalibrateOptions) -> Calibration:
     inputs, labels = load_inputs(options.data, routed.edge.inputs)
     edge_outputs = edge_predictions(routed.edge, inputs)
     if options.cloud:
-        cloud_scores = remote_cloud_scores(options.cloud, config, inputs, score_output)
+        cloud_scores = remote_cloud_scores(options.cloud, config, inputs, score_output, options.cloud_security)
     else:
         cloud_scores = local_cloud_scores(options.repository, config, inputs, score_output)
     labels_from = "the file" if labels is not None else "the cloud model's answers"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from offload.oip.address import check_address
 from offload.oip.errors import ConfigurationError
 from offload.oip.settings import configure_logging, load_settings
 
@@ -27,10 +28,45 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
     parser.add_argument("--grace-seconds", type=float, help="on SIGTERM, time for calls in flight (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve TLS with this PEM certificate chain")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="the unencrypted PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, metavar="FILE", help="require client certificates signed by these PEM CAs (mTLS)"
+    )
+    parser.add_argument(
+        "--auth-token-file", type=Path, metavar="FILE", help="accepted bearer tokens, one a line; re-read on change"
+    )
+
+
+# The flags of a channel to the cloud (the edge agent's, calibrate's), named as the edge settings.
+CLOUD_CHANNEL_FLAGS = ("cloud_tls_ca", "cloud_tls_cert", "cloud_tls_key", "cloud_tls_server_name", "cloud_token_file")
+
+
+def _cloud_channel_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cloud-tls-ca", type=Path, metavar="FILE", help="verify the cloud with these PEM CAs (TLS)")
+    parser.add_argument("--cloud-tls-cert", type=Path, metavar="FILE", help="PEM client certificate for the cloud")
+    parser.add_argument("--cloud-tls-key", type=Path, metavar="FILE", help="unencrypted PEM key of --cloud-tls-cert")
+    parser.add_argument(
+        "--cloud-tls-server-name", metavar="NAME", help="check the cloud's certificate for this name, not the host"
+    )
+    parser.add_argument(
+        "--cloud-token-file", type=Path, metavar="FILE", help="send this file's first token as a bearer token"
+    )
 
 
 def _flags(options: argparse.Namespace, *names: str) -> dict[str, Any]:
-    common = ("host", "grpc_port", "model_repository", "max_message_bytes", "grace_seconds", "log_level")
+    common = (
+        "host",
+        "grpc_port",
+        "model_repository",
+        "max_message_bytes",
+        "grace_seconds",
+        "log_level",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        "auth_token_file",
+    )
     return {name: getattr(options, name) for name in (*common, *names)}
 
 
@@ -67,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (1)")
     edge.add_argument("--edge-threads", type=int, help="threads that run edge models (default 1)")
+    _cloud_channel_flags(edge)
 
     cloud = commands.add_parser(
         "cloud",
@@ -101,13 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument(
         "--cloud",
+        type=_address,
         help="HOST:PORT of a running OIP server for the cloud's answers "
         "(default: run the model's [cloud] section here with PyTorch)",
     )
+    _cloud_channel_flags(calibrate)
     calibrate.add_argument("--plot", type=Path, metavar="FILE.png", help="save the accuracy-vs-offload curve here")
     calibrate.add_argument("--no-temperature", action="store_true", help="keep the configured temperature")
     calibrate.add_argument("--dry-run", action="store_true", help="report only; leave model.toml unchanged")
     return parser
+
+
+def _address(text: str) -> str:
+    try:
+        return check_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _share(text: str) -> float:
@@ -134,15 +180,18 @@ def main(argv: list[str] | None = None) -> int:
             edge_settings = load_settings(
                 EdgeSettings,
                 options.config,
-                **_flags(options, "cloud", "cloud_timeout_seconds", "edge_threads"),
+                **_flags(options, "cloud", "cloud_timeout_seconds", "edge_threads", *CLOUD_CHANNEL_FLAGS),
             )
             configure_logging(edge_settings.log_level)
             asyncio.run(agent.run(edge_settings))
             return 0
         if options.command == "calibrate":
             from offload.models import DEMO_REPOSITORY
+            from offload.oip.security import ChannelSecurity
             from offload.router.calibration import Target
             from offload.tools.calibrate import CalibrateOptions, run_calibrate
+
+            cloud_security = ChannelSecurity.load(*(getattr(options, name) for name in CLOUD_CHANNEL_FLAGS))
 
             run_calibrate(
                 CalibrateOptions(
@@ -153,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                     if options.target_offload is not None
                     else Target("accuracy", options.target_accuracy),
                     cloud=options.cloud,
+                    cloud_security=cloud_security,
                     plot=options.plot,
                     fit_temperature=not options.no_temperature,
                     dry_run=options.dry_run,
