@@ -243,7 +243,7 @@ def test_edge_side_never_imports_torch() -> None:
     assert completed.returncode == 0, completed.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["edge"], ["cloud"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["edge"], ["cloud"], ["manifest"]])
 def test_every_command_has_help(command: list[str]) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "offload.tools.cli", *command, "--help"], capture_output=True, text=True, check=False

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
 from offload.edge.onnx_model import OnnxModel
+from offload.edge.rollout import ModelRollout
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
 from offload.oip.errors import ConfigurationError
@@ -28,9 +29,14 @@ from offload.router.upstream import RetryPolicy, Sleep, Upstream
 log = logging.getLogger(__name__)
 
 
-def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
+def load_edge_models(repository: Path, keep: Mapping[str, RoutedModel] | None = None) -> dict[str, RoutedModel]:
+    """The [edge] models of a repository, loaded; those named in `keep` are taken from it as they are
+    (a rollout keeps the models it did not change)."""
     models: dict[str, RoutedModel] = {}
     for name, entry in load_repository(repository).items():
+        if keep is not None and name in keep:
+            models[name] = keep[name]
+            continue
         section = entry.section("edge", EdgeSection)
         if section is None:
             continue
@@ -80,14 +86,19 @@ def build_cloud_pool(
     )
 
 
-def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerState], None] | None = None) -> Router:
-    """The in-process router an app can call directly, configured like the agent."""
+def build_router(
+    settings: EdgeSettings,
+    on_breaker_change: Callable[[BreakerState], None] | None = None,
+    models: Mapping[str, RoutedModel] | None = None,
+) -> Router:
+    """The in-process router an app can call directly, configured like the agent; it serves `models` if
+    given (the agent's from model_repository_url), else those of model_repository."""
     # The cloud channel first: its certificates and token are checked before any model loads.
     cloud = build_cloud_pool(settings, on_breaker_change)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     return Router(
-        load_edge_models(settings.model_repository),
+        models if models is not None else load_edge_models(settings.model_repository),
         cloud,
         executor,
         deadline_reserve_seconds=settings.deadline_reserve_seconds,
@@ -135,7 +146,10 @@ async def run(settings: EdgeSettings) -> None:
 
     # Certificates and tokens are checked before anything else is loaded: a wrong file stops start-up at once.
     security = settings.security()
-    router = build_router(settings, breaker_changed)
+    # With a model repository URL, the models are the kept or downloaded ones (see offload.edge.rollout).
+    rollout = ModelRollout.open(settings, load_edge_models) if settings.model_repository_url else None
+    models = await rollout.start(settings.model_repository) if rollout is not None else None
+    router = build_router(settings, breaker_changed, models)
     plane = RouterDataPlane(router)
     server = OipServer(plane, SERVER_NAME, settings.limits, security)
     port = await server.start(settings.host, settings.grpc_port)
@@ -145,6 +159,7 @@ async def run(settings: EdgeSettings) -> None:
     status = StatusLog(router.stats, settings.status_log_seconds)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
     check = asyncio.create_task(report_cloud_at_start(router.upstream)) if router.upstream is not None else None
+    poller = asyncio.create_task(rollout.run(router, settings.model_poll_seconds)) if rollout is not None else None
     try:
         await serve_until_signalled(
             server,
@@ -154,10 +169,13 @@ async def run(settings: EdgeSettings) -> None:
             ),
         )
     finally:
-        if check is not None:
-            check.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await check
+        for task in (check, poller):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if rollout is not None:
+            await rollout.close()
         if reporter is not None:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -29,6 +31,30 @@ class EdgeSettings(ServerSettings):
     model_repository: Path = Field(
         DEMO_REPOSITORY, description="Folder of model folders; models with [edge] are served."
     )
+    model_repository_url: str | None = Field(
+        None,
+        description="HTTP(S) URL of a model repository with a manifest.json (offload manifest DIR writes it): "
+        "the agent serves its models, polls it and swaps new versions in; model_repository is then served only "
+        "until a first download succeeds.",
+    )
+    model_poll_seconds: Annotated[
+        float,
+        Field(gt=0, description="Seconds between looks at model_repository_url (If-None-Match: unchanged is cheap)."),
+    ] = 60.0
+    model_cache_dir: Path | None = Field(
+        None,
+        description="Where the last good repository from model_repository_url is kept, to serve after a restart "
+        "(offline too); default: $STATE_DIRECTORY/model-cache (systemd's StateDirectory), else "
+        "$XDG_STATE_HOME/offload/model-cache, else ~/.local/state/offload/model-cache.",
+    )
+    model_download_max_bytes: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="Most bytes one rollout may download (the files the edge needs, together); a manifest that "
+            "lists more is refused before any download.",
+        ),
+    ] = 1024 * 1024 * 1024
     cloud: str | None = Field(
         None,
         description="The cloud (any OIP server): HOST:PORT (IPv6 in brackets), several replicas as "
@@ -131,12 +157,33 @@ class EdgeSettings(ServerSettings):
             self.cloud_token_file,
         )
 
+    def model_cache_folder(self) -> Path:
+        """model_cache_dir, or the default: a state folder (systemd's StateDirectory, the XDG one, or ~'s)."""
+        if self.model_cache_dir is not None:
+            return self.model_cache_dir
+        # systemd sets STATE_DIRECTORY (colon-separated when a unit names several) for StateDirectory=.
+        systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if systemd:
+            return Path(systemd) / "model-cache"
+        xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(xdg) / "offload" / "model-cache"
+
     def policy(self, kind: type[Policy]) -> Policy:
         """The retry, retry-budget or breaker policy these settings describe: each field F of the
         policy is the setting <prefix>F where there is one, else the policy's default."""
         prefix = _PREFIXES[kind]
         names = type(self).model_fields
         return kind(**{f.name: getattr(self, prefix + f.name) for f in fields(kind) if prefix + f.name in names})
+
+    @field_validator("model_repository_url")
+    @classmethod
+    def _url_is_http(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        return value
 
     @field_validator("cloud")
     @classmethod
