@@ -29,8 +29,8 @@ from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.router.cache import RowCache, RowOutputs, RowPlan
 from offload.router.core import Router
 from offload.router.models import RoutedModel
+from offload.router.pool import CloudPool
 from offload.router.stats import CacheStats, UpstreamStats
-from offload.router.upstream import CloudEndpoint
 from offload.tools.process import ServerProcess
 from support import counting
 from support.held import HeldCloud
@@ -203,7 +203,7 @@ async def cached_router(
 ) -> AsyncIterator[tuple[Router, str]]:
     cloud = OipServer(demo_cloud_plane, "test-cloud")
     await cloud.start()
-    endpoint = CloudEndpoint(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
+    endpoint = CloudPool(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
     router = Router(demo_edge_models, endpoint, edge_executor, cache=RowCache(64 << 20, 300))
     edge = OipServer(RouterDataPlane(router), "test-edge")
     await edge.start()
@@ -363,7 +363,7 @@ async def test_a_new_edge_version_or_cloud_version_makes_new_keys_at_once(
     before = demo_edge_models
     after = {"digits": _with_config(demo_edge_models["digits"], **change)}
     routers = [
-        Router(models, CloudEndpoint(cloud_address, 10.0, 64 << 20), edge_executor, cache=cache)
+        Router(models, CloudPool(cloud_address, 10.0, 64 << 20), edge_executor, cache=cache)
         for models in (before, after)
     ]
     old, new = routers
@@ -405,7 +405,7 @@ async def test_a_cloud_version_learned_from_an_answer_drops_the_models_cached_ro
     await server.start()
     router = Router(
         demo_edge_models,
-        CloudEndpoint(f"127.0.0.1:{server.port}", 10.0, 64 << 20),
+        CloudPool(f"127.0.0.1:{server.port}", 10.0, 64 << 20),
         edge_executor,
         cache=RowCache(64 << 20, 300),
     )
@@ -448,7 +448,7 @@ async def held_router(
     held = HeldCloud(demo_cloud_plane)
     cloud = OipServer(held, "held-cloud")
     await cloud.start()
-    endpoint = CloudEndpoint(f"127.0.0.1:{cloud.port}", 30.0, 64 << 20)
+    endpoint = CloudPool(f"127.0.0.1:{cloud.port}", 30.0, 64 << 20)
     cache = PlanningCache(64 << 20, 300)
     router = Router(demo_edge_models, endpoint, edge_executor, cache=cache)
     try:

@@ -17,7 +17,7 @@ from offload.oip.types import InferRequest
 from offload.router.audit import MAX_AUDITS_IN_FLIGHT
 from offload.router.core import Router
 from offload.router.models import RoutedModel
-from offload.router.upstream import CloudEndpoint
+from offload.router.pool import CloudPool
 from support import reference
 from support.held import HeldCloud
 from support.reference import assert_rows_answered_as_routed
@@ -51,7 +51,7 @@ def _router(
 ) -> Router:
     return Router(
         models,
-        CloudEndpoint(address, 10.0, 64 << 20),
+        CloudPool(address, 10.0, 64 << 20),
         executor,
         target_offload=target_offload,
         audit_share=audit_share,

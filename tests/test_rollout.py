@@ -43,7 +43,7 @@ from offload.router.cache import RowCache
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.options import RESPONSE_ROUTE, ROUTE, THRESHOLD
-from offload.router.upstream import CloudEndpoint
+from offload.router.pool import CloudPool
 from offload.tools.cli import main
 from offload.tools.process import ServerProcess
 from support.http_repository import RepositoryServer, digits_version, serving
@@ -279,7 +279,7 @@ async def test_a_call_in_flight_at_the_swap_finishes_on_the_old_model_and_teache
 ) -> None:
     cloud = OipServer(demo_cloud_plane, "test-cloud")
     await cloud.start()
-    endpoint = CloudEndpoint(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
+    endpoint = CloudPool(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
     # One edge thread, held busy: a call that has picked its model waits for it, across the swap.
     with WatchedExecutor() as executor:
         router = Router(await _serving_v1(rollout, server, v1), endpoint, executor, target_offload=0.2)
@@ -312,7 +312,7 @@ async def test_the_answer_cache_serves_no_answer_of_the_old_version(
 ) -> None:
     cloud = OipServer(demo_cloud_plane, "test-cloud")
     await cloud.start()
-    endpoint = CloudEndpoint(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
+    endpoint = CloudPool(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
     cache = RowCache(64 << 20, 300)
     router = Router(await _serving_v1(rollout, server, v1), endpoint, edge_executor, cache=cache)
     # Threshold 1: every row is unsure, so every row's answer is the cloud's, through the cache.
@@ -355,7 +355,7 @@ async def test_only_changed_models_are_downloaded_and_loaded_again_and_only_they
     models = await _serving_v1(rollout, server, v1)
     cloud = OipServer(demo_cloud_plane, "test-cloud")
     await cloud.start()
-    endpoint = CloudEndpoint(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
+    endpoint = CloudPool(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
     # An online budget per model, learned from the traffic (64 rows before it replaces the configured 0.999).
     router = Router(models, endpoint, edge_executor, target_offload=0.2)
     try:

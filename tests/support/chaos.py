@@ -48,15 +48,16 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offload.edge.agent import CLOUD_HEALTH_SERVICE, build_cloud_endpoint
+from offload.edge.agent import CLOUD_HEALTH_SERVICE, build_cloud_pool
 from offload.edge.dataplane import RouterDataPlane
 from offload.edge.settings import EdgeSettings
+from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import PUSHBACK_KEY, UpstreamError
 from offload.oip.limits import MAX_MESSAGE_BYTES, channel_options
-from offload.oip.messages import response_from_pb, response_to_pb
+from offload.oip.messages import request_to_pb, response_from_pb, response_to_pb
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
@@ -70,9 +71,10 @@ from offload.router.options import (
     RESPONSE_ROUTE,
     THRESHOLD,
 )
+from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerState
 from offload.router.stats import UpstreamStats
-from offload.router.upstream import CloudEndpoint, Sleep
+from offload.router.upstream import Sleep
 from support import reference as bare_models
 
 if TYPE_CHECKING:
@@ -319,7 +321,7 @@ class Edge:
 
     server: OipServer
     router: Router
-    endpoint: CloudEndpoint  # the router's upstream
+    endpoint: CloudPool  # the router's upstream: the pool of cloud replicas
     client: OipClient
     settings: EdgeSettings
 
@@ -360,7 +362,7 @@ async def edge_under_test(
         if server is not None:
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
-    endpoint = build_cloud_endpoint(settings, breaker_changed, sleep=sleep)
+    endpoint = build_cloud_pool(settings, breaker_changed, sleep=sleep)
     assert endpoint is not None
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     router = Router(
@@ -392,6 +394,18 @@ class Reference:
     edge_scores: npt.NDArray[np.float32]
     edge_confidence: npt.NDArray[np.float64]
     cloud_scores: npt.NDArray[np.float32]
+
+    @classmethod
+    def of_demo(cls, cloud: str, model: RoutedModel) -> Reference:
+        """The demo test set, with the answers of `model`'s edge and of the cloud at `cloud`."""
+        with np.load(DEMO_REPOSITORY / MODEL / "test.npz") as data:
+            pixels = data["inputs"].astype(np.float32)
+        request = request_to_pb(InferRequest(MODEL, [Tensor.of("pixels", pixels)]))
+        with grpc.insecure_channel(cloud, options=channel_options(MAX_MESSAGE_BYTES)) as channel:
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+        scores = response_from_pb(reply).output("scores")
+        assert scores is not None
+        return cls.build(model, pixels, scores.data)
 
     @classmethod
     def build(cls, model: RoutedModel, pixels: npt.NDArray[np.float32], cloud_scores: npt.NDArray[Any]) -> Reference:
@@ -591,7 +605,7 @@ def check(
     return problems
 
 
-def retry_bound(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> float:
+def retry_bound(endpoint: CloudPool, since: UpstreamStats | None = None) -> float:
     """The most retries and hedges together the budget allows (gRPC A6): half the bucket, plus what
     successes paid back, plus one. Each retry follows a failure that took a token, each hedge takes
     one when sent, and neither goes out unless more than half the bucket is left. With `since`,
@@ -601,7 +615,7 @@ def retry_bound(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> 
     return throttle.max_tokens / 2 + 1 + throttle.token_ratio * successes
 
 
-def within_retry_budget(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> bool:
+def within_retry_budget(endpoint: CloudPool, since: UpstreamStats | None = None) -> bool:
     """The retries and hedges sent (since that snapshot), together, are within `retry_bound`: both take
     the budget's tokens."""
     stats = endpoint.stats()

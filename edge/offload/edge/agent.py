@@ -1,4 +1,4 @@
-"""Assemble the edge agent: edge models from the repository, the cloud endpoint, the router, the server."""
+"""Assemble the edge agent: edge models from the repository, the cloud's replicas, the router, the server."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from offload.router.cache import RowCache
 from offload.router.config import RoutedConfig
 from offload.router.core import Router
 from offload.router.models import RoutedModel
+from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
-from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep, Upstream
+from offload.router.upstream import RetryPolicy, Sleep, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,15 @@ def load_edge_models(
     return models
 
 
-def build_cloud_endpoint(
+def build_cloud_pool(
     settings: EdgeSettings,
     on_breaker_change: Callable[[BreakerState], None] | None = None,
     sleep: Sleep | None = None,
-) -> CloudEndpoint | None:
-    """The endpoint the settings describe; `sleep` replaces asyncio.sleep for its backoffs (tests)."""
+) -> CloudPool | None:
+    """The cloud's replicas the settings describe; `sleep` replaces asyncio.sleep for backoffs (tests)."""
     if not settings.cloud:
         return None
-    return CloudEndpoint(
+    return CloudPool(
         settings.cloud,
         settings.cloud_timeout_seconds,
         settings.max_message_bytes,
@@ -85,6 +86,7 @@ def build_cloud_endpoint(
         hedge_delay_seconds=settings.hedge_delay_seconds,
         on_breaker_change=on_breaker_change,
         sleep=sleep or asyncio.sleep,
+        resolve_seconds=settings.cloud_resolve_seconds,
         security=settings.cloud_security(),
     )
 
@@ -97,7 +99,7 @@ def build_router(
     """The in-process router an app can call directly, configured like the agent; it serves `models` if
     given (the agent's from model_repository_url), else those of model_repository."""
     # The cloud channel first: its certificates and token are checked before any model loads.
-    cloud = build_cloud_endpoint(settings, on_breaker_change)
+    cloud = build_cloud_pool(settings, on_breaker_change)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     if models is None:
@@ -144,8 +146,8 @@ async def report_cloud_at_start(cloud: Upstream, timeout: float = CLOUD_CHECK_SE
     )
 
 
-# The health service name that reports the circuit to the cloud: SERVING while
-# closed, NOT_SERVING while open or half-open (rows are answered on the edge).
+# The health service name that reports the circuit to the cloud: SERVING while at
+# least one replica's is closed, NOT_SERVING while none is (rows are answered on the edge).
 CLOUD_HEALTH_SERVICE = "offload.cloud"
 
 

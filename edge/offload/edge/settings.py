@@ -13,9 +13,9 @@ from pydantic_settings import SettingsConfigDict
 
 from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES
 from offload.models import DEMO_REPOSITORY
-from offload.oip.address import check_address
 from offload.oip.security import ChannelSecurity
 from offload.oip.settings import ServerSettings
+from offload.router.discovery import CloudTargets
 from offload.router.resilience import BreakerPolicy, RetryBudget
 from offload.router.upstream import RetryPolicy
 
@@ -58,8 +58,9 @@ class EdgeSettings(ServerSettings):
     ] = 1024 * 1024 * 1024
     cloud: str | None = Field(
         None,
-        description="The cloud's HOST:PORT (any OIP server; IPv6 in brackets); none or empty: answer everything "
-        "on the edge.",
+        description="The cloud (any OIP server): HOST:PORT (IPv6 in brackets), several replicas as "
+        "HOST:PORT,HOST:PORT,..., or dns:///NAME:PORT for a replica at every address of NAME (a headless Kubernetes "
+        "Service); calls are balanced across the replicas. None or empty: answer everything on the edge.",
     )
     cloud_tls_ca: Path | None = Field(
         None, description="PEM CA certificate(s) to verify the cloud with; turns TLS to the cloud on."
@@ -69,11 +70,16 @@ class EdgeSettings(ServerSettings):
     )
     cloud_tls_key: Path | None = Field(None, description="Unencrypted PEM private key of cloud_tls_cert.")
     cloud_tls_server_name: str | None = Field(
-        None, description="Name to check the cloud's certificate against, instead of the host in cloud."
+        None,
+        description="Name to check the cloud's certificate against, instead of the host in cloud (for a "
+        "replica found through dns:///NAME:PORT, NAME).",
     )
     cloud_token_file: Path | None = Field(
         None, description="File whose first token is sent to the cloud as 'authorization: Bearer'. Re-read on change."
     )
+    cloud_resolve_seconds: Annotated[
+        float, Field(gt=0, description="How often the dns:/// names in cloud are looked up again for replicas.")
+    ] = 30.0
     cloud_timeout_seconds: Annotated[
         float,
         Field(gt=0, description="Default cloud deadline: all attempts at one request, when the caller's is longer."),
@@ -190,7 +196,11 @@ class EdgeSettings(ServerSettings):
 
     @field_validator("cloud")
     @classmethod
-    def _cloud_is_host_port(cls, value: str | None) -> str | None:
-        # gRPC would take any string and fail only when it dials: say what is wrong now, at start-up.
+    def _cloud_targets(cls, value: str | None) -> str | None:
+        # gRPC would take any string and fail only when it dials: say what is wrong now, at start-up
+        # (CloudTargets.parse's ValueError names the entry and what to write).
         # Empty means none, as it did before addresses were checked (OFFLOAD_EDGE_CLOUD= in a unit file).
-        return check_address(value) if value else None
+        if not value:
+            return None
+        CloudTargets.parse(value)
+        return value

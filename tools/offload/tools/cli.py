@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "forward low-confidence rows to the cloud. Environment: OFFLOAD_EDGE_*.",
     )
     _server_flags(edge, 8001)
-    edge.add_argument("--cloud", help="the cloud's HOST:PORT (any OIP server); omit to answer on the edge only")
+    edge.add_argument(
+        "--cloud",
+        help="the cloud (any OIP server): HOST:PORT; several replicas as HOST:PORT,HOST:PORT,...; or "
+        "dns:///NAME:PORT for a replica at every address of NAME; omit to answer on the edge only",
+    )
     edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (1)")
     edge.add_argument("--edge-threads", type=int, help="threads that run edge models (default 1)")
     edge.add_argument(
