@@ -39,14 +39,16 @@ from offload.edge.agent import load_edge_models
 from offload.edge.config import EdgeSection
 from offload.edge.onnx_model import OnnxModel
 from offload.oip.errors import ConfigurationError, one_line
-from offload.oip.repository import CONFIG_FILE, ModelEntry, load_model, load_repository
+from offload.oip.repository import CONFIG_FILE, ModelEntry, TensorSpec, load_model, load_repository
 from offload.oip.security import ChannelSecurity
 from offload.router.calibration import Arrays, Calibration, Ints, Target, calibrate_predictions, predicted_classes
 from offload.router.confidence import row_confidence
 from offload.router.config import RoutingSection
-from offload.router.models import RoutedModel
+from offload.router.models import LocalModel, RoutedModel
 from offload.tools.calibrate import (
+    BATCH_ROWS,
     _batches,
+    _concatenate,
     _progress,
     _replace_file,
     edge_predictions,
@@ -56,7 +58,7 @@ from offload.tools.calibrate import (
     with_table_values,
     write_routing,
 )
-from offload.tools.progress import progress_bar
+from offload.tools.progress import progress_bar, with_progress
 
 Mode = Literal["dynamic", "static"]
 Format = Literal["qdq", "qoperator"]
@@ -221,10 +223,10 @@ def first_rows(inputs: Mapping[str, npt.NDArray[Any]], rows: int) -> Arrays:
     }
 
 
-def median_latencies(
+def time_runs(
     paths: Sequence[Path], section: EdgeSection, inputs: Mapping[str, npt.NDArray[Any]], rows: int, runs: int
-) -> list[float]:
-    """Each model's median seconds per `session.run` on `rows` rows, over `runs` runs after a warm-up.
+) -> list[list[float]]:
+    """Each model's seconds per `session.run` on `rows` rows, `runs` times after a warm-up.
 
     The models take turns, run by run (each round in a rotated order), so a burst of load from
     elsewhere on the machine slows them alike instead of whichever was being timed then.
@@ -243,7 +245,7 @@ def median_latencies(
                 sessions[index].run(None, feeds)
                 timings[index].append(time.perf_counter() - started)
                 bar.update(1)
-    return [statistics.median(samples) for samples in timings]
+    return timings
 
 
 # --- figures --------------------------------------------------------------------------------------------------------
@@ -270,28 +272,45 @@ class Figures:
     routed_accuracy: float
     offload_share: float
     agreement: float  # share of rows whose edge answer is the float model's
+    batch_changed: float  # share of rows whose class changes when run in a batch of BATCH_ROWS rows
 
 
-def figures(
-    edge_outputs: Mapping[str, npt.NDArray[Any]],
-    float_outputs: Mapping[str, npt.NDArray[Any]],
-    data: Labelled,
-    routing: RoutingSection,
-    score_output: str,
-) -> Figures:
-    """An edge model's figures on `data` with `routing`; agreement is with the float model's outputs."""
-    edge = predicted_classes(edge_outputs[score_output])
-    cloud = predicted_classes(data.cloud_scores)
+@dataclass(frozen=True)
+class Answers:
+    """A model's outputs on a data set, row by row as one-row requests get them, and the share of rows whose
+    class changes in BATCH_ROWS-row batches: dynamic quantization scales each activation by the batch's range,
+    so there a row's answer depends on the rows beside it."""
+
+    outputs: Arrays
+    batch_changed: float
+
+
+def answers(model: LocalModel, inputs: Mapping[str, npt.NDArray[Any]], score_output: str, label: str) -> Answers:
+    batched = edge_predictions(model, inputs, label)  # first: it turns the model's complaints into messages
+    rows = next(iter(inputs.values())).shape[0]
+    single = _concatenate(
+        model.predict({name: array[row : row + 1] for name, array in inputs.items()})
+        for row in with_progress(range(rows), rows, f"{label}, row by row", "row")
+    )
+    changed = predicted_classes(single[score_output]) != predicted_classes(batched[score_output])
+    return Answers(single, float(np.mean(changed)))
+
+
+def figures(edge: Answers, float_model: Answers, data: Labelled, routing: RoutingSection, score_output: str) -> Figures:
+    """An edge model's figures on `data` with `routing`, from its row-by-row answers."""
+    edge_classes = predicted_classes(edge.outputs[score_output])
+    cloud_classes = predicted_classes(data.cloud_scores)
     # The router's rule: rows whose confidence is below the threshold go to the cloud.
-    offload = row_confidence(edge_outputs, routing, score_output) < routing.threshold
-    routed = np.where(offload, cloud, edge)
+    offload = row_confidence(edge.outputs, routing, score_output) < routing.threshold
+    routed = np.where(offload, cloud_classes, edge_classes)
     return Figures(
         rows=int(data.labels.shape[0]),
-        edge_accuracy=float(np.mean(edge == data.labels)),
-        cloud_accuracy=float(np.mean(cloud == data.labels)),
+        edge_accuracy=float(np.mean(edge_classes == data.labels)),
+        cloud_accuracy=float(np.mean(cloud_classes == data.labels)),
         routed_accuracy=float(np.mean(routed == data.labels)),
         offload_share=float(np.mean(offload)),
-        agreement=float(np.mean(edge == predicted_classes(float_outputs[score_output]))),
+        agreement=float(np.mean(edge_classes == predicted_classes(float_model.outputs[score_output]))),
+        batch_changed=edge.batch_changed,
     )
 
 
@@ -476,10 +495,25 @@ class QuantizeResult:
     splits: list[SplitFigures]
     latencies: list[Latency] = field(default_factory=list)
     threads: tuple[int, int] = (1, 1)
+    quantized_ops: frozenset[str] = frozenset()
+
+
+def _rows(path: Path, specs: tuple[TensorSpec, ...]) -> tuple[Arrays, Ints | None]:
+    """An .npz's inputs and labels (calibrate's load_inputs), each input's row shape checked against the model's."""
+    inputs, labels = load_inputs(path, specs)
+    for spec in specs:
+        shape = inputs[spec.name].shape[1:]
+        wanted = spec.shape[1:]
+        if len(shape) != len(wanted) or any(want not in (-1, got) for got, want in zip(shape, wanted, strict=True)):
+            raise ConfigurationError(
+                f"{path}: input {spec.name!r} has rows of shape {list(shape)}; the model takes {list(wanted)} "
+                "(-1: any size)"
+            )
+    return inputs, labels
 
 
 def _labelled(path: Path, routed: RoutedModel, repository: Path, options: QuantizeOptions) -> Labelled:
-    inputs, labels = load_inputs(path, routed.edge.inputs)
+    inputs, labels = _rows(path, routed.edge.inputs)
     config = routed.config
     if options.cloud:
         cloud_scores = remote_cloud_scores(options.cloud, config, inputs, routed.score_output, options.cloud_security)
@@ -520,7 +554,7 @@ def run_quantize(options: QuantizeOptions) -> QuantizeResult:
     destination = plan_destination(entry, section, options.out_repository, options.name, options.new_version)
     calibration_rows = None
     if options.calibration_data is not None:
-        calibration_rows, _ = load_inputs(options.calibration_data, routed.edge.inputs)
+        calibration_rows, _ = _rows(options.calibration_data, routed.edge.inputs)
     validation = _labelled(options.data, routed, options.repository, options)
     test = None if options.test_data is None else _labelled(options.test_data, routed, options.repository, options)
 
@@ -540,20 +574,20 @@ def run_quantize(options: QuantizeOptions) -> QuantizeResult:
         answered = [
             (
                 split,
-                edge_predictions(routed.edge, split.inputs, "float edge model"),
-                edge_predictions(quantized, split.inputs, "8-bit edge model"),
+                answers(routed.edge, split.inputs, routed.score_output, "float edge model"),
+                answers(quantized, split.inputs, routed.score_output, "8-bit edge model"),
             )
             for split in (validation, test)
             if split is not None
         ]
-        _, float_outputs, quantized_outputs = answered[0]
+        _, float_answers, quantized_answers = answered[0]
         if options.target_offload is None:
-            target = float(np.mean(row_confidence(float_outputs, routing, score) < routing.threshold))
+            target = float(np.mean(row_confidence(float_answers.outputs, routing, score) < routing.threshold))
             target_from = f"the share threshold {routing.threshold!r} sends with the float model on the validation rows"
         else:
             target, target_from = options.target_offload, "--target-offload"
         calibration = calibrate_predictions(
-            quantized_outputs,
+            quantized_answers.outputs,
             validation.cloud_scores,
             validation.labels,
             routing,
@@ -577,10 +611,9 @@ def run_quantize(options: QuantizeOptions) -> QuantizeResult:
         latencies = []
         if options.latency_runs:
             for rows in dict.fromkeys((1, options.latency_batch)):
-                seconds = median_latencies(
-                    [source_path, quantized_path], section, validation.inputs, rows, options.latency_runs
-                )
-                latencies.append(Latency(rows, options.latency_runs, seconds[0], seconds[1]))
+                timed = time_runs([source_path, quantized_path], section, validation.inputs, rows, options.latency_runs)
+                float_p50, quantized_p50 = (statistics.median(seconds) for seconds in timed)
+                latencies.append(Latency(rows, options.latency_runs, float_p50, quantized_p50))
         note = (
             f"Version {destination.version}: {destination.artifact} is {options.model} version "
             f"{entry.config.version}'s {source_path.name} quantized by offload quantize ({settings.describe()}); "
@@ -603,6 +636,7 @@ def run_quantize(options: QuantizeOptions) -> QuantizeResult:
         splits=splits,
         latencies=latencies,
         threads=(section.intra_op_threads, section.inter_op_threads),
+        quantized_ops=frozenset(quantized_ops(destination.artifact_path)),
     )
     print(report(result))
     return result
@@ -641,6 +675,7 @@ def report(result: QuantizeResult) -> str:
             ("routed accuracy", "routed_accuracy", 2),
             ("offload", "offload_share", 1),
             ("agreement with the float model", "agreement", 2),
+            (f"class changed in {BATCH_ROWS}-row batches", "batch_changed", 2),
         ):
             old, new = getattr(split.before, attribute), getattr(split.after, attribute)
             lines.append(f"    {label:30}{old:>14.{digits}%}  {new:>14.{digits}%}")
@@ -650,6 +685,11 @@ def report(result: QuantizeResult) -> str:
         lines.append(
             f"latency: InferenceSession.run, median of {result.latencies[0].runs} runs per model and batch, the models "
             f"taking turns; {intra} intra-op and {inter} inter-op thread(s), as the [edge] section sets"
+        )
+    if "ConvInteger" in result.quantized_ops:
+        lines.append(
+            "note: dynamic quantization made the convolutions ConvInteger, which ONNX Runtime's CPU kernels run "
+            "slowly; for convolutional models --mode static (QDQ) is the one that runs faster"
         )
     lines.append(f"threshold: recalibrated for offload {result.target_offload:.1%} ({result.target_from})")
     where = "in place" if destination.in_place else "a new folder"
