@@ -17,6 +17,7 @@ import numpy.typing as npt
 import onnx
 import pytest
 
+from conftest import Processes
 from offload.edge.agent import load_edge_models
 from offload.models import BENCHMARK_REPOSITORY, DEMO_REPOSITORY
 from offload.oip.errors import ConfigurationError
@@ -185,6 +186,22 @@ def test_static_into_another_repository_makes_a_new_folder_and_leaves_the_source
     validation, _ = reference.demo_split("validation")
     offloaded, next_offload = _offload_shares(_row_by_row(quantized, validation), config["routing"]["threshold"], 1.0)
     assert offloaded <= 0.1 * len(validation) < next_offload
+
+
+def test_the_cloud_answers_from_a_running_server_match_the_local_cloud_model(
+    repository: Path, tmp_path: Path, demo_processes: Processes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reports = {}
+    for name, cloud in (("local", []), ("remote", ["--cloud", demo_processes.cloud.address])):
+        out = tmp_path / name
+        out.mkdir()
+        args = ["--latency-runs", "0", "--out-repository", str(out), "--name", "digits_int8", *cloud]
+        assert main([*_quantize(repository), *args]) == 0
+        reports[name] = capsys.readouterr().out.splitlines()
+        assert reports[name][-1].startswith(f"wrote {out / 'digits_int8'} (a new folder)")
+    # The same model answers over OIP as here: the same figures and threshold, line for line.
+    assert reports["remote"][:-1] == reports["local"][:-1]
+    assert _routing(tmp_path / "remote" / "digits_int8") == _routing(tmp_path / "local" / "digits_int8")
 
 
 def test_bad_inputs_exit_2_with_the_reason_and_write_nothing(

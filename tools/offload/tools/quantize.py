@@ -356,12 +356,12 @@ class Destination:
 def plan_destination(
     entry: ModelEntry,
     section: EdgeSection,
+    source_repository: Path,
     repository: Path | None,
     name: str | None,
     version: str | None,
 ) -> Destination:
     """The new version's place, checked before any work: nothing there is overwritten."""
-    source_repository = entry.folder.parent
     target_repository = repository or source_repository
     new_name = name or entry.config.name
     new_version = version or bump_version(entry.config.version)
@@ -551,7 +551,9 @@ def run_quantize(options: QuantizeOptions) -> QuantizeResult:
     if options.latency_runs < 0 or options.latency_batch < 1:
         raise ConfigurationError("--latency-runs must be 0 or more and --latency-batch 1 or more")
     entry, routed, section, source_path = _source(options.repository, options.model)
-    destination = plan_destination(entry, section, options.out_repository, options.name, options.new_version)
+    destination = plan_destination(
+        entry, section, options.repository, options.out_repository, options.name, options.new_version
+    )
     calibration_rows = None
     if options.calibration_data is not None:
         calibration_rows, _ = _rows(options.calibration_data, routed.edge.inputs)
@@ -653,7 +655,7 @@ def report(result: QuantizeResult) -> str:
     lines = [
         f"offload quantize: model {result.model!r} version {result.version} -> {destination.name!r} version "
         f"{destination.version} ({result.settings.describe()})",
-        f"  {'':32}{before:>14}  {after:>14}",
+        f"  {'':32}{before:>14}  {after:>14}  8-bit/float",
         f"  {'file size':32}{result.source_bytes:>12,} B  {result.quantized_bytes:>12,} B  "
         f"x{result.quantized_bytes / result.source_bytes:.2f}",
     ]
