@@ -162,6 +162,7 @@ def test_static_into_another_repository_makes_a_new_folder_and_leaves_the_source
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "static: QDQ, int8 weights per channel" in out
+    assert f"activation ranges from 269 rows of {folder / 'validation.npz'}" in out
     assert f"wrote {target / 'digits_cnn_int8'} (a new folder)" in out
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # the source is untouched
 

@@ -11,7 +11,10 @@ copy of the folder (another repository or another name). It prints both models' 
 ONNX Runtime latency (a bare `InferenceSession.run`, the [edge] section's threads, p50 at
 batch 1 and a larger batch, the two models timed alternately so machine load hits both alike),
 and edge accuracy, routed accuracy and offload share before and after: on the validation rows
-the threshold is chosen on and, with `--test-data`, on held-out rows. The cloud's answers
+the threshold is chosen on and, with `--test-data`, on held-out rows, each model run one row at a
+time as one-row requests run it (dynamic quantization scales activations by the batch's range, so
+in a batch a row's answer depends on its neighbours; the report counts the classes that batching
+changes). The cloud's answers
 (routed accuracy) come from the model's [cloud] section run here with PyTorch, or from a
 running server (`--cloud`), as in `offload calibrate`.
 """
@@ -496,6 +499,7 @@ class QuantizeResult:
     latencies: list[Latency] = field(default_factory=list)
     threads: tuple[int, int] = (1, 1)
     quantized_ops: frozenset[str] = frozenset()
+    calibration_rows: tuple[Path, int] | None = None  # static mode: the file and its row count
 
 
 def _rows(path: Path, specs: tuple[TensorSpec, ...]) -> tuple[Arrays, Ints | None]:
@@ -639,6 +643,9 @@ def run_quantize(options: QuantizeOptions) -> QuantizeResult:
         latencies=latencies,
         threads=(section.intra_op_threads, section.inter_op_threads),
         quantized_ops=frozenset(quantized_ops(destination.artifact_path)),
+        calibration_rows=None
+        if calibration_rows is None or options.calibration_data is None
+        else (options.calibration_data, next(iter(calibration_rows.values())).shape[0]),
     )
     print(report(result))
     return result
@@ -655,6 +662,11 @@ def report(result: QuantizeResult) -> str:
     lines = [
         f"offload quantize: model {result.model!r} version {result.version} -> {destination.name!r} version "
         f"{destination.version} ({result.settings.describe()})",
+        *(
+            [f"  activation ranges from {result.calibration_rows[1]} rows of {result.calibration_rows[0]}"]
+            if result.calibration_rows
+            else []
+        ),
         f"  {'':32}{before:>14}  {after:>14}  8-bit/float",
         f"  {'file size':32}{result.source_bytes:>12,} B  {result.quantized_bytes:>12,} B  "
         f"x{result.quantized_bytes / result.source_bytes:.2f}",
