@@ -6,7 +6,9 @@ a gigabyte. Run in chunks, the working set is one chunk's, and the outputs are a
 at full size and filled chunk by chunk, never joined from copies.
 
 Every tensor is batched along its first dimension and rows are independent (what routing by
-row already assumes), so the chunked answer is the answer of the whole batch.
+row already assumes), so the chunked answer is the answer of the whole batch. A model whose
+rows depend on their neighbours (a dynamically quantized one scales activations by its batch's
+range: README, `offload quantize`) answers a row by its chunk rather than its whole request.
 """
 
 from __future__ import annotations
