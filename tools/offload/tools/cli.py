@@ -31,7 +31,9 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for remote callers)")
     parser.add_argument("--grpc-port", type=int, help=f"gRPC port, 0 for any free one (default {default_port})")
     parser.add_argument("--model-repository", type=Path, help="folder of model folders (default: the bundled demo)")
-    parser.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
+    parser.add_argument(
+        "--max-message-bytes", type=int, help="largest gRPC message (default: edge 16 MiB, cloud 64 MiB)"
+    )
     parser.add_argument("--grace-seconds", type=float, help="on SIGTERM, time for calls in flight (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve TLS with this PEM certificate chain")
