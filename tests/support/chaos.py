@@ -373,6 +373,7 @@ async def edge_under_test(
         cache=cache,
         audit_share=settings.audit_share,
         rng=np.random.default_rng(0),  # which rows are audited: the same on every run
+        placement=settings.placement(),
     )
     server = OipServer(RouterDataPlane(router), "chaos-edge", settings.limits)
     await server.start()

@@ -16,7 +16,7 @@ from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES, OnnxModel
 from offload.edge.rollout import ModelRollout
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
-from offload.oip.errors import ConfigurationError
+from offload.oip.errors import ConfigurationError, one_line
 from offload.oip.memory import limit_arenas
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
@@ -67,6 +67,19 @@ def load_edge_models(
     return models
 
 
+def warm_up_models(models: Mapping[str, RoutedModel]) -> None:
+    """Warm each model up before it serves (RoutedModel.warm_up: lazy set-up, and what a row costs, which decides
+    where its batches run). One that fails on a row of zeros still serves: its requests will say what is wrong."""
+    for name, model in models.items():
+        try:
+            model.warm_up()
+        except Exception as exc:  # a model can make its runtime raise anything
+            log.warning("%s v%s: its warm-up on a row of zeros failed: %s", name, model.version, one_line(exc))
+            continue
+        row = model.cost.expected(1)
+        log.debug("%s v%s warmed up: %.3f ms a row", name, model.version, 1000 * (row or 0.0))
+
+
 def build_cloud_pool(
     settings: EdgeSettings,
     on_breaker_change: Callable[[BreakerState], None] | None = None,
@@ -97,13 +110,14 @@ def build_router(
     models: Mapping[str, RoutedModel] | None = None,
 ) -> Router:
     """The in-process router an app can call directly, configured like the agent; it serves `models` if
-    given (the agent's from model_repository_url), else those of model_repository."""
+    given (the agent's from model_repository_url), else those of model_repository, each warmed up first."""
     # The cloud channel first: its certificates and token are checked before any model loads.
     cloud = build_cloud_pool(settings, on_breaker_change)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     if models is None:
         models = load_edge_models(settings.model_repository, chunk_bytes=settings.edge_chunk_bytes)
+    warm_up_models(models)
     return Router(
         models,
         cloud,
@@ -112,6 +126,7 @@ def build_router(
         cache=cache,
         target_offload=settings.target_offload,
         audit_share=settings.audit_share,
+        placement=settings.placement(),
     )
 
 

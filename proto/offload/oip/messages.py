@@ -122,6 +122,7 @@ class CheckedRequest:
     parameters: dict[str, ParameterValue]
     outputs: list[str]
     raw: bool
+    specs: Sequence[TensorSpec] | None  # the model's inputs the request was checked against, if any
 
     @property
     def decode_cost(self) -> int:
@@ -178,7 +179,7 @@ def check_request(
         check_declared_inputs(message.model_name, inputs, specs)
     if raw_given:
         inputs = [with_raw(tensor, raw) for tensor, raw in zip(inputs, received.raw_contents, strict=True)]
-    return CheckedRequest(message, inputs, parameters, outputs, raw_given)
+    return CheckedRequest(message, inputs, parameters, outputs, raw_given, specs)
 
 
 def decode_request(checked: CheckedRequest) -> InferRequest:
@@ -192,6 +193,7 @@ def decode_request(checked: CheckedRequest) -> InferRequest:
         parameters=checked.parameters,
         outputs=checked.outputs,
         raw=checked.raw,
+        checked_against=checked.specs,
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,7 +27,6 @@ from offload.oip.errors import InvalidArgument
 _LENGTH = struct.Struct("<I")
 # A tensor's raw contents: bytes, or a view of the bytes a request arrived in (offload.oip.wire).
 RawContents = bytes | memoryview
-_CONTENT_FIELDS = tuple(field.name for field in pb.InferTensorContents.DESCRIPTOR.fields)
 # Integer types that share a wider typed field: values must fit the narrow type.
 _NARROW_INTS = {"INT8", "INT16", "UINT8", "UINT16"}
 
@@ -135,8 +134,8 @@ def check_wire(wire: _WireTensor, raw_given: bool, where: str, max_elements: int
     spec = datatype_spec(wire.datatype, where)
     shape = tuple(wire.shape)
     count = element_count(shape, where, max_elements)
-    # len() of a repeated field is its stored length: no value is read.
-    set_fields = [name for name in _CONTENT_FIELDS if len(getattr(wire.contents, name))]
+    # The content fields that hold values (ListFields leaves out empty repeated fields; it reads no value).
+    set_fields = [field.name for field, _ in wire.contents.ListFields()]
     if raw_given:
         if set_fields:
             raise InvalidArgument(
@@ -168,7 +167,7 @@ def with_raw(checked: CheckedTensor, raw: RawContents) -> CheckedTensor:
             f"{checked.where}: raw contents are {len(raw)} bytes but shape {list(checked.shape)} "
             f"of {checked.spec.name} needs {expected}"
         )
-    return replace(checked, raw=raw)
+    return CheckedTensor(checked.wire, checked.spec, checked.shape, checked.count, checked.where, True, raw)
 
 
 def decode(wire: _WireTensor, raw: bytes | None, where: str, max_elements: int) -> Tensor:

@@ -17,6 +17,7 @@ undefined (non-finite scores) gets 0, so it is offloaded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ def max_probability(scores: npt.NDArray[Any], kind: OutputKind) -> npt.NDArray[n
 
 def as_rows(scores: npt.NDArray[Any]) -> Floats:
     """A [rows, ...] array as float64 [rows, width] (explicit width: an empty batch cannot infer it)."""
-    width = int(np.prod(scores.shape[1:]))
+    width = math.prod(scores.shape[1:])
     # A signalling NaN among the scores (a caller's random bytes, echoed) raises the "invalid" flag as it is
     # widened, and NumPy would print a RuntimeWarning: here it is a NaN like any other (confidence 0).
     with np.errstate(invalid="ignore"):
@@ -94,7 +95,7 @@ def class_confidence(
     if measure == "output":
         raise ValueError("the 'output' measure reads the model's own confidence output; use row_confidence")
     rows = scores.shape[0]
-    block = max(1, _BLOCK_ELEMENTS // max(1, int(np.prod(scores.shape[1:]))))
+    block = max(1, _BLOCK_ELEMENTS // max(1, math.prod(scores.shape[1:])))
     if rows <= block:
         return _class_confidence(scores, measure, kind, temperature)
     # Each row's confidence depends on that row alone, so blocks of rows give the same answer as the whole.
@@ -107,13 +108,13 @@ def class_confidence(
 def _class_confidence(
     scores: npt.NDArray[Any], measure: ConfidenceMeasure, kind: OutputKind, temperature: float
 ) -> Floats:
+    if measure == "max_probability":
+        return _bounded(_top_probability(scores, kind, temperature))
     probs = probabilities(scores, kind, temperature)
     rows, classes = probs.shape
     if classes == 0:
         return np.ones(rows)
-    if measure == "max_probability":
-        result = probs.max(axis=1)
-    elif measure == "margin":
+    if measure == "margin":
         if classes == 1:
             result = probs[:, 0]
         else:
@@ -122,6 +123,22 @@ def _class_confidence(
     else:
         result = _negative_entropy(probs)
     return _bounded(result)
+
+
+def _top_probability(scores: npt.NDArray[Any], kind: OutputKind, temperature: float) -> Floats:
+    """Each row's largest class probability after temperature scaling, without the whole softmax: for
+    the scaled logits z, 1 / sum(exp(z - max(z))). NaN for a row with non-finite scores."""
+    if kind is OutputKind.PROBABILITIES and temperature == 1.0:
+        values = as_rows(scores)
+        return values.max(axis=1) if values.shape[1] else np.ones(values.shape[0])
+    logits = scaled_logits(scores, kind)
+    if logits.shape[1] == 0:
+        return np.ones(logits.shape[0])
+    with np.errstate(invalid="ignore", over="ignore"):
+        if temperature != 1.0:
+            logits = logits / temperature
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        return np.asarray(1.0 / np.exp(shifted).sum(axis=1), dtype=np.float64)
 
 
 def _negative_entropy(probs: Floats) -> Floats:
@@ -140,9 +157,8 @@ def _negative_entropy(probs: Floats) -> Floats:
 
 
 def _bounded(values: npt.NDArray[Any]) -> Floats:
-    """Clip to [0, 1]; an undefined (NaN) confidence becomes 0, the least confident."""
-    result = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
-    return np.asarray(np.nan_to_num(result, nan=0.0), dtype=np.float64)
+    """Clip to [0, 1]; an undefined (NaN) confidence becomes 0, the least confident (fmax drops NaN)."""
+    return np.fmin(np.fmax(np.asarray(values, dtype=np.float64), 0.0), 1.0)
 
 
 def output_confidence(values: npt.NDArray[Any], name: str) -> Floats:

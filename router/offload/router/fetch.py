@@ -20,6 +20,7 @@ from offload.oip.errors import InvalidArgument
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.oip.validation import check_tensor
+from offload.router.answer import routes_of
 from offload.router.cache import FetchAbandoned, RowCache, RowOutputs
 from offload.router.models import Arrays, RoutedModel
 from offload.router.options import AnsweredBy, forwarded
@@ -65,7 +66,7 @@ class RowFetcher:
         parameters = forwarded(request.parameters)
         if self.cache is None or rows.size == 0:
             outputs, _ = await _call(self.upstream, model, request.id, tensors, parameters, deadline)
-            return Fetched(outputs, np.full(rows.size, AnsweredBy.CLOUD, dtype=object))
+            return Fetched(outputs, routes_of(rows.size, AnsweredBy.CLOUD))
         return await _cached(self.upstream, self.cache, model, request.id, tensors, parameters, deadline)
 
 
@@ -108,7 +109,7 @@ async def _cached(
     the rest in one call of our own, whose answers are stored and shared with whoever waits on them."""
     plan = cache.plan(cache.keys(model.cache_scope, tensors, parameters))
     answers: dict[int, RowOutputs] = dict(plan.hits)
-    routes = np.full(len(plan.keys), AnsweredBy.CLOUD, dtype=object)
+    routes = routes_of(len(plan.keys), AnsweredBy.CLOUD)
     routes[list(plan.hits)] = AnsweredBy.CACHE
     if plan.sends:
         picked = np.asarray(plan.sends)

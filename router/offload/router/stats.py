@@ -83,6 +83,14 @@ class AuditStats:
 
 
 @dataclass(frozen=True, slots=True)
+class EdgeRunStats:
+    """Runs of the edge models, by where they ran (offload.router.placement)."""
+
+    inline: int = 0  # on the event loop: their measured cost was below the hand-off's
+    threaded: int = 0  # handed to a worker thread
+
+
+@dataclass(frozen=True, slots=True)
 class RouterStats:
     """Everything a router has counted, at one moment."""
 
@@ -91,5 +99,6 @@ class RouterStats:
     errors: int  # ended in an error
     thresholds: Mapping[str, float]  # per model: the threshold unsure rows are judged by now
     audit: AuditStats
+    edge_runs: EdgeRunStats
     cloud: UpstreamStats | None  # None: the router has no cloud (everything is answered on the edge)
     cache: CacheStats | None  # None: no row cache
