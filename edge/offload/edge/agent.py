@@ -127,6 +127,7 @@ def build_router(
         target_offload=settings.target_offload,
         audit_share=settings.audit_share,
         placement=settings.placement(),
+        coalesce=settings.coalescing(),
     )
 
 

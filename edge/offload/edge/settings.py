@@ -15,6 +15,7 @@ from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES
 from offload.models import DEMO_REPOSITORY
 from offload.oip.security import ChannelSecurity
 from offload.oip.settings import ServerSettings
+from offload.router.coalesce import CoalescePolicy
 from offload.router.discovery import CloudTargets
 from offload.router.placement import Placement, PlacementPolicy
 from offload.router.resilience import BreakerPolicy, RetryBudget
@@ -22,7 +23,7 @@ from offload.router.upstream import RetryPolicy
 
 # The policies hold the defaults; the settings below start from them.
 _RETRY, _BUDGET, _BREAKER = RetryPolicy(), RetryBudget(), BreakerPolicy()
-_PLACEMENT = PlacementPolicy()
+_PLACEMENT, _COALESCE = PlacementPolicy(), CoalescePolicy()
 Policy = TypeVar("Policy", RetryPolicy, RetryBudget, BreakerPolicy)
 # A policy's field F is the setting PREFIX + F (retry_max_attempts, breaker_window, ...).
 _PREFIXES: dict[type, str] = {RetryPolicy: "retry_", RetryBudget: "retry_budget_", BreakerPolicy: "breaker_"}
@@ -154,6 +155,23 @@ class EdgeSettings(ServerSettings):
     audit_share: Annotated[
         float, Field(ge=0, le=1, description="Share of confident rows also sent to the cloud to measure agreement.")
     ] = 0.0
+    coalesce_window_us: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Coalescing: how long (microseconds) the first unsure rows bound for a cloud model wait for "
+            "other requests' to share their cloud call; 0: they go at once, and rows wait only while a call of the "
+            "same model and parameters is in flight, to go together when it ends.",
+        ),
+    ] = round(_COALESCE.window_seconds * 1e6)
+    coalesce_max_rows: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Coalescing: most rows one shared cloud call carries (a call also carries at most a quarter "
+            "of max_message_bytes of input); 0: no coalescing, each request's rows in calls of their own.",
+        ),
+    ] = _COALESCE.max_rows
     hedge_delay_seconds: Annotated[
         float | None,
         Field(
@@ -175,6 +193,10 @@ class EdgeSettings(ServerSettings):
     def placement(self) -> PlacementPolicy:
         """Where edge models run their batches (offload.router.placement)."""
         return PlacementPolicy(self.edge_placement, self.edge_inline_seconds)
+
+    def coalescing(self) -> CoalescePolicy:
+        """How concurrent requests' unsure rows share cloud calls (offload.router.coalesce)."""
+        return CoalescePolicy(self.coalesce_window_us / 1e6, self.coalesce_max_rows, self.max_message_bytes // 4)
 
     def cloud_security(self) -> ChannelSecurity:
         """TLS credentials and the token for the cloud channel, from the files these settings name, checked now."""

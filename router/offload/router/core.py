@@ -23,6 +23,7 @@ from offload.oip.validation import check_inputs
 from offload.router.answer import Answer
 from offload.router.audit import Auditor
 from offload.router.cache import RowCache
+from offload.router.coalesce import CoalescePolicy
 from offload.router.fetch import RowFetcher
 from offload.router.models import Arrays, RoutedModel
 from offload.router.options import RESPONSE_DEGRADED, Route, RoutingOptions
@@ -49,14 +50,16 @@ class Router:
         audit_share: float = 0.0,
         rng: np.random.Generator | None = None,
         placement: PlacementPolicy | None = None,
+        coalesce: CoalescePolicy | None = None,
     ) -> None:
-        """`executor` runs the edge models' batches that `placement` does not run inline on the event loop."""
+        """`executor` runs the edge models' batches that `placement` does not run inline on the event loop;
+        `coalesce` says how concurrent requests' unsure rows share cloud calls (None: each in calls of its own)."""
         self._models = dict(models)
         self._executor = executor
         self._placement = placement or PlacementPolicy()
         # The cloud must give up early enough to leave time for an edge answer.
         self.deadline_reserve_seconds = deadline_reserve_seconds
-        self._fetcher = RowFetcher(cloud, cache)
+        self._fetcher = RowFetcher(cloud, cache, coalesce)
         self._thresholds = Thresholds(self._models, target_offload)
         self._auditor = Auditor(audit_share, self._fetcher.fetch, rng or np.random.default_rng())
         self._requests = 0
@@ -115,6 +118,7 @@ class Router:
             edge_runs=EdgeRunStats(self._inline_runs, self._threaded_runs),
             cloud=upstream.stats() if upstream is not None else None,
             cache=cache.stats() if cache is not None else None,
+            coalescing=self._fetcher.coalescing(),
         )
 
     async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:

@@ -1,5 +1,6 @@
 """The cloud's answer for some rows of a request: from the row cache, from an identical row's call
-already in flight (single-flight), or from a new call to the upstream.
+already in flight (single-flight), or from a new call to the upstream, which the rows of concurrent
+requests may share (coalesce.py).
 
 Every failure is a CloudFailure, which the router answers from the edge.
 """
@@ -7,6 +8,7 @@ Every failure is a CloudFailure, which the router answers from the edge.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,8 +24,10 @@ from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.oip.validation import check_tensor
 from offload.router.answer import routes_of
 from offload.router.cache import FetchAbandoned, RowCache, RowOutputs
+from offload.router.coalesce import CoalescePolicy, Coalescer, Send
 from offload.router.models import Arrays, RoutedModel
 from offload.router.options import AnsweredBy, forwarded
+from offload.router.stats import CoalesceStats
 from offload.router.upstream import CloudFailure, Upstream
 
 
@@ -36,14 +40,29 @@ class Fetched:
 
 
 class RowFetcher:
-    """Gets the cloud's rows from `upstream`, through `cache` when there is one. Without an upstream
-    every fetch is a CloudFailure (an edge-only router)."""
+    """Gets the cloud's rows from `upstream`, through `cache` when there is one, in calls that concurrent
+    requests' rows share as `coalesce` says (None: each request's rows in a call of its own). Without an
+    upstream every fetch is a CloudFailure (an edge-only router)."""
 
-    def __init__(self, upstream: Upstream | None, cache: RowCache | None = None) -> None:
+    def __init__(
+        self, upstream: Upstream | None, cache: RowCache | None = None, coalesce: CoalescePolicy | None = None
+    ) -> None:
         self.upstream = upstream
         self.cache = cache
+        self._coalescer: Coalescer | None = None
+        self._send: Send | None = None
+        if upstream is not None:
+            self._send = functools.partial(_call, upstream)
+            if coalesce is not None and coalesce.enabled:
+                self._coalescer = Coalescer(self._send, coalesce)
+                self._send = self._coalescer.call
+
+    def coalescing(self) -> CoalesceStats | None:
+        return None if self._coalescer is None else self._coalescer.stats()
 
     async def close(self) -> None:
+        if self._coalescer is not None:
+            await self._coalescer.close()
         if self.upstream is not None:
             await self.upstream.close()
 
@@ -56,7 +75,7 @@ class RowFetcher:
         deadline: float | None,
     ) -> Fetched:
         """The cloud's answer for these rows of the request's inputs, by `deadline` (time.monotonic())."""
-        if self.upstream is None:
+        if self._send is None:
             raise CloudFailure("this agent has no cloud configured (start it with --cloud HOST:PORT)")
         specs = {spec.name: spec for spec in model.edge.inputs}
         all_rows = rows.size == next(iter(inputs.values())).shape[0]
@@ -65,9 +84,9 @@ class RowFetcher:
         ]
         parameters = forwarded(request.parameters)
         if self.cache is None or rows.size == 0:
-            outputs, _ = await _call(self.upstream, model, request.id, tensors, parameters, deadline)
+            outputs, _ = await self._send(model, request.id, tensors, parameters, deadline)
             return Fetched(outputs, routes_of(rows.size, AnsweredBy.CLOUD))
-        return await _cached(self.upstream, self.cache, model, request.id, tensors, parameters, deadline)
+        return await _cached(self._send, self.cache, model, request.id, tensors, parameters, deadline)
 
 
 async def _call(
@@ -78,7 +97,7 @@ async def _call(
     parameters: dict[str, ParameterValue],
     deadline: float | None,
 ) -> tuple[Arrays, str]:
-    """One upstream request for these rows: their outputs and the cloud model's version."""
+    """One upstream request for these rows: their outputs and the cloud model's version (a `Send`)."""
     sub_request = InferRequest(
         model_name=model.cloud_model,
         model_version=model.routing.cloud_version,
@@ -97,7 +116,7 @@ async def _call(
 
 
 async def _cached(
-    upstream: Upstream,
+    send: Send,
     cache: RowCache,
     model: RoutedModel,
     request_id: str,
@@ -115,7 +134,7 @@ async def _cached(
         picked = np.asarray(plan.sends)
         to_send = [Tensor(t.name, t.datatype, t.data[picked]) for t in tensors]
         try:
-            outputs, version = await _call(upstream, model, request_id, to_send, parameters, deadline)
+            outputs, version = await send(model, request_id, to_send, parameters, deadline)
         except BaseException as exc:
             cache.fail(plan, _shared_failure(exc))
             raise
@@ -128,7 +147,7 @@ async def _cached(
             # Their sender gave up early; fetch them under this request's own deadline.
             picked = np.asarray(refetch)
             subset = [Tensor(t.name, t.datatype, t.data[picked]) for t in tensors]
-            fetched = await _cached(upstream, cache, model, request_id, subset, parameters, deadline)
+            fetched = await _cached(send, cache, model, request_id, subset, parameters, deadline)
             for i, position in enumerate(refetch):
                 answers[position] = {name: array[i] for name, array in fetched.outputs.items()}
                 routes[position] = fetched.routes[i]

@@ -83,6 +83,17 @@ class AuditStats:
 
 
 @dataclass(frozen=True, slots=True)
+class CoalesceStats:
+    """Cloud calls made for the router's rows (offload.router.coalesce), and those that carried several requests."""
+
+    calls: int = 0  # cloud calls made for requests' rows (audits included), coalesced or not
+    coalesced_calls: int = 0  # of those, the ones that carried the rows of more than one request
+    coalesced_requests: int = 0  # requests whose rows travelled in those
+    coalesced_rows: int = 0  # rows those carried
+    held_requests: int = 0  # requests whose rows wait to be sent now (a level, not a total)
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeRunStats:
     """Runs of the edge models, by where they ran (offload.router.placement)."""
 
@@ -102,3 +113,4 @@ class RouterStats:
     edge_runs: EdgeRunStats
     cloud: UpstreamStats | None  # None: the router has no cloud (everything is answered on the edge)
     cache: CacheStats | None  # None: no row cache
+    coalescing: CoalesceStats | None  # None: no cloud, or every request's rows in calls of their own
