@@ -80,13 +80,13 @@ def _as_bytes_array(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 def element_count(shape: Sequence[int], where: str, max_elements: int) -> int:
     """Validate a declared shape and return its element count, bounded before any use."""
-    if any(dim < 0 for dim in shape):
+    if min(shape, default=0) < 0:
         raise InvalidArgument(f"{where}: shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
     if count > max_elements:
         raise InvalidArgument(f"{where}: shape {list(shape)} has {count} elements, over the limit of {max_elements}")
     # Each dimension too: [2**62, 0] has no elements, but NumPy cannot make that shape.
-    if any(dim > max_elements for dim in shape):
+    if max(shape, default=0) > max_elements:
         raise InvalidArgument(f"{where}: shape {list(shape)} has a dimension over the limit of {max_elements}")
     return count
 
@@ -108,16 +108,13 @@ class CheckedTensor:
     """
 
     wire: _WireTensor
+    name: str  # the wire's, read once (each read of a protobuf string field makes a new str)
     spec: Datatype
     shape: tuple[int, ...]
     count: int
     where: str
     raw_given: bool
     raw: RawContents | None = None
-
-    @property
-    def name(self) -> str:
-        return self.wire.name
 
     @property
     def datatype(self) -> str:
@@ -155,7 +152,7 @@ def check_wire(wire: _WireTensor, raw_given: bool, where: str, max_elements: int
             raise InvalidArgument(
                 f"{where}: contents.{spec.contents_field} has {given} elements but shape {list(shape)} needs {count}"
             )
-    return CheckedTensor(wire, spec, shape, count, where, raw_given)
+    return CheckedTensor(wire, wire.name, spec, shape, count, where, raw_given)
 
 
 def with_raw(checked: CheckedTensor, raw: RawContents) -> CheckedTensor:
@@ -167,7 +164,9 @@ def with_raw(checked: CheckedTensor, raw: RawContents) -> CheckedTensor:
             f"{checked.where}: raw contents are {len(raw)} bytes but shape {list(checked.shape)} "
             f"of {checked.spec.name} needs {expected}"
         )
-    return CheckedTensor(checked.wire, checked.spec, checked.shape, checked.count, checked.where, True, raw)
+    return CheckedTensor(
+        checked.wire, checked.name, checked.spec, checked.shape, checked.count, checked.where, True, raw
+    )
 
 
 def decode(wire: _WireTensor, raw: bytes | None, where: str, max_elements: int) -> Tensor:
@@ -186,7 +185,7 @@ def decode_checked(checked: CheckedTensor) -> Tensor:
         data = np.empty(shape, dtype=spec.dtype)  # no elements (check_wire refused any)
     else:
         data = _decode_typed(spec, getattr(checked.wire.contents, spec.contents_field), shape, where)
-    return Tensor(checked.wire.name, spec.name, data)
+    return Tensor(checked.name, spec.name, data)
 
 
 def _decode_raw(spec: Datatype, raw: RawContents, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:

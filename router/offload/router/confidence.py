@@ -33,16 +33,23 @@ Floats = npt.NDArray[np.float64]
 _BLOCK_ELEMENTS = 1 << 17
 
 
-def max_probability(scores: npt.NDArray[Any], kind: OutputKind) -> npt.NDArray[np.float64]:
-    """Max softmax probability per row of a [rows, classes] array (probabilities are used as given)."""
-    values = as_rows(scores)
-    if values.shape[1] == 0:
-        return np.ones(values.shape[0])
-    if kind is OutputKind.PROBABILITIES:
+def max_probability(scores: npt.NDArray[Any], kind: OutputKind, temperature: float = 1.0) -> npt.NDArray[np.float64]:
+    """Max softmax probability per row of a [rows, classes] array after temperature scaling (probabilities at
+    T = 1 are used as given); NaN for a row with non-finite scores."""
+    if kind is OutputKind.PROBABILITIES and temperature == 1.0:
+        values = as_rows(scores)
+        if values.shape[1] == 0:
+            return np.ones(values.shape[0])
         return np.asarray(np.clip(values.max(axis=1), 0.0, 1.0), dtype=np.float64)
-    # Stable softmax: max(softmax(x)) = 1 / sum(exp(x - max(x))).
-    shifted = values - values.max(axis=1, keepdims=True)
-    return np.asarray(1.0 / np.exp(shifted).sum(axis=1), dtype=np.float64)
+    logits = scaled_logits(scores, kind)
+    if logits.shape[1] == 0:
+        return np.ones(logits.shape[0])
+    # Stable softmax, without the whole of it: max(softmax(z)) = 1 / sum(exp(z - max(z))) for z = logits / T.
+    with np.errstate(invalid="ignore", over="ignore"):
+        if temperature != 1.0:
+            logits = logits / temperature
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        return np.asarray(1.0 / np.exp(shifted).sum(axis=1), dtype=np.float64)
 
 
 def as_rows(scores: npt.NDArray[Any]) -> Floats:
@@ -109,7 +116,7 @@ def _class_confidence(
     scores: npt.NDArray[Any], measure: ConfidenceMeasure, kind: OutputKind, temperature: float
 ) -> Floats:
     if measure == "max_probability":
-        return _bounded(_top_probability(scores, kind, temperature))
+        return _bounded(max_probability(scores, kind, temperature))
     probs = probabilities(scores, kind, temperature)
     rows, classes = probs.shape
     if classes == 0:
@@ -123,22 +130,6 @@ def _class_confidence(
     else:
         result = _negative_entropy(probs)
     return _bounded(result)
-
-
-def _top_probability(scores: npt.NDArray[Any], kind: OutputKind, temperature: float) -> Floats:
-    """Each row's largest class probability after temperature scaling, without the whole softmax: for
-    the scaled logits z, 1 / sum(exp(z - max(z))). NaN for a row with non-finite scores."""
-    if kind is OutputKind.PROBABILITIES and temperature == 1.0:
-        values = as_rows(scores)
-        return values.max(axis=1) if values.shape[1] else np.ones(values.shape[0])
-    logits = scaled_logits(scores, kind)
-    if logits.shape[1] == 0:
-        return np.ones(logits.shape[0])
-    with np.errstate(invalid="ignore", over="ignore"):
-        if temperature != 1.0:
-            logits = logits / temperature
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        return np.asarray(1.0 / np.exp(shifted).sum(axis=1), dtype=np.float64)
 
 
 def _negative_entropy(probs: Floats) -> Floats:
