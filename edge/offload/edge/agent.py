@@ -11,10 +11,13 @@ from pathlib import Path
 
 from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
+from offload.edge.metrics import EdgeCollector
 from offload.edge.onnx_model import OnnxModel
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
 from offload.oip.errors import ConfigurationError
+from offload.oip.metrics import on_loop
+from offload.oip.operations import Operations
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
@@ -131,14 +134,17 @@ async def run(settings: EdgeSettings) -> None:
         if server is not None:
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
-    # Certificates and tokens are checked before anything else is loaded: a wrong file stops start-up at once.
+    # Certificates, tokens and tracing are checked before anything else is loaded: a wrong one stops start-up at once.
     security = settings.security()
+    operations = Operations(settings, SERVER_NAME)
     router = build_router(settings, breaker_changed)
     plane = RouterDataPlane(router)
     server = OipServer(plane, SERVER_NAME, settings.limits, security)
     port = await server.start(settings.host, settings.grpc_port)
     if settings.cloud:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
+    for line in await operations.start(server, EdgeCollector(on_loop(asyncio.get_running_loop(), router.stats))):
+        print(line, flush=True)
     cloud = settings.cloud or "none (edge answers only)"
     print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud}; {security.description})", flush=True)
     status = StatusLog(router.stats, settings.status_log_seconds)
@@ -157,3 +163,4 @@ async def run(settings: EdgeSettings) -> None:
                 await reporter
             status.log()  # what happened since the last line, so a shutdown does not lose it
         await router.close()
+        await operations.stop()

@@ -15,7 +15,6 @@ Every failure surfaces as CloudFailure, which the router answers from the edge.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import time
@@ -27,10 +26,13 @@ from typing import Protocol
 import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from offload.oip import tracing
 from offload.oip.client import OipClient
 from offload.oip.errors import DeadlineExceeded, InvalidArgument, OffloadError, UpstreamError
 from offload.oip.limits import MAX_ELEMENTS
+from offload.oip.request_ids import REQUEST_ID_HEADER, request_id_header
 from offload.oip.security import ChannelSecurity
+from offload.oip.stats import SECONDS_BUCKETS, Histogram
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryThrottle
 from offload.router.stats import UpstreamStats
@@ -48,37 +50,6 @@ UNHEALTHY = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.CANCELLED,
 }
-
-
-# The request id also travels as this header, for proxies and logs on the way to the cloud.
-REQUEST_ID_HEADER = "x-request-id"
-# The longest request id sent in the header as it is (a UUID takes 36, a W3C trace id 32).
-MAX_HEADER_REQUEST_ID = 128
-
-
-def request_id_header(request_id: str) -> str:
-    """The x-request-id value for a request id: the id itself where gRPC can carry it, else a digest.
-
-    OIP puts no limit on a request's `id`, and apps send what they like (any length, any
-    characters), so refusing some ids would break calls that are valid OIP. The cloud
-    request's body carries the id unchanged (a message field has no such limit, and the
-    cloud echoes it back). A header value, though, must be printable ASCII, and gRPC
-    refuses a call whose headers exceed the peer's metadata limit (8 KiB by default): a
-    header copied blindly failed the cloud call and degraded the answer. So the header
-    carries the id when it is short printable ASCII without surrounding blanks, and
-    otherwise "sha256:" and the first 32 hex digits of the SHA-256 of its UTF-8 bytes,
-    which is legal, stable across retries and hedges, and computable from the id by
-    whoever reads the logs.
-    """
-    if (
-        len(request_id) <= MAX_HEADER_REQUEST_ID
-        and request_id.isascii()
-        and request_id.isprintable()
-        and request_id == request_id.strip()
-    ):
-        return request_id
-    digest = hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"sha256:{digest[:32]}"
 
 
 class CloudFailure(UpstreamError):
@@ -138,6 +109,7 @@ class _Counts:
     failures: int = 0  # requests that ended in CloudFailure
     short_circuited: int = 0  # refused by the open breaker
     by_outcome: dict[str, int] = field(default_factory=dict)
+    call_seconds: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
 
 
 class CloudEndpoint:
@@ -185,6 +157,7 @@ class CloudEndpoint:
             failures=counts.failures,
             short_circuited=counts.short_circuited,
             by_outcome=dict(counts.by_outcome),
+            call_seconds=counts.call_seconds.snapshot(),
         )
 
     async def check_ready(self, timeout: float) -> str | None:
@@ -209,6 +182,10 @@ class CloudEndpoint:
         `validate` checks an answer inside the attempt (raising InvalidArgument), so an
         answer that does not fit the request counts as a failure of the cloud.
         """
+        with tracing.span("offload.cloud_call", {"offload.target": self.target, "offload.model": request.model_name}):
+            return await self._infer(request, deadline, validate)
+
+    async def _infer(self, request: InferRequest, deadline: float | None, validate: Validator | None) -> InferResponse:
         self._counts.calls += 1
         if not request.id:
             # One id for every attempt, so the cloud (and its logs) can tell retries apart from new work.
@@ -226,6 +203,7 @@ class CloudEndpoint:
             sleep=self._sleep,
             reraise=True,
         )
+        started = self._clock()
         try:
             async for attempt in retrying:
                 with attempt:
@@ -238,6 +216,7 @@ class CloudEndpoint:
             self._counts.failures += 1
             raise _as_failure(exc) from exc
         finally:
+            self._counts.call_seconds.observe(self._clock() - started)
             # A probe that got no outcome (cancelled, or no time left to send it) must not
             # keep the breaker half-open forever; one that did is already settled.
             for probe in probes:
@@ -314,6 +293,15 @@ class CloudEndpoint:
         return self.throttle.take_for_hedge()
 
     async def _attempt(self, request: InferRequest, end: float, validate: Validator | None) -> InferResponse:
+        # One span per RPC, retries and hedges alike; the cloud's server span is its child.
+        with tracing.span("offload.cloud_attempt", {"offload.target": self.target}, client=True) as span:
+            try:
+                return await self._attempt_once(request, end, validate)
+            except UpstreamError as exc:
+                span.set("rpc.grpc.status_code", exc.status.value[0])
+                raise
+
+    async def _attempt_once(self, request: InferRequest, end: float, validate: Validator | None) -> InferResponse:
         timeout = end - self._clock()
         if timeout < self.retry.min_attempt_seconds:
             raise DeadlineExceeded(f"too little time left ({max(timeout, 0) * 1000:.0f} ms) to call {self.target}")
