@@ -101,7 +101,12 @@ def after_a_known_sequence(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     repository = picky.write_repository(gate.write_repository(folder / "repository"))
     gate_dir = folder / "gate"
     gate_dir.mkdir()
-    env = {**SUBPROCESS_ENV, gate.MARKER_ENV: str(gate_dir), "OFFLOAD_CLOUD_MAX_QUEUE": "0"}
+    env = {
+        **SUBPROCESS_ENV,
+        gate.MARKER_ENV: str(gate_dir),
+        "OFFLOAD_CLOUD_MAX_QUEUE": "0",
+        "OFFLOAD_CLOUD_RESPONSE_CACHE_BYTES": "1000000",
+    }
     common = ["--grpc-port", "0", "--model-repository", str(repository), "--metrics-port", "0"]
     with ServerProcess(["cloud", *common, "--inference-threads", "1"], env=env) as cloud:
         cloud_address = cloud.start()
@@ -234,6 +239,12 @@ def test_the_cloud_counts_statuses_rows_and_its_scheduler(after_a_known_sequence
     for model in ("picky", "gate"):
         assert cloud("offload_cloud_model_load_seconds", model=model) > 0
         assert cloud("offload_cloud_model_warmup_seconds", model=model) >= 0
+    # Every request the cloud saw was new to its response cache (the edge's row cache answered the repeat);
+    # the one refused at capacity was looked up before it was refused.
+    assert cloud("offload_cloud_response_cache_hits_total") == 0
+    assert cloud("offload_cloud_response_cache_misses_total") == 5
+    assert cloud("offload_cloud_response_cache_entries") == 3
+    assert cloud("offload_cloud_response_cache_max_bytes") == 1000000
     # The process's own figures come along.
     assert cloud("process_resident_memory_bytes") > 0
 
@@ -243,6 +254,13 @@ def test_every_metric_the_dashboard_docs_and_manifests_name_is_exposed(after_a_k
     dashboard = json.loads((DEPLOY / "grafana" / "offload.json").read_text())
     expressions = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
     assert expressions, "the dashboard has no queries"
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, f"{panel['title']} is wider than the dashboard"
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
     texts = {"deploy/grafana/offload.json": "\n".join(expressions)}
     texts["README.md"] = (ROOT / "README.md").read_text()
     for path in sorted(DEPLOY.rglob("*")):
