@@ -21,7 +21,7 @@ from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import UpstreamError
-from offload.oip.logs import log_handler
+from offload.oip.logs import LogFormat, log_handler
 from offload.oip.repository import TensorSpec
 from offload.oip.request_ids import current_request_id, request_id_header, request_id_of
 from offload.oip.security import ChannelSecurity, ServerSecurity
@@ -152,9 +152,9 @@ def test_offload_cloud_serves_its_health_port_with_tls_on(tmp_path: Path) -> Non
 # --- log lines ----------------------------------------------------------------------------------------------------
 
 
-def _record(message: str, **extra: object) -> str:
+def _record(message: str, log_format: LogFormat = "json", **extra: object) -> str:
     stream = io.StringIO()
-    handler = log_handler("json")
+    handler = log_handler(log_format)
     assert isinstance(handler, logging.StreamHandler)
     handler.setStream(stream)
     logger = logging.getLogger("offload.test.json")
@@ -182,6 +182,16 @@ def test_a_json_line_is_one_object_with_the_request_id_and_extra_fields_on_one_l
     assert (entry["target"], entry["rows"]) == ("gpu-host:8101", 3)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", entry["time"])
     assert "request_id" not in json.loads(_record("outside any call"))
+
+
+def test_a_text_line_ends_with_the_request_id_when_it_is_about_a_request() -> None:
+    token = current_request_id.set("req-43")
+    try:
+        about = _record("cloud failed", "text")
+    finally:
+        current_request_id.reset(token)
+    assert re.fullmatch(r"\S+ \S+ WARNING offload.test.json: cloud failed \[request req-43\]\n", about), about
+    assert _record("started", "text").endswith("WARNING offload.test.json: started\n")
 
 
 def test_the_request_id_is_the_oip_id_else_the_header_in_its_legal_bounded_form() -> None:

@@ -23,6 +23,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from offload.oip.address import host_port
 from offload.oip.observe import ServerStats
 from offload.oip.stats import HistogramSnapshot
 
@@ -155,7 +156,10 @@ class MetricsServer:
 
     def start(self, host: str, port: int) -> int:
         """Listen (port 0: any free one) and serve; returns the bound port. OSError if it cannot bind."""
-        server, thread = start_http_server(port, host, self._registry)
+        try:
+            server, thread = start_http_server(port, host, self._registry)
+        except OSError as exc:
+            raise OSError(f"could not serve metrics on {host_port(host, port)}: {exc.strerror or exc}") from exc
         self.port = int(server.server_address[1])
 
         def stop() -> None:
