@@ -1,15 +1,19 @@
-"""Edge start-up holds model.toml's tensors against the ONNX file: names, datatypes and shapes."""
+"""Edge start-up holds model.toml's tensors against the ONNX file: names, datatypes and shapes; and the
+loaded model answers as its file does under a bare ONNX Runtime session."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from offload.edge.agent import load_edge_models
 from offload.oip.errors import ConfigurationError
+from offload.router.models import RoutedModel
+from support import reference
 
 Dims = list[int | str | None]
 
@@ -69,8 +73,22 @@ DIFFERING = [
 def test_matching_shapes_load(
     tmp_path: Path, onnx_in: Dims, onnx_out: Dims, toml_in: list[int], toml_out: list[int]
 ) -> None:
-    models = load_edge_models(_write(tmp_path, onnx_in, onnx_out, toml_in, toml_out))
+    repository = _write(tmp_path, onnx_in, onnx_out, toml_in, toml_out)
+    models = load_edge_models(repository)
     assert [spec.shape for spec in models["m"].edge.inputs] == [tuple(toml_in)]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    answer = models["m"].edge.predict({"x": x})
+    np.testing.assert_array_equal(answer["y"], reference.onnx_outputs(repository / "m" / "edge.onnx", {"x": x})["y"])
+    np.testing.assert_array_equal(answer["y"], x)
+
+
+def test_the_demo_edge_model_answers_as_its_file_under_a_bare_session(
+    demo_edge_models: dict[str, RoutedModel],
+) -> None:
+    pixels, _ = reference.demo_split("test")
+    answer = demo_edge_models["digits"].edge.predict({"pixels": pixels})
+    assert list(answer) == ["scores"]
+    reference.EDGE_TOLERANCE.assert_close(answer["scores"], reference.edge_scores(pixels))
 
 
 @pytest.mark.parametrize(("onnx_in", "onnx_out", "toml_in", "toml_out", "named"), DIFFERING)

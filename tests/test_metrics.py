@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SUBPROCESS_ENV
 from offload.cloud.dataplane import CloudDataPlane
+from offload.edge.metrics import EdgeCollector
+from offload.models import DEMO_REPOSITORY
 from offload.oip.client import OipClient
 from offload.oip.errors import UpstreamError
+from offload.oip.metrics import MetricsServer, metrics_registry, on_loop
 from offload.oip.observe import ServerStats
 from offload.oip.security import ChannelSecurity, ServerSecurity
 from offload.oip.server import OipServer
@@ -27,10 +31,12 @@ from offload.oip.stats import Histogram
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, ParameterValue
 from offload.router.cache import RowCache
+from offload.router.models import RoutedModel
+from offload.router.resilience import BreakerState
 from offload.router.traffic import CONFIDENCE_BUCKETS
 from offload.tools.process import ServerProcess
 from support import gate, picky
-from support.chaos import eventually
+from support.chaos import ALL_TO_CLOUD, ChaosProxy, edge_under_test, eventually
 from support.deployfiles import DEPLOY, ROOT
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -202,6 +208,13 @@ def test_the_edge_counts_cloud_calls_circuit_and_cache(after_a_known_sequence: S
     assert edge("offload_edge_cloud_circuit_state", target=target, state="half_open") == 0
     assert edge("offload_edge_cloud_circuit_changes_total", target=target) == 0
     assert edge("offload_edge_cloud_retry_tokens_max", target=target) == 10
+    # One replica, the --cloud address itself: every attempt went to it.
+    assert edge("offload_edge_cloud_replica_requests_total", target=target) == 3
+    assert edge("offload_edge_cloud_replica_failures_total", target=target) == 1
+    assert edge("offload_edge_cloud_replica_requests_in_flight", target=target) == 0
+    assert edge("offload_edge_cloud_replica_circuit_state", target=target, state="closed") == 1
+    assert edge("offload_edge_cloud_replica_circuit_changes_total", target=target) == 0
+    assert edge("offload_edge_cloud_replica_reachable", target=target) == 1
     # Cached: the offloaded rows once answered; the failed row is not.
     assert edge("offload_edge_cache_hits_total") == len(CLOUD_ROWS)
     assert edge("offload_edge_cache_misses_total") == len(CLOUD_ROWS) + 1 + 1
@@ -275,6 +288,83 @@ def test_every_metric_the_dashboard_docs_and_manifests_name_is_exposed(after_a_k
 
 
 # --- in process -------------------------------------------------------------------------------------------------
+
+
+def _digits(request_id: str) -> InferRequest:
+    pixels = np.load(DEMO_REPOSITORY / "digits" / "test.npz")["inputs"][:2].astype(np.float32)
+    return InferRequest("digits", [Tensor.of("pixels", pixels)], id=request_id, parameters=dict(ALL_TO_CLOUD))
+
+
+async def test_each_replica_is_a_series_of_its_own_beside_the_pool_totals(
+    demo_cloud_plane: CloudDataPlane, demo_edge_models: dict[str, RoutedModel], edge_executor: ThreadPoolExecutor
+) -> None:
+    """Two replicas (chaos proxies in front of one cloud), one failing every call: its breaker opens at its
+    first failure and stays open, and the request it failed is retried on the other, which answers them all."""
+    cloud = OipServer(demo_cloud_plane, "replicas-cloud")
+    await cloud.start()
+    try:
+        async with (
+            ChaosProxy(f"127.0.0.1:{cloud.port}", seed=1) as failing,
+            ChaosProxy(f"127.0.0.1:{cloud.port}", seed=2) as healthy,
+        ):
+            failing.fail_rate = 1.0  # UNAVAILABLE: retried on the other replica
+            pool = f"{failing.address},{healthy.address}"
+            async with edge_under_test(
+                pool,
+                demo_edge_models,
+                edge_executor,
+                breaker_consecutive_failures=1,
+                breaker_cooldown_seconds=3600.0,
+                retry_max_attempts=2,
+            ) as edge:
+                sent = 0
+                # Ties between idle replicas are broken at random: send until one request went to the failing one.
+                while not failing.request_ids:
+                    assert sent < 64, "the balancer never picked the failing replica"
+                    answer = await edge.client.infer(_digits(f"replica-{sent}"), timeout=TIMEOUT)
+                    assert (answer.parameters["offload_route"], answer.parameters["offload_degraded"]) == (
+                        "cloud",
+                        False,
+                    )
+                    sent += 1
+                loop = asyncio.get_running_loop()
+                server = MetricsServer(metrics_registry(EdgeCollector(on_loop(loop, edge.router.stats))))
+                port = server.start("127.0.0.1", 0)
+                try:
+                    edge_metrics = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
+                finally:
+                    await server.stop()
+    finally:
+        await cloud.stop(0)
+    assert len(failing.request_ids) == 1, "its breaker opened at the first failure"
+    assert len(healthy.request_ids) == sent
+    # The pool: one cloud, labelled as configured.
+    assert edge_metrics("offload_edge_cloud_requests_total", target=pool) == sent
+    assert edge_metrics("offload_edge_cloud_attempts_total", target=pool, code="OK") == sent
+    assert edge_metrics("offload_edge_cloud_attempts_total", target=pool, code="UNAVAILABLE") == 1
+    assert edge_metrics("offload_edge_cloud_retries_total", target=pool) == 1
+    assert edge_metrics("offload_edge_cloud_failures_total", target=pool) == 0
+    assert edge_metrics("offload_edge_cloud_request_duration_seconds_count", target=pool) == sent
+    # Closed while any replica's is; the one transition is the failing replica's.
+    assert edge_metrics("offload_edge_cloud_circuit_state", target=pool, state="closed") == 1
+    assert edge_metrics("offload_edge_cloud_circuit_changes_total", target=pool) == 1
+    # Each replica, labelled by its address.
+    for replica, calls, failures, state in ((failing, 1, 1, "open"), (healthy, sent, 0, "closed")):
+        target = replica.address
+        assert edge_metrics("offload_edge_cloud_replica_requests_total", target=target) == calls, target
+        assert edge_metrics("offload_edge_cloud_replica_failures_total", target=target) == failures, target
+        assert edge_metrics("offload_edge_cloud_replica_requests_in_flight", target=target) == 0
+        for each in BreakerState:
+            expected = float(each is BreakerState(state))
+            assert edge_metrics("offload_edge_cloud_replica_circuit_state", target=target, state=str(each)) == expected
+        assert edge_metrics("offload_edge_cloud_replica_circuit_changes_total", target=target) == (state == "open")
+        assert edge_metrics("offload_edge_cloud_replica_reachable", target=target) == 1
+    replica_series = {
+        dict(labels)["target"]
+        for name, labels in edge_metrics.samples
+        if name == "offload_edge_cloud_replica_requests_total"
+    }
+    assert replica_series == {failing.address, healthy.address}
 
 
 async def test_calls_the_token_check_refuses_are_counted_with_their_status(

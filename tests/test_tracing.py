@@ -30,7 +30,7 @@ from offload.oip.tracing import start_tracing, stop_tracing
 from offload.oip.types import InferRequest
 from offload.router.core import Router
 from offload.router.models import RoutedModel
-from offload.router.upstream import CloudEndpoint
+from offload.router.pool import CloudPool
 from offload.tools.process import ServerProcess
 from support.chaos import ALL_TO_CLOUD, ChaosProxy, eventually
 
@@ -71,7 +71,7 @@ async def traced_stack(
     cloud = OipServer(demo_cloud_plane, "traced-cloud")
     await cloud.start()
     async with ChaosProxy(f"127.0.0.1:{cloud.port}", seed=7) as proxy:
-        router = Router(demo_edge_models, CloudEndpoint(proxy.address, TIMEOUT, 1 << 24), edge_executor)
+        router = Router(demo_edge_models, CloudPool(proxy.address, TIMEOUT, 1 << 24), edge_executor)
         edge = OipServer(RouterDataPlane(router), "traced-edge")
         await edge.start()
         try:
@@ -124,6 +124,9 @@ async def test_one_trace_holds_the_edge_model_the_cloud_call_each_attempt_and_th
     assert failed.status.status_code == StatusCode.ERROR
     assert failed.attributes is not None
     assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    # Each attempt names the replica it went to (here the pool's one, the proxy).
+    assert answered.attributes is not None
+    assert failed.attributes["offload.target"] == answered.attributes["offload.target"] == proxy.address
     assert answered.status.status_code != StatusCode.ERROR
     # The cloud's server span continues the answered attempt (through the proxy), and runs the model.
     assert _parent(cloud_server) == answered.context.span_id

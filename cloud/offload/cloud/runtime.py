@@ -94,10 +94,7 @@ class CloudModel:
         """Run one batch so that lazy initialisation (CUDA context, kernels) happens before ready."""
         if self._warmup_rows == 0:
             return
-        inputs: Arrays = {}
-        for spec in self.inputs:
-            shape = (self._warmup_rows, *(dim if dim > 0 else 1 for dim in spec.shape[1:]))
-            inputs[spec.name] = np.zeros(shape, dtype=object) if spec.datatype == "BYTES" else _zeros(spec, shape)
+        inputs: Arrays = {spec.name: spec.zero_rows(self._warmup_rows) for spec in self.inputs}
         try:
             self.predict(inputs)
         except Exception as exc:
@@ -268,12 +265,6 @@ def _check_torch_datatypes(name: str, specs: tuple[TensorSpec, ...]) -> None:
                 f"model {name!r}: tensor {spec.name!r} is BYTES, which a torch module cannot take; "
                 "use a factory that returns an ArrayModel"
             )
-
-
-def _zeros(spec: TensorSpec, shape: tuple[int, ...]) -> npt.NDArray[Any]:
-    from offload.oip.datatypes import DATATYPES
-
-    return np.zeros(shape, dtype=DATATYPES[spec.datatype].dtype.newbyteorder("="))
 
 
 def _to_torch(array: npt.NDArray[Any], datatype: str, device: torch.device) -> torch.Tensor:

@@ -60,10 +60,15 @@ async def run(settings: CloudSettings) -> None:
     port = await server.start(settings.host, settings.grpc_port)
     for line in await operations.start(server, CloudCollector(on_loop(asyncio.get_running_loop(), plane.stats))):
         print(line, flush=True)
-    # One line that scripts (the demo, the tests) read to learn the port.
-    print(f"offload-cloud listening on {settings.host}:{port} ({server.security.description})", flush=True)
     try:
-        await serve_until_signalled(server, settings.grace_seconds)
+        await serve_until_signalled(
+            server,
+            settings.grace_seconds,
+            # One line that scripts (the demo, the tests) read to learn the port.
+            announce=lambda: print(
+                f"offload-cloud listening on {settings.host}:{port} ({server.security.description})", flush=True
+            ),
+        )
     finally:
         running = plane.close()
         await operations.stop()

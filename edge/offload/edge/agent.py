@@ -1,11 +1,11 @@
-"""Assemble the edge agent: edge models from the repository, the cloud endpoint, the router, the server."""
+"""Assemble the edge agent: edge models from the repository, the cloud's replicas, the router, the server."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
 from offload.edge.metrics import EdgeCollector
 from offload.edge.onnx_model import OnnxModel
+from offload.edge.rollout import ModelRollout
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
 from offload.oip.errors import ConfigurationError
@@ -24,15 +25,21 @@ from offload.router.cache import RowCache
 from offload.router.config import RoutedConfig
 from offload.router.core import Router
 from offload.router.models import RoutedModel
+from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
-from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep, Upstream
+from offload.router.upstream import RetryPolicy, Sleep, Upstream
 
 log = logging.getLogger(__name__)
 
 
-def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
+def load_edge_models(repository: Path, keep: Mapping[str, RoutedModel] | None = None) -> dict[str, RoutedModel]:
+    """The [edge] models of a repository, loaded; those named in `keep` are taken from it as they are
+    (a rollout keeps the models it did not change)."""
     models: dict[str, RoutedModel] = {}
     for name, entry in load_repository(repository).items():
+        if keep is not None and name in keep:
+            models[name] = keep[name]
+            continue
         section = entry.section("edge", EdgeSection)
         if section is None:
             continue
@@ -58,15 +65,15 @@ def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
     return models
 
 
-def build_cloud_endpoint(
+def build_cloud_pool(
     settings: EdgeSettings,
     on_breaker_change: Callable[[BreakerState], None] | None = None,
     sleep: Sleep | None = None,
-) -> CloudEndpoint | None:
-    """The endpoint the settings describe; `sleep` replaces asyncio.sleep for its backoffs (tests)."""
+) -> CloudPool | None:
+    """The cloud's replicas the settings describe; `sleep` replaces asyncio.sleep for backoffs (tests)."""
     if not settings.cloud:
         return None
-    return CloudEndpoint(
+    return CloudPool(
         settings.cloud,
         settings.cloud_timeout_seconds,
         settings.max_message_bytes,
@@ -77,18 +84,24 @@ def build_cloud_endpoint(
         hedge_delay_seconds=settings.hedge_delay_seconds,
         on_breaker_change=on_breaker_change,
         sleep=sleep or asyncio.sleep,
+        resolve_seconds=settings.cloud_resolve_seconds,
         security=settings.cloud_security(),
     )
 
 
-def build_router(settings: EdgeSettings, on_breaker_change: Callable[[BreakerState], None] | None = None) -> Router:
-    """The in-process router an app can call directly, configured like the agent."""
+def build_router(
+    settings: EdgeSettings,
+    on_breaker_change: Callable[[BreakerState], None] | None = None,
+    models: Mapping[str, RoutedModel] | None = None,
+) -> Router:
+    """The in-process router an app can call directly, configured like the agent; it serves `models` if
+    given (the agent's from model_repository_url), else those of model_repository."""
     # The cloud channel first: its certificates and token are checked before any model loads.
-    cloud = build_cloud_endpoint(settings, on_breaker_change)
+    cloud = build_cloud_pool(settings, on_breaker_change)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     return Router(
-        load_edge_models(settings.model_repository),
+        models if models is not None else load_edge_models(settings.model_repository),
         cloud,
         executor,
         deadline_reserve_seconds=settings.deadline_reserve_seconds,
@@ -122,8 +135,8 @@ async def report_cloud_at_start(cloud: Upstream, timeout: float = CLOUD_CHECK_SE
     )
 
 
-# The health service name that reports the circuit to the cloud: SERVING while
-# closed, NOT_SERVING while open or half-open (rows are answered on the edge).
+# The health service name that reports the circuit to the cloud: SERVING while at
+# least one replica's is closed, NOT_SERVING while none is (rows are answered on the edge).
 CLOUD_HEALTH_SERVICE = "offload.cloud"
 
 
@@ -137,7 +150,10 @@ async def run(settings: EdgeSettings) -> None:
     # Certificates, tokens and tracing are checked before anything else is loaded: a wrong one stops start-up at once.
     security = settings.security()
     operations = Operations(settings, SERVER_NAME)
-    router = build_router(settings, breaker_changed)
+    # With a model repository URL, the models are the kept or downloaded ones (see offload.edge.rollout).
+    rollout = ModelRollout.open(settings, load_edge_models) if settings.model_repository_url else None
+    models = await rollout.start(settings.model_repository) if rollout is not None else None
+    router = build_router(settings, breaker_changed, models)
     plane = RouterDataPlane(router)
     server = OipServer(plane, SERVER_NAME, settings.limits, security)
     port = await server.start(settings.host, settings.grpc_port)
@@ -146,17 +162,26 @@ async def run(settings: EdgeSettings) -> None:
     for line in await operations.start(server, EdgeCollector(on_loop(asyncio.get_running_loop(), router.stats))):
         print(line, flush=True)
     cloud = settings.cloud or "none (edge answers only)"
-    print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud}; {security.description})", flush=True)
     status = StatusLog(router.stats, settings.status_log_seconds)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
     check = asyncio.create_task(report_cloud_at_start(router.upstream)) if router.upstream is not None else None
+    poller = asyncio.create_task(rollout.run(router, settings.model_poll_seconds)) if rollout is not None else None
     try:
-        await serve_until_signalled(server, settings.grace_seconds)
+        await serve_until_signalled(
+            server,
+            settings.grace_seconds,
+            announce=lambda: print(
+                f"offload-edge listening on {settings.host}:{port} (cloud: {cloud}; {security.description})", flush=True
+            ),
+        )
     finally:
-        if check is not None:
-            check.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await check
+        for task in (check, poller):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if rollout is not None:
+            await rollout.close()
         if reporter is not None:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -2,8 +2,10 @@
 
 Per model: requests by the answer's route, rows by where their answer came from (edge, cloud,
 cache, degraded), the router's time to answer, the edge's row confidences and the threshold in
-force. Per cloud endpoint (label `target`): calls, attempts by status, retries, hedges, failures,
-short-circuits, call latency, circuit state and retry tokens. The row cache and the audit. The OIP
+force. The cloud pool's totals (label `target`, as configured): calls, attempts by status, retries,
+hedges, failures, short-circuits, call latency, circuit state and the shared retry tokens; and each
+replica's own (`offload_edge_cloud_replica_*`, label `target`, its address): calls, failures, calls
+in flight, circuit state, reachability. The row cache and the audit. The OIP
 server's calls by status code come from offload.oip.metrics.ServerCollector.
 """
 
@@ -13,9 +15,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.metrics_core import Metric
 
-from offload.oip.metrics import counter, counters, gauge, gauges, histograms, labelled
+from offload.oip.metrics import Labels, counter, counters, gauge, gauges, histograms, labelled
 from offload.router.resilience import BreakerState
-from offload.router.stats import CacheStats, RouterStats, UpstreamStats
+from offload.router.stats import CacheStats, ReplicaStats, RouterStats, UpstreamStats
 
 PREFIX = "offload_edge"
 
@@ -31,7 +33,8 @@ class EdgeCollector:
         yield from _traffic(stats)
         yield counter(f"{PREFIX}_request_errors_total", "Requests the router ended with an error.", stats.errors)
         if stats.cloud is not None:
-            yield from _cloud(_endpoints(stats.cloud))
+            yield from _cloud(stats.cloud)
+            yield from _replicas(stats.cloud.replicas)
         if stats.cache is not None:
             yield from _cache(stats.cache)
         audit = stats.audit
@@ -88,67 +91,109 @@ def _traffic(stats: RouterStats) -> Iterator[Metric]:
     )
 
 
-def _endpoints(cloud: UpstreamStats) -> Iterable[UpstreamStats]:
-    """The cloud endpoints behind the router's upstream, each with its own `target`."""
-    return (cloud,)
-
-
-def _cloud(endpoints: Iterable[UpstreamStats]) -> Iterator[Metric]:
-    clouds = sorted(endpoints, key=lambda endpoint: endpoint.target)
+def _cloud(cloud: UpstreamStats) -> Iterator[Metric]:
+    """The pool's totals, labelled by `target` as configured (one address, several, or dns:///...)."""
     target = ("target",)
 
-    def each(value: Callable[[UpstreamStats], float]) -> Iterator[tuple[tuple[str, ...], float]]:
-        return (((cloud.target,), value(cloud)) for cloud in clouds)
+    def total(value: float) -> tuple[tuple[Labels, float]]:
+        return (((cloud.target,), value),)
 
-    yield counters(
-        f"{PREFIX}_cloud_requests_total", "Requests sent towards the cloud.", target, each(lambda c: c.calls)
-    )
+    yield counters(f"{PREFIX}_cloud_requests_total", "Requests sent towards the cloud.", target, total(cloud.calls))
     yield counters(
         f"{PREFIX}_cloud_attempts_total",
         "RPCs to the cloud that ended, by gRPC status code (retries and hedges included; cancelled ones not).",
         ("target", "code"),
-        [((cloud.target, code), count) for cloud in clouds for code, count in sorted(cloud.by_outcome.items())],
+        [((cloud.target, code), count) for code, count in sorted(cloud.by_outcome.items())],
     )
-    yield counters(f"{PREFIX}_cloud_retries_total", "Retried attempts.", target, each(lambda c: c.retries))
-    yield counters(f"{PREFIX}_cloud_hedges_total", "Hedged attempts sent.", target, each(lambda c: c.hedges))
+    yield counters(f"{PREFIX}_cloud_retries_total", "Retried attempts.", target, total(cloud.retries))
+    yield counters(f"{PREFIX}_cloud_hedges_total", "Hedged attempts sent.", target, total(cloud.hedges))
     yield counters(
         f"{PREFIX}_cloud_failures_total",
         "Cloud requests that failed for good (their rows were answered by the edge, or the caller got the error).",
         target,
-        each(lambda c: c.failures),
+        total(cloud.failures),
     )
     yield counters(
         f"{PREFIX}_cloud_short_circuited_total",
-        "Cloud requests refused at once by the open circuit breaker.",
+        "Cloud requests refused at once because every replica's circuit breaker was open.",
         target,
-        each(lambda c: c.short_circuited),
+        total(cloud.short_circuited),
     )
     yield histograms(
         f"{PREFIX}_cloud_request_duration_seconds",
-        "How long cloud requests past the breaker took, every attempt and backoff included.",
+        "How long cloud requests past the breakers took, every attempt and backoff included.",
         target,
-        [((cloud.target,), cloud.call_seconds) for cloud in clouds],
+        (((cloud.target,), cloud.call_seconds),),
     )
     yield gauges(
         f"{PREFIX}_cloud_circuit_state",
-        "The circuit breaker's state: 1 for the state it is in (closed, open, half_open), 0 for the others.",
+        "The pool's circuit: 1 for the state it is in (closed while any replica's is closed; else half_open while "
+        "any is; else open), 0 for the others.",
         ("target", "state"),
-        [((cloud.target, str(state)), float(cloud.circuit is state)) for cloud in clouds for state in BreakerState],
+        [((cloud.target, str(state)), float(cloud.circuit is state)) for state in BreakerState],
     )
     yield counters(
         f"{PREFIX}_cloud_circuit_changes_total",
-        "Circuit breaker transitions.",
+        "Circuit breaker transitions, every replica's together.",
         target,
-        each(lambda c: c.circuit_changes),
+        total(cloud.circuit_changes),
     )
     yield gauges(
         f"{PREFIX}_cloud_retry_tokens",
-        "Tokens left in the retry budget (retries and hedges stop at half the maximum).",
+        "Tokens left in the retry budget every replica shares (retries and hedges stop at half the maximum).",
         target,
-        each(lambda c: c.retry_tokens),
+        total(cloud.retry_tokens),
+    )
+    yield gauges(f"{PREFIX}_cloud_retry_tokens_max", "The retry budget's size.", target, total(cloud.retry_tokens_max))
+
+
+def _replicas(replicas: Iterable[ReplicaStats]) -> Iterator[Metric]:
+    """Each replica the pool has now, labelled by `target`: its address (host:port, as DNS gave it)."""
+    ordered = sorted(replicas, key=lambda replica: replica.target)
+    target = ("target",)
+
+    def each(value: Callable[[ReplicaStats], float]) -> list[tuple[Labels, float]]:
+        return [((replica.target,), value(replica)) for replica in ordered]
+
+    yield counters(
+        f"{PREFIX}_cloud_replica_requests_total",
+        "RPCs sent to a replica (first attempts, retries and hedges alike).",
+        target,
+        each(lambda r: r.calls),
+    )
+    yield counters(
+        f"{PREFIX}_cloud_replica_failures_total",
+        "RPCs to a replica that ended in an error status (not those their caller cancelled).",
+        target,
+        each(lambda r: r.failures),
     )
     yield gauges(
-        f"{PREFIX}_cloud_retry_tokens_max", "The retry budget's size.", target, each(lambda c: c.retry_tokens_max)
+        f"{PREFIX}_cloud_replica_requests_in_flight",
+        "RPCs to a replica in flight now.",
+        target,
+        each(lambda r: r.outstanding),
+    )
+    yield gauges(
+        f"{PREFIX}_cloud_replica_circuit_state",
+        "A replica's circuit breaker: 1 for the state it is in (closed, open, half_open), 0 for the others.",
+        ("target", "state"),
+        [
+            ((replica.target, str(state)), float(replica.circuit is state))
+            for replica in ordered
+            for state in BreakerState
+        ],
+    )
+    yield counters(
+        f"{PREFIX}_cloud_replica_circuit_changes_total",
+        "A replica's circuit breaker transitions.",
+        target,
+        each(lambda r: r.circuit_changes),
+    )
+    yield gauges(
+        f"{PREFIX}_cloud_replica_reachable",
+        "1 while a replica's channel can connect, 0 while it cannot (the process is gone, the port closed).",
+        target,
+        each(lambda r: r.reachable),
     )
 
 

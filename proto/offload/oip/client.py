@@ -55,8 +55,14 @@ class OipClient:
             self._channel = grpc.aio.secure_channel(target, self.security.credentials, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
 
-    async def close(self) -> None:
-        await self._channel.close()
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel; with `grace`, calls in flight get that many seconds to finish first."""
+        await self._channel.close(grace)
+
+    def reachable(self) -> bool:
+        """False while the channel cannot connect (TRANSIENT_FAILURE: refused, reset, unreachable).
+        It keeps reconnecting in the background, so this turns True again once the server is back."""
+        return self._channel.get_state() is not grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
     async def __aenter__(self) -> OipClient:
         return self

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
@@ -230,6 +231,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._idle.set()
 
 
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """A descriptor pool with every service the server lists, for reflection to describe them: OIP's
+    messages live in a private pool (see proto/generate.py), health's and reflection's in protobuf's
+    default one, and reflection answers from a single pool."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        pool.AddSerializedFile(file.serialized_pb)
+    return pool
+
+
 class OipServer:
     """One gRPC server: OIP, health (grpc.health.v1) and reflection, on one port (and, with
     `start_health`, health alone in plaintext on another)."""
@@ -267,7 +278,7 @@ class OipServer:
         self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=pb.DESCRIPTOR.pool
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=_reflection_pool()
         )
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -360,13 +371,21 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def serve_until_signalled(server: OipServer, grace_seconds: float) -> None:
-    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+async def serve_until_signalled(
+    server: OipServer, grace_seconds: float, announce: Callable[[], None] | None = None
+) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully.
+
+    `announce` runs once the signals are handled: a server announced before that (its
+    `listening on` line) could be stopped by a signal sent right after the line, with no drain.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
+        if announce is not None:
+            announce()
         await stop.wait()
         log.info("%s: shutting down; answering calls in flight for up to %.1fs", server.name, grace_seconds)
         await server.stop(grace_seconds)

@@ -1,4 +1,5 @@
-"""The `offload` command: run the demo, the edge agent or the cloud service, or calibrate a model.
+"""The `offload` command: run the demo, the edge agent or the cloud service, calibrate a model, load a
+server, or write a repository's manifest.
 
 Each subcommand imports only what it needs, so `offload cloud` runs where only
 `offload[cloud]` (torch) is installed and `offload edge` where only
@@ -17,7 +18,7 @@ from offload.oip.address import check_address
 from offload.oip.errors import ConfigurationError
 from offload.oip.settings import configure_logging, load_settings
 
-EXTRA_HINT = {"torch": "offload[cloud]", "onnxruntime": "offload[edge]"}
+EXTRA_HINT = {"torch": "offload[cloud]", "onnxruntime": "offload[edge]", "tritonclient": "offload[tools]"}
 
 
 def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -53,6 +54,9 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
         "--auth-token-file", type=Path, metavar="FILE", help="accepted bearer tokens, one a line; re-read on change"
     )
 
+
+# The edge agent's flags for models rolled out over HTTP, named as the edge settings.
+ROLLOUT_FLAGS = ("model_repository_url", "model_poll_seconds", "model_cache_dir")
 
 # The flags of a channel to the cloud (the edge agent's, calibrate's), named as the edge settings.
 CLOUD_CHANNEL_FLAGS = ("cloud_tls_ca", "cloud_tls_cert", "cloud_tls_key", "cloud_tls_server_name", "cloud_token_file")
@@ -117,9 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
         "forward low-confidence rows to the cloud. Environment: OFFLOAD_EDGE_*.",
     )
     _server_flags(edge, 8001)
-    edge.add_argument("--cloud", help="the cloud's HOST:PORT (any OIP server); omit to answer on the edge only")
+    edge.add_argument(
+        "--cloud",
+        help="the cloud (any OIP server): HOST:PORT; several replicas as HOST:PORT,HOST:PORT,...; or "
+        "dns:///NAME:PORT for a replica at every address of NAME; omit to answer on the edge only",
+    )
     edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (1)")
     edge.add_argument("--edge-threads", type=int, help="threads that run edge models (default 1)")
+    edge.add_argument(
+        "--model-repository-url",
+        metavar="URL",
+        help="serve the models published at URL (URL/manifest.json, see `offload manifest`), swapping in new "
+        "versions as they appear; --model-repository is then served only until a first download succeeds",
+    )
+    edge.add_argument(
+        "--model-poll-seconds", type=float, metavar="S", help="seconds between looks at --model-repository-url (60)"
+    )
+    edge.add_argument(
+        "--model-cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the last good repository from the URL is kept for restarts (default: a state folder, "
+        "$STATE_DIRECTORY or $XDG_STATE_HOME/offload)",
+    )
     _cloud_channel_flags(edge)
 
     cloud = commands.add_parser(
@@ -131,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     _server_flags(cloud, 8101)
     cloud.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     cloud.add_argument("--inference-threads", type=int, help="threads that run models (default 2)")
+
+    manifest = commands.add_parser(
+        "manifest",
+        help="write DIR/manifest.json so that edge agents can take the repository DIR from an HTTP server",
+        description="Read the model repository DIR (its model folders, each model.toml's name, version and "
+        "tensors checked) and write DIR/manifest.json: the repository's version and, per model, every file's "
+        "path, size and SHA-256. Publish DIR's files on any HTTP server or "
+        "object store, the manifest last; edge agents started with --model-repository-url pointing there fetch "
+        "new versions, verify them and swap them in.",
+    )
+    manifest.add_argument("repository", type=Path, metavar="DIR", help="the model repository folder")
+    manifest.add_argument(
+        "--version", help="the repository's version (default: a digest of every file's path and SHA-256)"
+    )
 
     calibrate = commands.add_parser(
         "calibrate",
@@ -163,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--plot", type=Path, metavar="FILE.png", help="save the accuracy-vs-offload curve here")
     calibrate.add_argument("--no-temperature", action="store_true", help="keep the configured temperature")
     calibrate.add_argument("--dry-run", action="store_true", help="report only; leave model.toml unchanged")
+    _bench_parser(commands)
     return parser
 
 
@@ -171,6 +210,98 @@ def _address(text: str) -> str:
         return check_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _bench_parser(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="load any OIP gRPC server (ours, Triton, MLServer) and report throughput and latency",
+        description="A load tool in the spirit of Triton's perf_analyzer. Each step holds a load (closed loop: "
+        "N workers with one request in flight each; open loop: a fixed request rate, latencies counted from "
+        "each request's scheduled send time) for a warm-up and then --duration seconds, and reports requests "
+        "and rows per second of successful requests, their p50/p90/p99 latency, and failures by gRPC status. "
+        "Exit status 1 when any request failed, 2 when the run cannot start.",
+    )
+    bench.add_argument("--target", default="127.0.0.1:8001", help="the server's HOST:PORT (default 127.0.0.1:8001)")
+    bench.add_argument("--model", "-m", required=True, help="the model to call")
+    bench.add_argument("--model-version", default="", help="the model version (default: the server's choice)")
+    bench.add_argument("--input", help="the input's name (default: the model's only input, from its metadata)")
+    bench.add_argument(
+        "--shape",
+        type=_int_list,
+        help="the whole request's input shape, rows first, e.g. 1,64 (default: the metadata's, open rows as 1)",
+    )
+    bench.add_argument("--datatype", help="the input's OIP datatype, e.g. FP32 (default: the metadata's)")
+    bench.add_argument("--data", type=Path, metavar="FILE.npz", help="send rows of this .npz's 'inputs' array")
+    bench.add_argument("--rows", type=_positive_int, help="rows per request (overrides the shape's first dimension)")
+    load = bench.add_mutually_exclusive_group()
+    load.add_argument(
+        "--concurrency", type=_int_list, default=(1,), help="closed-loop steps: workers, e.g. 1,8,64 (default 1)"
+    )
+    load.add_argument("--rate", type=_float_list, help="open-loop steps: requests per second, e.g. 500,1000")
+    bench.add_argument("--duration", type=float, default=10.0, help="measured seconds per step (default 10)")
+    bench.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each step counts (default 2)")
+    bench.add_argument(
+        "--min-requests",
+        type=int,
+        default=0,
+        metavar="N",
+        help="count on past --duration until N requests completed (perf_analyzer's count windows; default 0)",
+    )
+    bench.add_argument(
+        "--streaming",
+        action="store_true",
+        help="send on ModelStreamInfer (Triton's bidirectional stream; needs tritonclient) instead of ModelInfer",
+    )
+    bench.add_argument(
+        "--parameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a request parameter, e.g. offload_route=edge; typed by its look (true/false, integer, number, "
+        "string) or as NAME:TYPE=VALUE (bool, int, float, string); repeatable",
+    )
+    bench.add_argument("--timeout", type=float, default=30.0, help="seconds per request before DEADLINE_EXCEEDED")
+    bench.add_argument(
+        "--channels", type=_positive_int, default=1, help="gRPC connections per client process (default 1)"
+    )
+    bench.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        help="client processes sharing each step (default 1; more when one process's CPU limits the load)",
+    )
+    bench.add_argument("--csv", type=Path, metavar="FILE", help="write one row per step here")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="write the steps as JSON here")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if any(value <= 0 for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: rates must be above 0")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return value
 
 
 def _share(text: str) -> float:
@@ -197,10 +328,25 @@ def main(argv: list[str] | None = None) -> int:
             edge_settings = load_settings(
                 EdgeSettings,
                 options.config,
-                **_flags(options, "cloud", "cloud_timeout_seconds", "edge_threads", *CLOUD_CHANNEL_FLAGS),
+                **_flags(
+                    options, "cloud", "cloud_timeout_seconds", "edge_threads", *ROLLOUT_FLAGS, *CLOUD_CHANNEL_FLAGS
+                ),
             )
             configure_logging(edge_settings.log_level, edge_settings.log_format)
             asyncio.run(agent.run(edge_settings))
+            return 0
+        if options.command == "bench":
+            return _bench(options)
+        if options.command == "manifest":
+            from offload.oip.manifest import write_manifest
+
+            path, written = write_manifest(options.repository, options.version)
+            files = [file for model in written.models for file in model.files]
+            models = len(written.models)
+            print(
+                f"wrote {path}: version {written.version}, {models} model{'s' if models != 1 else ''}, "
+                f"{len(files)} files, {sum(file.size for file in files):,} bytes"
+            )
             return 0
         if options.command == "calibrate":
             from offload.models import DEMO_REPOSITORY
@@ -242,6 +388,44 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"offload {options.command} needs {exc.name}: pip install '{extra}'", file=sys.stderr)
         return 2
+
+
+def _bench(options: argparse.Namespace) -> int:
+    from offload.tools.bench import BenchOptions, bench_command, parse_parameter
+
+    try:
+        parameters = dict(parse_parameter(text) for text in options.parameter)
+    except ValueError as exc:
+        raise ConfigurationError(f"--parameter: {exc}") from None
+    if any(workers < 1 for workers in options.concurrency):
+        raise ConfigurationError("--concurrency: workers must be 1 or more")
+    if options.duration <= 0 or options.warmup < 0:
+        raise ConfigurationError("--duration must be above 0 and --warmup 0 or more")
+    if options.data is not None and options.shape is not None:
+        raise ConfigurationError("--data and --shape: the file's rows give the shape; use --rows for rows per request")
+    bench_options = BenchOptions(
+        target=options.target,
+        model=options.model,
+        model_version=options.model_version,
+        input_name=options.input,
+        shape=options.shape,
+        datatype=options.datatype,
+        data=options.data,
+        rows=options.rows,
+        parameters=parameters,
+        concurrency=options.concurrency,
+        rates=options.rate or (),
+        duration=options.duration,
+        warmup=options.warmup,
+        min_requests=options.min_requests,
+        streaming=options.streaming,
+        timeout=options.timeout,
+        channels=options.channels,
+        processes=options.processes,
+        progress=not options.no_progress,
+        seed=options.seed,
+    )
+    return bench_command(bench_options, options.csv, options.json)
 
 
 if __name__ == "__main__":

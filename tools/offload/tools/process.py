@@ -29,6 +29,7 @@ class ServerProcess:
         self._printed = threading.Condition()
         self._process: subprocess.Popen[str] | None = None
         self._ended = False
+        self._reader: threading.Thread | None = None
         self.address = ""
 
     def start(self, timeout: float = 120.0) -> str:
@@ -36,7 +37,8 @@ class ServerProcess:
         self._process = subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self._env
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         if not self._ready.wait(timeout) or not self.address:
             self.kill()
             raise RuntimeError(f"{' '.join(self.args[3:])} did not start within {timeout}s:\n{self.output()}")
@@ -102,10 +104,14 @@ class ServerProcess:
         if self._process is None:
             return 0
         try:
-            return self._process.wait(timeout)
+            code = self._process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        if self._reader is not None:
+            # The reader may still be taking in the last lines: once wait returns, output() has them.
+            self._reader.join(timeout)
+        return code
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
