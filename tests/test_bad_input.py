@@ -31,7 +31,7 @@ from offload.oip import server as oip_server
 from offload.oip.client import OipClient
 from offload.oip.errors import MAX_STATUS_MESSAGE_BYTES, InvalidArgument, UpstreamError
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits
-from offload.oip.messages import CheckedRequest, decode_request, request_to_pb
+from offload.oip.messages import CheckedRequest, decode_request, receive_infer_request, request_to_pb
 from offload.oip.repository import TensorSpec
 from offload.oip.request_ids import MAX_HEADER_REQUEST_ID
 from offload.oip.server import OipServer, read_request
@@ -280,6 +280,23 @@ async def test_bad_request_is_rejected_and_the_server_keeps_serving(
     stub: Stub, build: Callable[[], pb.ModelInferRequest], code: grpc.StatusCode, fragments: tuple[str, ...]
 ) -> None:
     await _assert_rejected(stub, build(), code, fragments)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_bytes_that_are_no_protobuf_message_are_invalid_argument(demo_stack: Stack, server: str) -> None:
+    async with grpc.aio.insecure_channel(_address(demo_stack, server)) as channel:
+        send_bytes: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send_bytes(_digits().SerializeToString()[:-3], timeout=TIMEOUT)  # cut inside the raw contents
+        assert caught.value.code() == Code.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        # The reason is the no-copy reader's, which names the field cut short.
+        prefix = "the request is not a valid inference.ModelInferRequest protobuf message (field 7 at byte "
+        assert details.startswith(prefix), details
+        assert " runs past the end of the message); " in details, details
+        await _assert_serves(pb_grpc.GRPCInferenceServiceStub(channel))
 
 
 async def test_a_clipped_message_fits_in_a_trailer(stub: Stub) -> None:
@@ -606,7 +623,8 @@ async def test_a_large_request_is_decoded_off_the_event_loop(monkeypatch: pytest
         return decode_request(checked)
 
     monkeypatch.setattr(oip_server, "decode_request", held_decode)
-    read = asyncio.create_task(read_request(message, 1 << 26, lambda name, version: (spec,)))
+    received = receive_infer_request(message.SerializeToString())
+    read = asyncio.create_task(read_request(received, 1 << 26, lambda name, version: (spec,)))
     assert await asyncio.to_thread(started.wait, 10), "decoding never started"
     released.set()
     request = await read

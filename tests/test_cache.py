@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ from offload.oip.errors import NotFound
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
-from offload.router.cache import RowCache, RowPlan
+from offload.router.cache import RowCache, RowOutputs, RowPlan
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.pool import CloudPool
@@ -98,16 +99,23 @@ class TestKeys:
         assert not set(keys) & set(self.keys)
 
 
+def _charge(outputs: RowOutputs) -> int:
+    """What a cache charges for one entry of these outputs: read off a cache that holds just it."""
+    cache = RowCache(max_bytes=1 << 20, ttl_seconds=10)
+    cache.fulfil(cache.plan(cache.keys(SCOPE, [Tensor.of("pixels", _pixels(1))], {})), "digits", "1", [outputs])
+    return cache.bytes_used
+
+
 async def test_ttl_and_byte_bound_evict_least_recently_used() -> None:
     now = [0.0]
-    row_bytes = 10 * 4
-    # Room for three entries of one 10-float row each (plus bookkeeping), not four.
-    cache = RowCache(max_bytes=3 * (row_bytes + 64), ttl_seconds=10, timer=lambda: now[0])
+    row = {"scores": np.zeros(10, np.float32)}
+    # Room for three entries of one 10-float row each, not four.
+    cache = RowCache(max_bytes=3 * _charge(row) + _charge(row) // 2, ttl_seconds=10, timer=lambda: now[0])
     keys = cache.keys(SCOPE, [Tensor.of("pixels", _pixels(4))], {})
 
     def store(positions: list[int]) -> None:
         plan = cache.plan([keys[i] for i in positions])
-        cache.fulfil(plan, "digits", "1", [{"scores": np.zeros(10, np.float32)} for _ in plan.sends])
+        cache.fulfil(plan, "digits", "1", [row for _ in plan.sends])
 
     store([0, 1, 2])
     assert len(cache) == 3
@@ -133,6 +141,50 @@ async def test_a_new_cloud_version_drops_the_models_entries() -> None:
     assert len(cache) == 1
     assert cache.stats().invalidations == 1
     assert not cache.plan(keys).hits
+
+
+def _answer(kind: str, rows: int) -> dict[str, npt.NDArray[Any]]:
+    """A cloud answer: the demo model's ten scores a row, or a BYTES output and a scalar a row."""
+    if kind == "scores":
+        return {"scores": np.random.default_rng(1).standard_normal((rows, 10)).astype(np.float32)}
+    return {
+        "text": np.array([[b"x" * (row % 50)] for row in range(rows)], dtype=object),
+        "confidence": np.ones(rows, np.float32),
+    }
+
+
+@pytest.mark.parametrize("outputs", ["scores", "text"])
+async def test_the_byte_bound_charges_at_least_the_memory_the_entries_take(outputs: str) -> None:
+    """The bound is on memory, not payload: what caching the rows allocates (tracemalloc) is at most what
+    the cache charges for them, and the charge is not far above it."""
+    # Just past a doubling of the hash tables (2/3 of 2**15 entries), where a slot costs the most.
+    rows = 21_846
+    answer = _answer(outputs, rows)
+    answers = [{name: values[row] for name, values in answer.items()} for row in range(rows)]
+    cache = RowCache(max_bytes=1 << 30, ttl_seconds=60)
+    keys = cache.keys(SCOPE, [Tensor.of("pixels", _pixels(rows))], {})
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        cache.fulfil(cache.plan(keys), "digits", "1", answers)
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == rows
+    charged = cache.bytes_used
+    assert taken <= charged <= 1.5 * taken, f"a row takes {taken / rows:.0f} bytes and is charged {charged / rows:.0f}"
+
+
+async def test_an_entry_holds_its_own_row_not_the_whole_answer() -> None:
+    cache = RowCache(max_bytes=1 << 20, ttl_seconds=60)
+    keys = cache.keys(SCOPE, [Tensor.of("pixels", _pixels(2))], {})
+    answer = np.arange(20, dtype=np.float32).reshape(2, 10)
+    cache.fulfil(cache.plan(keys), "digits", "1", [{"scores": answer[0]}, {"scores": answer[1]}])
+    plan = cache.plan(keys)
+    for position, row in plan.hits.items():
+        assert row["scores"].base is None, "a view would keep the whole answer alive"
+        np.testing.assert_array_equal(row["scores"], answer[position])
+        assert not row["scores"].flags.writeable, "hits are shared: nobody may change them"
 
 
 async def test_the_byte_bound_counts_the_payload_of_bytes_outputs() -> None:

@@ -408,8 +408,11 @@ def test_a_histogram_counts_each_value_in_the_first_bucket_it_fits_and_skips_nan
 
 async def test_the_row_cache_counts_evictions_to_make_room_and_expiries_apart() -> None:
     now = [0.0]
-    cache = RowCache(max_bytes=3 * (64 + 4), ttl_seconds=10.0, timer=lambda: now[0])
-    row = {"y": np.zeros(1, dtype=np.float32)}  # 4 bytes, plus 64 per entry
+    row = {"y": np.zeros(1, dtype=np.float32)}
+    # What one entry of this row is charged, read off a cache that holds just it; room for three, not four.
+    alone = RowCache(max_bytes=1 << 20, ttl_seconds=10.0)
+    alone.fulfil(alone.plan([b"alone"]), "m", "1", [row])
+    cache = RowCache(max_bytes=3 * alone.bytes_used, ttl_seconds=10.0, timer=lambda: now[0])
     for index in range(4):
         plan = cache.plan([f"key-{index}".encode()])
         cache.fulfil(plan, "m", "1", [row])

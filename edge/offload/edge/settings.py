@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES
 from offload.models import DEMO_REPOSITORY
 from offload.oip.security import ChannelSecurity
 from offload.oip.settings import ServerSettings
@@ -87,6 +88,14 @@ class EdgeSettings(ServerSettings):
         float, Field(ge=0, description="Time kept back from the caller's deadline to answer from the edge.")
     ] = 0.02
     edge_threads: Annotated[int, Field(ge=1, description="Threads that run edge models off the event loop.")] = 1
+    edge_chunk_bytes: Annotated[
+        int,
+        Field(ge=1, description="Most input bytes one run of an edge model takes; larger batches run in chunks."),
+    ] = DEFAULT_CHUNK_BYTES
+    # A device's limit, not a server's: a request costs the agent about three times its size (README).
+    max_message_bytes: Annotated[
+        int, Field(ge=1024, description="Largest gRPC message sent or received; larger ones get RESOURCE_EXHAUSTED.")
+    ] = 16 * 1024 * 1024
 
     retry_max_attempts: Annotated[int, Field(ge=1, description="Attempts per cloud request, the first included.")] = (
         _RETRY.max_attempts

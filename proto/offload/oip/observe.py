@@ -18,8 +18,8 @@ from typing import Any, cast
 
 import grpc
 
-from offload.oip import grpc_service_pb2 as pb
 from offload.oip import tracing
+from offload.oip.messages import ReceivedRequest
 from offload.oip.request_ids import current_request_id, request_id_of
 from offload.oip.stats import SECONDS_BUCKETS, Histogram, HistogramSnapshot
 
@@ -73,7 +73,8 @@ class CallObserver(grpc.aio.ServerInterceptor):
     def _observed(self, method: str, behavior: Behavior) -> Behavior:
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata()
-            message_id = request.id if isinstance(request, pb.ModelInferRequest) else ""
+            # ModelInfer's request as the server reads it (its raw contents left in the bytes received).
+            message_id = request.message.id if isinstance(request, ReceivedRequest) else ""
             token = current_request_id.set(request_id_of(message_id, metadata))
             attributes = {"rpc.system": "grpc", "rpc.service": self._service, "rpc.method": method}
             started = time.perf_counter()

@@ -9,6 +9,7 @@ after any bad request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import signal
@@ -24,16 +25,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from offload.oip import grpc_service_pb2 as pb
-from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.address import host_port
 from offload.oip.errors import InvalidArgument, Unavailable, status_for, trailers_for
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, channel_options
+from offload.oip.memory import give_back_freed_memory
 from offload.oip.messages import (
     ModelInputs,
+    ReceivedRequest,
     check_request,
     decode_request,
     encode_cost,
     model_metadata_to_pb,
+    receive_infer_request,
     response_to_pb,
     server_metadata_to_pb,
 )
@@ -49,13 +52,11 @@ SERVICE_NAME = _SERVICE.full_name
 _Reply = TypeVar("_Reply")
 
 
-async def read_request(
-    message: pb.ModelInferRequest, max_elements: int, model_inputs: ModelInputs | None
-) -> InferRequest:
+async def read_request(received: ReceivedRequest, max_elements: int, model_inputs: ModelInputs | None) -> InferRequest:
     """Check a request against the model, then decode it, off the event loop when it is large."""
     # Everything that needs no tensor value is checked first, against the model's metadata, so a
     # wrong request costs next to nothing however large it is; only a request that can run is decoded.
-    checked = check_request(message, max_elements, model_inputs)
+    checked = check_request(received, max_elements, model_inputs)
     if checked.decode_cost > INLINE_CODEC_ELEMENTS:
         return await asyncio.to_thread(decode_request, checked)
     return decode_request(checked)
@@ -82,25 +83,31 @@ class _Unparsable:
         )
 
 
-def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | _Unparsable]:
+# How a method's request is read where protobuf's parser is not enough: ModelInfer's raw contents stay in the
+# bytes gRPC received (`receive_infer_request`), where the parser would copy them in and out again.
+_READERS: dict[str, Callable[[bytes], object]] = {"ModelInfer": receive_infer_request}
+
+
+def _lenient(message_type: type[Message], read: Callable[[bytes], object]) -> Callable[[bytes], object]:
     """A request deserializer that returns _Unparsable rather than raising."""
     name = message_type.DESCRIPTOR.full_name
 
-    def deserialize(data: bytes) -> Message | _Unparsable:
+    def deserialize(data: bytes) -> object:
         try:
-            return message_type.FromString(data)
+            return read(data)
         except DecodeError as exc:
             return _Unparsable(name, str(exc))
 
     return deserialize
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over a DataPlane."""
+class InferenceServicer:
+    """GRPCInferenceService over a DataPlane (its handlers: `method_handlers`)."""
 
-    def __init__(self, data_plane: DataPlane, limits: ServerLimits) -> None:
+    def __init__(self, data_plane: DataPlane, limits: ServerLimits, give_back_after_bytes: int | None = None) -> None:
         self._plane = data_plane
         self._limits = limits
+        self._give_back_after_bytes = give_back_after_bytes
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -145,13 +152,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         DecodeError", which names no field and tells no client what to fix. Here the parser hands
         such a request to the handler as _Unparsable, which refuses it through `_guard` like
         any other bad request. The methods and their message types are read from the service
-        descriptor, so the registration follows the .proto as the generated one does.
+        descriptor, so the registration follows the .proto as the generated one does; a method
+        in `_READERS` is read by its own reader, which raises DecodeError as the parser does.
         """
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for method in _SERVICE.methods:
+            message_type: type[Message] = getattr(pb, method.input_type.name)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 self._refusing_unparsable(getattr(self, method.name)),
-                request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+                request_deserializer=_lenient(message_type, _READERS.get(method.name, message_type.FromString)),
                 response_serializer=getattr(pb, method.output_type.name).SerializeToString,
             )
         return handlers
@@ -210,7 +219,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._plane.model_metadata(name, version).inputs
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: ReceivedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         async def call() -> pb.ModelInferResponse:
             if self._draining:
@@ -221,6 +230,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = await self._plane.infer(infer_request, deadline)
             return await write_response(response, infer_request.raw)
 
+        if self._give_back_after_bytes is not None and request.size >= self._give_back_after_bytes:
+            # Once the call has ended, its request and answer freed, the memory it took goes back to the system.
+            done = functools.partial(_give_back_after, request.size)
+            context.add_done_callback(done)  # type: ignore[arg-type]  # stubs: a class, not a Protocol
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -229,6 +242,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+
+def _give_back_after(size: int, _: object) -> None:
+    """A large call has ended: the C allocator's free memory goes back to the system, on a worker thread."""
+
+    def give_back() -> None:
+        give_back_freed_memory()
+        log.debug("gave the allocator's free memory back to the system after a call of %d bytes", size)
+
+    asyncio.get_running_loop().run_in_executor(None, give_back)
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -251,11 +274,15 @@ class OipServer:
         name: str,
         limits: ServerLimits | None = None,
         security: ServerSecurity | None = None,
+        give_back_after_bytes: int | None = None,
     ) -> None:
         """`security`: TLS credentials and bearer tokens (default: plaintext, any caller).
 
         Tokens guard the inference service only: health and reflection stay open, so
         probes and tools need no secret.
+
+        `give_back_after_bytes`: after an inference call whose request was at least this large, the
+        memory the C allocator holds free is given back to the system (`offload.oip.memory`).
         """
         self.name = name
         self.data_plane = data_plane
@@ -272,7 +299,7 @@ class OipServer:
             options=channel_options(self.limits.max_message_bytes),
             interceptors=[self._observer, *self.security.interceptors(SERVICE_NAME)],
         )
-        self._servicer = InferenceServicer(data_plane, self.limits)
+        self._servicer = InferenceServicer(data_plane, self.limits, give_back_after_bytes)
         handlers = self._servicer.method_handlers()
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self._server.add_registered_method_handlers(SERVICE_NAME, handlers)

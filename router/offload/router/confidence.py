@@ -27,6 +27,9 @@ from offload.oip.errors import Internal
 from offload.router.config import ConfidenceMeasure, OutputKind, RoutingSection
 
 Floats = npt.NDArray[np.float64]
+# Scores a class measure works on at once: its float64 temporaries (several, alive together) stay at 1 MiB
+# each however large the batch; the 200,000 rows of ten classes of a large request would make 16 MB ones.
+_BLOCK_ELEMENTS = 1 << 17
 
 
 def max_probability(scores: npt.NDArray[Any], kind: OutputKind) -> npt.NDArray[np.float64]:
@@ -90,6 +93,20 @@ def class_confidence(
     """One of the class-score measures (`max_probability`, `margin`, `negative_entropy`) per row."""
     if measure == "output":
         raise ValueError("the 'output' measure reads the model's own confidence output; use row_confidence")
+    rows = scores.shape[0]
+    block = max(1, _BLOCK_ELEMENTS // max(1, int(np.prod(scores.shape[1:]))))
+    if rows <= block:
+        return _class_confidence(scores, measure, kind, temperature)
+    # Each row's confidence depends on that row alone, so blocks of rows give the same answer as the whole.
+    result = np.empty(rows)
+    for start in range(0, rows, block):
+        result[start : start + block] = _class_confidence(scores[start : start + block], measure, kind, temperature)
+    return result
+
+
+def _class_confidence(
+    scores: npt.NDArray[Any], measure: ConfidenceMeasure, kind: OutputKind, temperature: float
+) -> Floats:
     probs = probabilities(scores, kind, temperature)
     rows, classes = probs.shape
     if classes == 0:

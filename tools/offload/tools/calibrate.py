@@ -12,6 +12,7 @@ plot of the accuracy-vs-offload curve. The statistics are `offload.router.calibr
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import tempfile
@@ -204,23 +205,41 @@ async def _remote_cloud_scores(
 # --- model.toml ----------------------------------------------------------------------------------------------------
 
 _TABLE = re.compile(r"^\s*\[")
-_ROUTING = re.compile(r"^\s*\[\s*routing\s*\]\s*(#.*)?$")
+# A value on one line: a basic or literal string (which may hold spaces and '#'), or anything else without them.
+_VALUE = r"""("(?:[^"\\\n]|\\.)*"|'[^'\n]*'|[^\s#]+)"""
 
 
 def _key_line(key: str) -> re.Pattern[str]:
-    # key = value   # comment   (the value of a number has no spaces or '#')
-    return re.compile(rf"^(\s*{key}\s*=\s*)([^\s#]+)(.*)$", re.S)
+    # key = value   # comment
+    return re.compile(rf"^(\s*{re.escape(key)}\s*=\s*){_VALUE}(.*)$", re.S)
+
+
+def _toml_value(value: float | str) -> str:
+    # A JSON string is a TOML basic string; a float's repr is a TOML float.
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def with_routing_values(text: str, values: Mapping[str, float]) -> str:
     """text with `values` set in its [routing] table: existing lines edited in place, missing ones inserted."""
+    return with_table_values(text, "routing", values)
+
+
+def with_table_values(text: str, table: str | None, values: Mapping[str, float | str]) -> str:
+    """text with `values` set in its [table] (None: the top-level keys before the first table), keeping every
+    other line and comment: existing lines edited in place, missing ones inserted after the table's last key,
+    a missing table appended."""
     lines = text.splitlines(keepends=True)
     newline = "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
-    header = next((index for index, line in enumerate(lines) if _ROUTING.match(line)), None)
+    if table is None:
+        header: int | None = -1
+    else:
+        pattern = re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]\s*(#.*)?$")
+        header = next((index for index, line in enumerate(lines) if pattern.match(line)), None)
     if header is None:
         if lines and not lines[-1].endswith("\n"):
             lines[-1] += newline
-        lines += [newline, f"[routing]{newline}"] + [f"{key} = {value!r}{newline}" for key, value in values.items()]
+        lines += [newline, f"[{table}]{newline}"]
+        lines += [f"{key} = {_toml_value(value)}{newline}" for key, value in values.items()]
         return "".join(lines)
     end = next((index for index in range(header + 1, len(lines)) if _TABLE.match(lines[index])), len(lines))
     last_key = header
@@ -234,12 +253,12 @@ def with_routing_values(text: str, values: Mapping[str, float]) -> str:
         if found is not None:
             match = pattern.match(lines[found])
             assert match is not None
-            lines[found] = f"{match.group(1)}{value!r}{match.group(3)}"
+            lines[found] = f"{match.group(1)}{_toml_value(value)}{match.group(3)}"
             insert_at = found + 1
         else:
-            if not lines[insert_at - 1].endswith("\n"):
+            if insert_at > 0 and not lines[insert_at - 1].endswith("\n"):
                 lines[insert_at - 1] += newline
-            lines.insert(insert_at, f"{key} = {value!r}{newline}")
+            lines.insert(insert_at, f"{key} = {_toml_value(value)}{newline}")
             end += 1
             insert_at += 1
     return "".join(lines)

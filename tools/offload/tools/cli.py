@@ -1,5 +1,5 @@
-"""The `offload` command: run the demo, the edge agent or the cloud service, calibrate a model, load a
-server, or write a repository's manifest.
+"""The `offload` command: run the demo, the edge agent or the cloud service, calibrate or quantize a model,
+load a server, or write a repository's manifest.
 
 Each subcommand imports only what it needs, so `offload cloud` runs where only
 `offload[cloud]` (torch) is installed and `offload edge` where only
@@ -18,7 +18,12 @@ from offload.oip.address import check_address
 from offload.oip.errors import ConfigurationError
 from offload.oip.settings import configure_logging, load_settings
 
-EXTRA_HINT = {"torch": "offload[cloud]", "onnxruntime": "offload[edge]", "tritonclient": "offload[tools]"}
+EXTRA_HINT = {
+    "torch": "offload[cloud]",
+    "onnxruntime": "offload[edge]",
+    "tritonclient": "offload[tools]",
+    "onnx": "offload[tools]",
+}
 
 
 def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -26,7 +31,9 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for remote callers)")
     parser.add_argument("--grpc-port", type=int, help=f"gRPC port, 0 for any free one (default {default_port})")
     parser.add_argument("--model-repository", type=Path, help="folder of model folders (default: the bundled demo)")
-    parser.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
+    parser.add_argument(
+        "--max-message-bytes", type=int, help="largest gRPC message (default: edge 16 MiB, cloud 64 MiB)"
+    )
     parser.add_argument("--grace-seconds", type=float, help="on SIGTERM, time for calls in flight (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument(
@@ -201,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--plot", type=Path, metavar="FILE.png", help="save the accuracy-vs-offload curve here")
     calibrate.add_argument("--no-temperature", action="store_true", help="keep the configured temperature")
     calibrate.add_argument("--dry-run", action="store_true", help="report only; leave model.toml unchanged")
+    _quantize_parser(commands)
     _bench_parser(commands)
     return parser
 
@@ -210,6 +218,96 @@ def _address(text: str) -> str:
         return check_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _quantize_parser(commands: Any) -> None:
+    quantize = commands.add_parser(
+        "quantize",
+        help="make an 8-bit edge model with ONNX Runtime's quantization and write it as a new model version",
+        description="Quantize a model's [edge] ONNX file with onnxruntime.quantization (dynamic, or static with "
+        "activation ranges from calibration rows), check it loads with the same inputs and outputs, re-choose the "
+        "routing threshold for the same offload share on the validation rows, print file size, ONNX Runtime "
+        "latency (p50 at batch 1 and --latency-batch), edge and routed accuracy and offload before and after, and "
+        "write the new version: in place (edge_int8.onnx, a bumped version and the new threshold in model.toml, "
+        "comments kept) or as a copy of the folder (--out-repository, --name). Exit status 2 on bad input.",
+    )
+    quantize.add_argument("--model-repository", type=Path, help="folder of model folders (default: the bundled demo)")
+    quantize.add_argument("--model", required=True, help="the model to quantize (its name in the repository)")
+    quantize.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        metavar="FILE.npz",
+        help="validation rows ('inputs' or one array per input name, optionally 'labels'): the threshold is "
+        "chosen and the before/after figures measured on them",
+    )
+    quantize.add_argument("--test-data", type=Path, metavar="FILE.npz", help="held-out rows, only reported")
+    quantize.add_argument(
+        "--mode",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="dynamic: 8-bit weights, activations quantized as they come; static: activations too, with ranges "
+        "from --calibration-data (default dynamic)",
+    )
+    quantize.add_argument(
+        "--calibration-data", type=Path, metavar="FILE.npz", help="static: rows whose activation ranges set the scales"
+    )
+    quantize.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
+    quantize.add_argument("--weight-type", choices=("int8", "uint8"), default="int8", help="default int8")
+    quantize.add_argument(
+        "--format",
+        choices=("qdq", "qoperator"),
+        help="static: QuantizeLinear/DequantizeLinear pairs around float operators (qdq, default) or QLinear* "
+        "operators (qoperator)",
+    )
+    quantize.add_argument("--activation-type", choices=("int8", "uint8"), help="static: default int8")
+    quantize.add_argument(
+        "--calibrate-method", choices=("minmax", "entropy", "percentile"), help="static: default minmax"
+    )
+    quantize.add_argument(
+        "--op-types", type=_name_list, default=(), metavar="OP,OP", help="quantize only these ONNX op types (e.g. Gemm)"
+    )
+    quantize.add_argument(
+        "--no-preprocess", action="store_true", help="skip ONNX Runtime's quant_pre_process (shape inference, fusions)"
+    )
+    quantize.add_argument(
+        "--target-offload",
+        type=_share,
+        metavar="F",
+        help="share of rows to send to the cloud (0-1; default: the share the current threshold gives on --data)",
+    )
+    quantize.add_argument(
+        "--fit-temperature", action="store_true", help="refit the temperature too (default: keep the configured one)"
+    )
+    quantize.add_argument(
+        "--out-repository", type=Path, help="write the new version into this repository (default: the model's own)"
+    )
+    quantize.add_argument("--name", help="the new version's model name (default: the model's; a new folder if changed)")
+    quantize.add_argument("--new-version", help="the new version's version (default: the current one plus one)")
+    quantize.add_argument(
+        "--cloud",
+        type=_address,
+        help="HOST:PORT of a running OIP server for the cloud's answers "
+        "(default: run the model's [cloud] section here with PyTorch)",
+    )
+    _cloud_channel_flags(quantize)
+    quantize.add_argument(
+        "--latency-runs",
+        type=int,
+        default=200,
+        metavar="N",
+        help="timed runs per model and batch (default 200; 0: none)",
+    )
+    quantize.add_argument(
+        "--latency-batch", type=_positive_int, default=64, metavar="ROWS", help="the larger batch timed (default 64)"
+    )
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no op type")
+    return names
 
 
 def _bench_parser(commands: Any) -> None:
@@ -348,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(files)} files, {sum(file.size for file in files):,} bytes"
             )
             return 0
+        if options.command == "quantize":
+            return _quantize(options)
         if options.command == "calibrate":
             from offload.models import DEMO_REPOSITORY
             from offload.oip.security import ChannelSecurity
@@ -388,6 +488,42 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"offload {options.command} needs {exc.name}: pip install '{extra}'", file=sys.stderr)
         return 2
+
+
+def _quantize(options: argparse.Namespace) -> int:
+    from offload.models import DEMO_REPOSITORY
+    from offload.oip.security import ChannelSecurity
+    from offload.tools.quantize import QuantizeOptions, QuantizeSettings, run_quantize
+
+    run_quantize(
+        QuantizeOptions(
+            repository=options.model_repository or DEMO_REPOSITORY,
+            model=options.model,
+            data=options.data,
+            settings=QuantizeSettings(
+                mode=options.mode,
+                per_channel=options.per_channel,
+                weight_type=options.weight_type,
+                quant_format=options.format,
+                activation_type=options.activation_type,
+                calibrate_method=options.calibrate_method,
+                op_types=options.op_types,
+                preprocess=not options.no_preprocess,
+            ),
+            calibration_data=options.calibration_data,
+            test_data=options.test_data,
+            target_offload=options.target_offload,
+            fit_temperature=options.fit_temperature,
+            out_repository=options.out_repository,
+            name=options.name,
+            new_version=options.new_version,
+            cloud=options.cloud,
+            cloud_security=ChannelSecurity.load(*(getattr(options, name) for name in CLOUD_CHANNEL_FLAGS)),
+            latency_runs=options.latency_runs,
+            latency_batch=options.latency_batch,
+        )
+    )
+    return 0
 
 
 def _bench(options: argparse.Namespace) -> int:
