@@ -11,6 +11,7 @@ from pathlib import Path
 
 from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
+from offload.edge.gate import GatedModel
 from offload.edge.onnx_model import OnnxModel
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
@@ -42,6 +43,10 @@ def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
             raise ConfigurationError(
                 f"model {name!r}: routing.output {routed.score_output!r} is not an output of {onnx.path}"
             )
+        if config.routing.gate is not None:
+            # confidence = "gate": the gate runs after the model, on the same settings (threads, providers).
+            gate = OnnxModel(entry.artifact_path(config.routing.gate), section)
+            routed = RoutedModel(config, GatedModel(onnx, gate, routed.score_output))
         log.info(
             "loaded %s v%s on the edge (%s, threshold %.3f)",
             name,
