@@ -28,7 +28,9 @@ from offload.router.upstream import CloudEndpoint, RetryPolicy, Sleep, Upstream
 log = logging.getLogger(__name__)
 
 
-def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
+def load_edge_models(repository: Path, gates: bool = True) -> dict[str, RoutedModel]:
+    """The models with an [edge] section; gates=False leaves out their gates (`offload calibrate --gate`
+    trains a new one, so an old one missing or broken must not stop it)."""
     models: dict[str, RoutedModel] = {}
     for name, entry in load_repository(repository).items():
         section = entry.section("edge", EdgeSection)
@@ -43,7 +45,7 @@ def load_edge_models(repository: Path) -> dict[str, RoutedModel]:
             raise ConfigurationError(
                 f"model {name!r}: routing.output {routed.score_output!r} is not an output of {onnx.path}"
             )
-        if config.routing.gate is not None:
+        if gates and config.routing.gate is not None:
             # confidence = "gate": the gate runs after the model, on the same settings (threads, providers).
             gate = OnnxModel(entry.artifact_path(config.routing.gate), section)
             routed = RoutedModel(config, GatedModel(onnx, gate, routed.score_output))

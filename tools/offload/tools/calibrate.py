@@ -327,7 +327,7 @@ def run_calibrate(options: CalibrateOptions) -> Calibration:
     """The whole `offload calibrate`: predict, choose, report, write model.toml, plot."""
     from offload.edge.agent import load_edge_models
 
-    edge_models = load_edge_models(options.repository)
+    edge_models = load_edge_models(options.repository, gates=not options.gate)
     routed = edge_models.get(options.model)
     if routed is None:
         raise CalibrationError(
@@ -460,6 +460,8 @@ def report(result: Calibration, model: str, data: Path, labels_from: str, gate: 
                 "not train on it)",
             ]
             if gate is not None
+            else ["  gate                 the model's gate as it is (--gate trains a new one, cross-fitted)"]
+            if result.measure == "gate"
             else []
         ),
         f"  temperature          {temperature}",
