@@ -407,8 +407,10 @@ def report(evaluation: Evaluation, budgets: list[float], target: float) -> str:
         *budget_table(points),
         "",
         f"**Accuracy at a cloud budget, learned gate on the scores and the inputs ({HELD_OUT}).** The gate: "
-        f"{gate_fit.describe()}, on the validation split; its threshold is chosen on the validation rows' "
-        "out-of-fold scores, and the gate trained on every validation row scores the test rows. Columns as above.",
+        f"{gate_fit.describe()} (least out-of-fold log loss), trained on the {gate_fit.rows} validation rows "
+        f"({gate_fit.wrong} with the edge wrong) and cross-fitted ({gate_fit.folds} folds): its threshold is chosen "
+        "on the validation rows' out-of-fold scores, and the gate trained on every validation row scores the test "
+        "rows. Columns as above.",
         "",
         *budget_table(gate_points),
         "",

@@ -149,7 +149,7 @@ def test_calibrate_gate_writes_the_gate_and_routes_by_it_keeping_model_toml(
     assert _calibrate(repository, "digits", "--target-offload", "0.1", "--gate") == 0
     out = capsys.readouterr().out
     assert "confidence           gate" in out
-    assert "on out-of-fold gate scores" in out
+    assert "below: out-of-fold (5-fold cross-fitting)" in out
     assert f"wrote the gate to {folder / 'gate.onnx'}" in out
 
     # model.toml: confidence and gate added, threshold changed; every comment and other line kept.
@@ -190,7 +190,7 @@ def test_calibrate_gate_rewrites_the_bundled_tabular_gate_as_it_is(
     folder = repository / "tabular"
     (folder / "gate.onnx").unlink()
     assert _calibrate(repository, "tabular", "--target-offload", "0.2", "--gate", "--gate-inputs") == 0
-    assert "trained on 1000 rows" in capsys.readouterr().out
+    assert "gate trained on      1000 rows (117 with the edge wrong)" in capsys.readouterr().out
     assert (folder / "model.toml").read_text() == (TABULAR / "model.toml").read_text()
     features = _split(TABULAR, "test")[0]
     np.testing.assert_allclose(

@@ -456,8 +456,8 @@ def report(result: Calibration, model: str, data: Path, labels_from: str, gate: 
         *(
             [
                 f"  gate                 {gate.describe()}",
-                "  threshold and expected figures: on out-of-fold gate scores (each row scored by a gate that did "
-                "not train on it)",
+                f"  gate trained on      {gate.rows} rows ({gate.wrong} with the edge wrong); threshold and figures "
+                f"below: out-of-fold ({gate.folds}-fold cross-fitting)",
             ]
             if gate is not None
             else ["  gate                 the model's gate as it is (--gate trains a new one, cross-fitted)"]

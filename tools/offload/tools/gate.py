@@ -81,14 +81,11 @@ class GateFit:
     rows: int  # rows trained on (finite features)
     wrong: int  # ... of which the edge got wrong
     reads_inputs: bool
+    folds: int = FOLDS  # the cross-fitting's
 
     def describe(self) -> str:
-        reads = "the edge's scores and the model's inputs" if self.reads_inputs else "the edge's scores"
-        return (
-            f"logistic regression on {self.features} features of {reads}, L2 strength {self.regularisation:g} "
-            f"(least out-of-fold log loss, {FOLDS}-fold cross-fitting), trained on {self.rows} rows "
-            f"({self.wrong} with the edge wrong)"
-        )
+        reads = "the edge's scores and the inputs" if self.reads_inputs else "the edge's scores"
+        return f"logistic regression on {self.features} features ({reads}), L2 strength {self.regularisation:g}"
 
 
 def train_gate(
