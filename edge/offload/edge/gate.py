@@ -16,12 +16,13 @@ from typing import Any
 import numpy.typing as npt
 
 from offload.edge.onnx_model import OnnxModel
+from offload.oip.datatypes import DATATYPES
 from offload.oip.errors import ConfigurationError
 from offload.oip.repository import TensorSpec
 from offload.router.confidence import GATE_OUTPUT
 
-# The gate's output: a number per row.
-_NUMERIC = {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+# The gate's output: a number per row (BF16 excepted: NumPy has no bfloat16).
+_NUMERIC = {name for name, datatype in DATATYPES.items() if datatype.dtype.kind in "iuf" and name != "BF16"}
 _RETRAIN = "train it again for this model with `offload calibrate --gate`"
 
 

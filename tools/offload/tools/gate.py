@@ -123,18 +123,17 @@ def train_gate(
     folds = _folds(y.astype(bool))
     best: tuple[float, float, Floats] | None = None
     for strength in REGULARISATION:
-        wrong_chance = np.empty(y.size)
+        z = np.empty(y.size)  # the linear score: P(wrong) = sigmoid(z)
         for fold in range(FOLDS):
             held = folds == fold
-            fitted = _fit(x[~held], y[~held], strength)
-            wrong_chance[held] = fitted.wrong_chance(x[held])
-        loss = float(np.mean(_log_loss(wrong_chance, y)))
+            z[held] = _fit(x[~held], y[~held], strength).z(x[held])
+        loss = float(np.mean(_log_loss(_sigmoid(z), y)))
         if best is None or loss < best[0] - 1e-12:
-            best = (loss, strength, wrong_chance)
+            best = (loss, strength, z)
     assert best is not None
-    _, strength, wrong_chance = best
+    _, strength, z = best
     out_of_fold = np.full(target.shape[0], np.nan)
-    out_of_fold[usable] = 1.0 - wrong_chance
+    out_of_fold[usable] = _sigmoid(-z)  # as the graph computes it
     final = _fit(x, y, strength)
     return GateFit(
         model=_graph(score, kind, specs, head=final),
@@ -168,15 +167,16 @@ def save_gate(model: onnx.ModelProto, path: str) -> None:
 
 @dataclass(frozen=True)
 class _Logistic:
-    """Standardisation and weights of a fitted logistic regression: z = ((x - mean) / scale) . weights + bias."""
+    """Standardisation and weights of a fitted logistic regression."""
 
     mean: Floats
     scale: Floats
     weights: Floats
     bias: float
 
-    def wrong_chance(self, x: Floats) -> Floats:
-        return _sigmoid(((x - self.mean) / self.scale) @ self.weights + self.bias)
+    def z(self, x: Floats) -> Floats:
+        """The linear score of each row: P(the edge is wrong) = sigmoid(z)."""
+        return np.asarray(((x - self.mean) / self.scale) @ self.weights + self.bias, dtype=np.float64)
 
 
 def _sigmoid(z: Floats) -> Floats:
