@@ -147,7 +147,7 @@ class Router:
     async def _edge_answer(self, model: RoutedModel, inputs: Arrays) -> Answer:
         loop = asyncio.get_running_loop()
         outputs = await loop.run_in_executor(self._executor, model.edge.predict, inputs)
-        return Answer.from_edge(outputs, model.confidence(outputs))
+        return Answer.from_edge(model.answer_outputs(outputs), model.confidence(outputs))
 
     async def _all_rows_to_cloud(
         self,
@@ -167,7 +167,7 @@ class Router:
             answer = await self._edge_answer(model, inputs)
             answer.degraded[:] = True
             return answer
-        return Answer.of(fetched.outputs, model.confidence(fetched.outputs), fetched.routes)
+        return Answer.of(fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)
 
     async def _offload_rows(
         self,
@@ -181,7 +181,7 @@ class Router:
     ) -> None:
         try:
             fetched = await self._fetcher.fetch(model, request, inputs, rows, deadline)
-            answer.put(rows, fetched.outputs, model.confidence(fetched.outputs), fetched.routes)
+            answer.put(rows, fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)
         except CloudFailure as failure:
             if options.require_cloud:
                 raise
