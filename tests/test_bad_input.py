@@ -306,7 +306,7 @@ async def test_a_clipped_message_fits_in_a_trailer(stub: Stub) -> None:
     details = caught.value.details() or ""
     # As sent, percent-encoded: within the limit, far below gRPC's 8 KiB for all trailers.
     assert len(urllib.parse.quote(details, safe=" !\"#$&'()*+,/:;<=>?@[\\]^`{|}~")) <= MAX_STATUS_MESSAGE_BYTES
-    assert details.endswith("is not served here; models: ['digits']")
+    assert details.endswith("is not served here; models: ['digits', 'tabular']")
 
 
 @pytest.mark.parametrize("server", SERVERS)

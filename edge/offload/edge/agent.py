@@ -12,6 +12,7 @@ from pathlib import Path
 
 from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
+from offload.edge.gate import GatedModel
 from offload.edge.metrics import EdgeCollector
 from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES, OnnxModel
 from offload.edge.rollout import ModelRollout
@@ -35,11 +36,15 @@ log = logging.getLogger(__name__)
 
 
 def load_edge_models(
-    repository: Path, keep: Mapping[str, RoutedModel] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    repository: Path,
+    keep: Mapping[str, RoutedModel] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    gates: bool = True,
 ) -> dict[str, RoutedModel]:
     """The [edge] models of a repository, loaded; those named in `keep` are taken from it as they are
     (a rollout keeps the models it did not change). Each runs a batch in chunks of at most `chunk_bytes`
-    of input."""
+    of input. gates=False leaves out their gates (`offload calibrate --gate` trains a new one, so an old
+    one missing or broken must not stop it)."""
     models: dict[str, RoutedModel] = {}
     for name, entry in load_repository(repository).items():
         if keep is not None and name in keep:
@@ -57,6 +62,10 @@ def load_edge_models(
             raise ConfigurationError(
                 f"model {name!r}: routing.output {routed.score_output!r} is not an output of {onnx.path}"
             )
+        if gates and config.routing.gate is not None:
+            # confidence = "gate": the gate runs after the model, on the same settings (threads, providers).
+            gate = OnnxModel(entry.artifact_path(config.routing.gate), section)
+            routed = RoutedModel(config, GatedModel(onnx, gate, routed.score_output))
         log.info(
             "loaded %s v%s on the edge (%s, threshold %.3f)",
             name,

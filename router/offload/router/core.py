@@ -158,7 +158,7 @@ class Router:
         rows = next(iter(inputs.values())).shape[0] if inputs else 0
         with tracing.span("offload.edge_model", {"offload.model": model.name, "offload.rows": rows}):
             outputs = await loop.run_in_executor(self._executor, model.edge.predict, inputs)
-        answer = Answer.from_edge(outputs, model.confidence(outputs))
+        answer = Answer.from_edge(model.answer_outputs(outputs), model.confidence(outputs))
         self._traffic.edge_ran(model.name, answer.confidence)
         return answer
 
@@ -180,7 +180,7 @@ class Router:
             answer = await self._edge_answer(model, inputs)
             answer.degraded[:] = True
             return answer
-        return Answer.of(fetched.outputs, model.confidence(fetched.outputs), fetched.routes)
+        return Answer.of(fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)
 
     async def _offload_rows(
         self,
@@ -194,7 +194,7 @@ class Router:
     ) -> None:
         try:
             fetched = await self._fetcher.fetch(model, request, inputs, rows, deadline)
-            answer.put(rows, fetched.outputs, model.confidence(fetched.outputs), fetched.routes)
+            answer.put(rows, fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)
         except CloudFailure as failure:
             if options.require_cloud:
                 raise

@@ -208,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--plot", type=Path, metavar="FILE.png", help="save the accuracy-vs-offload curve here")
     calibrate.add_argument("--no-temperature", action="store_true", help="keep the configured temperature")
     calibrate.add_argument("--dry-run", action="store_true", help="report only; leave model.toml unchanged")
+    calibrate.add_argument(
+        "--gate",
+        action="store_true",
+        help="train a learned gate on the data (the chance that the edge's answer is wrong, from its scores), write "
+        'it as gate.onnx beside the edge model and route by it: confidence = "gate" (threshold chosen on '
+        "cross-fitted scores)",
+    )
+    calibrate.add_argument("--gate-inputs", action="store_true", help="with --gate: the gate also reads the inputs")
     _quantize_parser(commands)
     _bench_parser(commands)
     return parser
@@ -413,7 +421,10 @@ def _share(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if options.command == "calibrate" and options.gate_inputs and not options.gate:
+        parser.error("--gate-inputs goes with --gate")
     try:
         if options.command == "demo":
             from offload.tools.demo import run_demo
@@ -469,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                     plot=options.plot,
                     fit_temperature=not options.no_temperature,
                     dry_run=options.dry_run,
+                    gate=options.gate,
+                    gate_inputs=options.gate_inputs,
                 )
             )
             return 0
