@@ -42,6 +42,9 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
 # The edge agent's flags for models rolled out over HTTP, named as the edge settings.
 ROLLOUT_FLAGS = ("model_repository_url", "model_poll_seconds", "model_cache_dir")
 
+# The edge agent's flags for recording the cloud's answers (opt-in), named as the edge settings.
+RECORD_FLAGS = ("record_dir", "record_max_bytes")
+
 # The flags of a channel to the cloud (the edge agent's, calibrate's), named as the edge settings.
 CLOUD_CHANNEL_FLAGS = ("cloud_tls_ca", "cloud_tls_cert", "cloud_tls_key", "cloud_tls_server_name", "cloud_token_file")
 
@@ -118,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where the last good repository from the URL is kept for restarts (default: a state folder, "
         "$STATE_DIRECTORY or $XDG_STATE_HOME/offload)",
+    )
+    edge.add_argument(
+        "--record-dir",
+        type=Path,
+        metavar="DIR",
+        help="opt-in: keep the rows sent to the cloud (users' inputs) and its answers in rotating .npz files in "
+        "DIR, for `offload distill` (default: off)",
+    )
+    edge.add_argument(
+        "--record-max-bytes", type=int, metavar="N", help="most bytes of recording files in --record-dir (256 MiB)"
     )
     _cloud_channel_flags(edge)
 
@@ -304,7 +317,13 @@ def main(argv: list[str] | None = None) -> int:
                 EdgeSettings,
                 options.config,
                 **_flags(
-                    options, "cloud", "cloud_timeout_seconds", "edge_threads", *ROLLOUT_FLAGS, *CLOUD_CHANNEL_FLAGS
+                    options,
+                    "cloud",
+                    "cloud_timeout_seconds",
+                    "edge_threads",
+                    *ROLLOUT_FLAGS,
+                    *RECORD_FLAGS,
+                    *CLOUD_CHANNEL_FLAGS,
                 ),
             )
             configure_logging(edge_settings.log_level)
