@@ -247,7 +247,7 @@ def _distill_parser(commands: Any) -> None:
         "--alpha", type=_share, default=0.5, help="weight of the labelled rows' cross-entropy (0-1, default 0.5)"
     )
     distill.add_argument("--temperature", type=_positive_float, default=4.0, help="distillation temperature T (4)")
-    distill.add_argument("--epochs", type=_positive_int, default=30, help="passes over the recorded rows (30)")
+    distill.add_argument("--epochs", type=_positive_int, default=100, help="passes over the recorded rows (100)")
     distill.add_argument("--batch-size", type=_positive_int, default=64, help="rows per step (64)")
     distill.add_argument("--learning-rate", type=_positive_float, default=3e-3, help="AdamW learning rate (0.003)")
     distill.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (0.0001)")

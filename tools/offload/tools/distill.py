@@ -70,7 +70,7 @@ class Training:
 
     temperature: float = 4.0  # T of the distillation loss
     alpha: float = 0.5  # weight of the labelled rows' cross-entropy (with labelled rows)
-    epochs: int = 30  # passes over the recorded rows (over the labelled rows, without recorded ones)
+    epochs: int = 100  # passes over the recorded rows (over the labelled rows, without recorded ones)
     batch_size: int = 64
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4  # AdamW's, decoupled
@@ -311,11 +311,11 @@ def run_distill(options: DistillOptions) -> DistillResult:
     if edge is None:
         raise entry.error("distill makes an edge model: the model needs an [edge] section")
     version = options.version or _next_version(entry)
+    module = _student(options.factory or _factory(entry), options.weights)
     records = read_records(options.records, entry.config.name)
     soft = _recorded_rows(records, io, options.records)
     held_out, train = _split(soft.count, options.holdout, options.training.seed)
     labelled = _labelled_rows(options.labelled, io) if options.labelled is not None else None
-    module = _student(options.factory or _factory(entry), options.weights)
     current = OnnxModel(entry.artifact_path(edge.artifact), edge)
 
     print(
