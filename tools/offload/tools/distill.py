@@ -177,6 +177,20 @@ class _Cycle:
         return picked.to(self.device)
 
 
+def build_student(factory: str, weights: Path | None, seed: int) -> nn.Module:
+    """The factory's module, initialised from `seed` (or loaded from `weights`, a state_dict)."""
+    torch.manual_seed(seed)  # the factory's initialisation draws from torch's global generator
+    module = call_factory(factory)
+    if not isinstance(module, nn.Module):
+        raise ConfigurationError(f"factory {factory!r} returned {type(module).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        try:
+            module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ConfigurationError(f"{weights}: not a state_dict of {factory!r}'s module: {one_line(exc)}") from exc
+    return module
+
+
 def train_student(
     module: nn.Module,
     io: StudentIO,
@@ -311,7 +325,7 @@ def run_distill(options: DistillOptions) -> DistillResult:
     if edge is None:
         raise entry.error("distill makes an edge model: the model needs an [edge] section")
     version = options.version or _next_version(entry)
-    module = _student(options.factory or _factory(entry), options.weights)
+    module = build_student(options.factory or _factory(entry), options.weights, options.training.seed)
     records = read_records(options.records, entry.config.name)
     soft = _recorded_rows(records, io, options.records)
     held_out, train = _split(soft.count, options.holdout, options.training.seed)
@@ -409,18 +423,6 @@ def _factory(entry: ModelEntry) -> str:
             "or pass --factory"
         )
     return section.factory
-
-
-def _student(factory: str, weights: Path | None) -> nn.Module:
-    module = call_factory(factory)
-    if not isinstance(module, nn.Module):
-        raise ConfigurationError(f"factory {factory!r} returned {type(module).__name__}, not a torch.nn.Module")
-    if weights is not None:
-        try:
-            module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise ConfigurationError(f"{weights}: not a state_dict of {factory!r}'s module: {one_line(exc)}") from exc
-    return module
 
 
 def _recorded_rows(records: Records, io: StudentIO, where: Path) -> Rows:
