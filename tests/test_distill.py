@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -485,3 +486,23 @@ def test_distill_says_what_is_missing(
     assert _distill(weak_start, tmp_path / "out", "--records", str(empty)) == 2
     assert "no recorded rows of model 'digits'" in capsys.readouterr().err
     assert not (tmp_path / "out" / "digits").exists()
+
+
+class _Model:
+    """Enough of a RoutedModel for the recorder's hook: its names and versions."""
+
+    name, version, cloud_model = "wide", "1", "wide"
+
+
+def test_rows_that_cannot_be_recorded_are_counted_not_written(tmp_path: Path) -> None:
+    recorder = Recorder(RecordFolder(tmp_path, 64 * 1024, 4096))
+    wide = np.zeros((3, 2048), dtype=np.float32)  # 8 KB a row: no 4 KB file holds one
+    text = np.array([[b"a"], [b"b"]], dtype=object)  # BYTES: an .npz without pickles cannot hold it
+    model: Any = _Model()
+    recorder.on_cloud_rows(model, {"x": wide}, {"y": wide[:, :1]}, "1")
+    recorder.on_cloud_rows(model, {"x": text}, {"y": np.zeros((2, 1), "f4")}, "1")
+    recorder.on_cloud_rows(model, {"x": wide[:0]}, {"y": wide[:0, :1]}, "1")  # no rows: nothing to do
+    recorder.close()
+    stats = recorder.stats()
+    assert (stats.rows, stats.dropped, stats.rows_written, stats.files_written) == (3, 5, 0, 0)
+    assert record_files(tmp_path) == []

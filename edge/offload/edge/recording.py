@@ -164,6 +164,7 @@ class RecordFolder:
         self.files_written = 0
         self.files_deleted = 0
         self.rows_lost = 0
+        self._warned: set[str] = set()
         self._delete_past_bound()
 
     @property
@@ -180,7 +181,7 @@ class RecordFolder:
         if rows.rows == 0 or row_bytes == 0:
             return  # nothing to keep
         if row_bytes > room:
-            self._lose(rows.rows, f"a row of {rows.model!r} ({row_bytes} bytes) does not fit a file")
+            self._lose(rows.rows, f"a row of {rows.model!r} ({row_bytes} bytes) does not fit a file", rows.model)
             return
         per_file = room // row_bytes
         start = 0
@@ -220,7 +221,7 @@ class RecordFolder:
             size = path.stat().st_size
         except OSError as exc:
             Path(temporary).unlink(missing_ok=True)
-            self._lose(pending.rows, f"writing {path} failed: {one_line(exc)}")
+            self._lose(pending.rows, f"writing {path} failed: {one_line(exc)}", "write")
             return
         self._next += 1
         self._files.append((path, size))
@@ -238,9 +239,11 @@ class RecordFolder:
                 log.warning("recording: cannot delete %s to stay within record_max_bytes: %s", path, one_line(exc))
             self.files_deleted += 1
 
-    def _lose(self, rows: int, why: str) -> None:
+    def _lose(self, rows: int, why: str, kind: str) -> None:
         self.rows_lost += rows
-        log.warning("recording: %d rows not recorded: %s", rows, why)
+        if kind not in self._warned:  # once per kind: after that, the status line counts them
+            self._warned.add(kind)
+            log.warning("recording: %d rows not recorded: %s", rows, why)
 
 
 def record_files(folder: Path) -> list[Path]:
@@ -284,6 +287,8 @@ class Recorder:
         """Queue the rows for the writer, or drop and count them: called on the event loop, never waits."""
         rows = CloudRows(model.name, model.version, model.cloud_model, cloud_version, inputs, outputs)
         count = rows.rows
+        if count == 0:
+            return
         if any(array.dtype.hasobject for array in rows.arrays().values()):
             self._drop(count, f"model {model.name!r} has BYTES tensors, which an .npz recording does not hold")
             return
