@@ -485,6 +485,8 @@ def test_distill_says_what_is_missing(
     empty.mkdir()
     assert _distill(weak_start, tmp_path / "out", "--records", str(empty)) == 2
     assert "no recorded rows of model 'digits'" in capsys.readouterr().err
+    assert _distill(weak_start, tmp_path / "out", "--version", "1") == 2
+    assert "needs a new version; '1' is the current one" in capsys.readouterr().err
     assert not (tmp_path / "out" / "digits").exists()
 
 

@@ -325,6 +325,8 @@ def run_distill(options: DistillOptions) -> DistillResult:
     if edge is None:
         raise entry.error("distill makes an edge model: the model needs an [edge] section")
     version = options.version or _next_version(entry)
+    if version == entry.config.version:
+        raise entry.error(f"the new model needs a new version; {version!r} is the current one")
     module = build_student(options.factory or _factory(entry), options.weights, options.training.seed)
     records = read_records(options.records, entry.config.name)
     soft = _recorded_rows(records, io, options.records)
