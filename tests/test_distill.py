@@ -223,7 +223,7 @@ async def test_rows_are_dropped_and_counted_while_the_writer_is_behind_and_reque
 
 
 def test_the_status_line_reports_recording_since_the_previous_line() -> None:
-    router_stats = RouterStats(0, 0, 0, {}, AuditStats(), None, None)
+    router_stats = RouterStats(0, 0, 0, {}, AuditStats(), None, None, {})
     snapshots = iter(
         [
             RecordingStats("/r", 0, 0, 0, 0, 0, 0, 0),

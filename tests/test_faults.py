@@ -458,7 +458,23 @@ async def test_a_queued_call_whose_deadline_has_passed_is_dropped_when_a_thread_
             await late
         np.testing.assert_array_equal((await held)["y"], [[0.0]])
         assert gate.started(gate_dir) == {gate.started_marker(0)}, "the late call never reached the model"
-        assert scheduler.stats() == SchedulerStats(capacity=2, admitted=0, peak=2, rejected=0, started=1, dropped=1)
+        stats = scheduler.stats()
+        assert stats == SchedulerStats(
+            capacity=2,
+            admitted=0,
+            peak=2,
+            rejected=0,
+            started=1,
+            dropped=1,
+            queued=0,
+            admitted_rows=2,
+            rejected_rows=0,
+            queue_seconds=stats.queue_seconds,
+            batch_rows=stats.batch_rows,
+        )
+        # Only the call that ran waited for a thread and made a batch (of its one row).
+        assert stats.queue_seconds.count == 1
+        assert stats.batch_rows.counts[0] == stats.batch_rows.count == 1
     finally:
         (gate_dir / "open").touch()
         scheduler.close()

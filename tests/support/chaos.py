@@ -146,6 +146,10 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._proxy.model_infer(request, context)
 
 
+# W3C trace context metadata (offload.oip.tracing sends it with every call).
+TRACE_KEYS = ("traceparent", "tracestate")
+
+
 class ChaosProxy:
     """A fault-injecting OIP proxy in front of one upstream server. Use `async with` or start()/stop()."""
 
@@ -262,7 +266,11 @@ class ChaosProxy:
                 self.injected += 1
                 self._set_pushback(context)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "chaos proxy: injected RESOURCE_EXHAUSTED")
-            reply = await self._upstream_call(self.stub.ModelInfer, request, context, (("x-request-id", request_id),))
+            # The trace context goes on too, as a tracing-aware proxy passes it: the cloud's spans stay in the trace.
+            trace = tuple((k, v) for k, v in metadata.items() if k in TRACE_KEYS and isinstance(v, str))
+            reply = await self._upstream_call(
+                self.stub.ModelInfer, request, context, (("x-request-id", request_id), *trace)
+            )
             corruption = self.corruption
             if corruption is not None:
                 return corrupt(reply, corruption)

@@ -60,7 +60,7 @@ def write_repository(root: Path, edge: bool = False) -> Path:
         '[cloud]\nfactory = "support.gate:make"\nwarmup_rows = 0\n'
     )
     if edge:
-        _write_identity_onnx(folder / "edge.onnx")
+        write_identity_onnx(folder / "edge.onnx")
         config += (
             '[edge]\nartifact = "edge.onnx"\n[routing]\noutput = "y"\noutput_kind = "probabilities"\nthreshold = 0.5\n'
         )
@@ -68,7 +68,7 @@ def write_repository(root: Path, edge: bool = False) -> Path:
     return root
 
 
-def _write_identity_onnx(path: Path) -> None:
+def write_identity_onnx(path: Path) -> None:
     from onnx import TensorProto, checker, helper, save
 
     graph = helper.make_graph(

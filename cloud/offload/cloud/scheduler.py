@@ -11,13 +11,16 @@ dropped, never run.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from offload.cloud.runtime import Arrays, CloudModel
+from offload.oip import tracing
 from offload.oip.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from offload.oip.stats import ROWS_BUCKETS, SECONDS_BUCKETS, Histogram, HistogramSnapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,11 @@ class SchedulerStats:
     rejected: int  # calls refused at capacity
     started: int  # model calls begun
     dropped: int  # queued jobs whose caller went away before a thread took them: never run
+    queued: int  # admitted model calls waiting for a thread now (the rest of `admitted` are running)
+    admitted_rows: int  # rows of every call admitted
+    rejected_rows: int  # rows of every call refused at capacity
+    queue_seconds: HistogramSnapshot  # how long each call a thread took had waited for it since admission
+    batch_rows: HistogramSnapshot  # rows per model call begun
 
 
 class _CallerGone(Exception):
@@ -41,6 +49,8 @@ class _Job:
     """One model call handed to the pool."""
 
     deadline: float | None
+    rows: int
+    admitted_at: float  # time.monotonic()
     # Set when the caller has gone (deadline passed, call cancelled) before a thread took the job.
     caller_gone: bool = False
 
@@ -60,6 +70,11 @@ class Scheduler:
         self._rejected = 0
         self._started = 0
         self._dropped = 0
+        self._queued = 0
+        self._admitted_rows = 0
+        self._rejected_rows = 0
+        self._queue_seconds = Histogram(SECONDS_BUCKETS)
+        self._batch_rows = Histogram(ROWS_BUCKETS)
 
     @property
     def closed(self) -> bool:
@@ -68,7 +83,17 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         with self._lock:
             return SchedulerStats(
-                self.capacity, self._admitted, self._peak, self._rejected, self._started, self._dropped
+                self.capacity,
+                self._admitted,
+                self._peak,
+                self._rejected,
+                self._started,
+                self._dropped,
+                self._queued,
+                self._admitted_rows,
+                self._rejected_rows,
+                self._queue_seconds.snapshot(),
+                self._batch_rows.snapshot(),
             )
 
     async def run(self, model: CloudModel, arrays: Arrays, deadline: float | None) -> Arrays:
@@ -79,18 +104,23 @@ class Scheduler:
         """
         if self._closed:
             raise Unavailable("the server is shutting down; retry on another replica")
+        rows = next(iter(arrays.values())).shape[0] if arrays else 0
         with self._lock:
             if self._admitted >= self.capacity:
                 self._rejected += 1
+                self._rejected_rows += rows
                 raise ResourceExhausted(
                     f"the cloud is at capacity ({self.capacity} requests running or queued); "
                     f"retry after {self.pushback_ms} ms or add replicas",
                     pushback_ms=self.pushback_ms,
                 )
             self._admitted += 1
+            self._admitted_rows += rows
+            self._queued += 1
             self._peak = max(self._peak, self._admitted)
-        job = _Job(deadline)
-        future = self._executor.submit(self._run, job, model, arrays)
+        job = _Job(deadline, rows, time.monotonic())
+        # In the caller's context: the model call's span joins the request's trace, its log lines carry its id.
+        future = self._executor.submit(contextvars.copy_context().run, self._run, job, model, arrays)
         future.add_done_callback(self._release)
         try:
             return await asyncio.wrap_future(future)
@@ -118,6 +148,7 @@ class Scheduler:
     def _run(self, job: _Job, model: CloudModel, arrays: Arrays) -> Arrays:
         """In a pool thread."""
         with self._lock:
+            self._queued -= 1
             if job.caller_gone:
                 self._dropped += 1
                 raise _CallerGone
@@ -127,9 +158,14 @@ class Scheduler:
                 self._dropped += 1
                 raise DeadlineExceeded("the deadline passed while the call waited for a thread")
             self._started += 1
-        return model.predict(arrays)
+            self._queue_seconds.observe(time.monotonic() - job.admitted_at)
+            self._batch_rows.observe(job.rows)
+        with tracing.span("offload.cloud_model", {"offload.model": model.name, "offload.rows": job.rows}):
+            return model.predict(arrays)
 
-    def _release(self, _: Future[Arrays]) -> None:
+    def _release(self, future: Future[Arrays]) -> None:
         """The job ended in the pool (answered, failed, dropped or cancelled): its slot is free."""
         with self._lock:
             self._admitted -= 1
+            if future.cancelled():  # it never reached a thread, so it left the queue only now
+                self._queued -= 1

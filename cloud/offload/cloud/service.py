@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -9,8 +10,11 @@ import sys
 import torch
 
 from offload.cloud.dataplane import SERVER_NAME, CloudDataPlane
+from offload.cloud.metrics import CloudCollector
 from offload.cloud.runtime import pick_device
 from offload.cloud.settings import CloudSettings
+from offload.oip.metrics import on_loop
+from offload.oip.operations import Operations
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 
@@ -50,10 +54,13 @@ async def run(settings: CloudSettings) -> None:
     The process exits within the grace period even when a model call is stuck: see
     `_exit_abandoning`.
     """
+    # Tracing first: a missing extra or a wrong OTEL_* value stops start-up before the models load.
+    operations = Operations(settings, SERVER_NAME)
     server, plane = await build_server(settings)
     port = await server.start(settings.host, settings.grpc_port)
+    for line in await operations.start(server, CloudCollector(on_loop(asyncio.get_running_loop(), plane.stats))):
+        print(line, flush=True)
     try:
-        # One line that scripts (the demo, the tests) read to learn the port.
         await serve_until_signalled(
             server,
             settings.grace_seconds,
@@ -64,6 +71,7 @@ async def run(settings: CloudSettings) -> None:
         )
     finally:
         running = plane.close()
+        await operations.stop()
     if running:
         _exit_abandoning(running, settings.grace_seconds)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
 from offload.edge.gate import GatedModel
+from offload.edge.metrics import EdgeCollector
 from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES, OnnxModel
 from offload.edge.recording import Recorder
 from offload.edge.rollout import ModelRollout
@@ -20,6 +21,8 @@ from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
 from offload.oip.errors import ConfigurationError
 from offload.oip.memory import limit_arenas
+from offload.oip.metrics import on_loop
+from offload.oip.operations import Operations
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
@@ -186,8 +189,9 @@ async def run(settings: EdgeSettings) -> None:
         if server is not None:
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
-    # Certificates and tokens are checked before anything else is loaded: a wrong file stops start-up at once.
+    # Certificates, tokens and tracing are checked before anything else is loaded: a wrong one stops start-up at once.
     security = settings.security()
+    operations = Operations(settings, SERVER_NAME)
     # With a model repository URL, the models are the kept or downloaded ones (see offload.edge.rollout).
     load = functools.partial(load_edge_models, chunk_bytes=settings.edge_chunk_bytes)
     rollout = ModelRollout.open(settings, load) if settings.model_repository_url else None
@@ -199,6 +203,8 @@ async def run(settings: EdgeSettings) -> None:
     port = await server.start(settings.host, settings.grpc_port)
     if settings.cloud:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
+    for line in await operations.start(server, EdgeCollector(on_loop(asyncio.get_running_loop(), router.stats))):
+        print(line, flush=True)
     cloud = settings.cloud or "none (edge answers only)"
     status = StatusLog(router.stats, settings.status_log_seconds, recording=recorder.stats if recorder else None)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
@@ -229,3 +235,4 @@ async def run(settings: EdgeSettings) -> None:
             await asyncio.to_thread(recorder.close)  # the rows still waiting go to disk
         if reporter is not None:
             status.log()  # what happened since the last line, so a shutdown does not lose it
+        await operations.stop()

@@ -8,6 +8,7 @@ import grpc
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
+from offload.oip import tracing
 from offload.oip.errors import PUSHBACK_KEY, UpstreamError, parse_pushback, printable
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, MAX_ELEMENTS, MAX_MESSAGE_BYTES, channel_options
 from offload.oip.messages import encode_cost, request_to_pb, response_from_pb
@@ -132,7 +133,10 @@ class OipClient:
             message = request_to_pb(request, raw=raw)
         try:
             reply = await self._stub.ModelInfer(
-                message, timeout=timeout, metadata=(*self.security.metadata(), *metadata)
+                # The current trace context goes along, so the server's spans join the caller's trace.
+                message,
+                timeout=timeout,
+                metadata=(*self.security.metadata(), *metadata, *tracing.outgoing_metadata()),
             )
         except grpc.aio.AioRpcError as exc:
             raise _upstream(exc, self.target) from exc

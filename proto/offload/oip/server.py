@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from offload.oip import grpc_service_pb2 as pb
+from offload.oip.address import host_port
 from offload.oip.errors import InvalidArgument, Unavailable, status_for, trailers_for
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, channel_options
 from offload.oip.memory import give_back_freed_memory
@@ -39,6 +40,7 @@ from offload.oip.messages import (
     response_to_pb,
     server_metadata_to_pb,
 )
+from offload.oip.observe import CallObserver, ServerStats
 from offload.oip.repository import TensorSpec
 from offload.oip.security import ServerSecurity
 from offload.oip.types import DataPlane, InferRequest, InferResponse
@@ -263,7 +265,8 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 
 class OipServer:
-    """One gRPC server: OIP, health (grpc.health.v1) and reflection, on one port."""
+    """One gRPC server: OIP, health (grpc.health.v1) and reflection, on one port (and, with
+    `start_health`, health alone in plaintext on another)."""
 
     def __init__(
         self,
@@ -286,11 +289,15 @@ class OipServer:
         self.limits = limits or ServerLimits()
         self.security = security or ServerSecurity()
         self.port = 0
+        self.health_port: int | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._health = health.aio.HealthServicer()
+        self._health_server: grpc.aio.Server | None = None
+        # First, so that it sees every call's status, those the token check refuses included.
+        self._observer = CallObserver(SERVICE_NAME)
         self._server = grpc.aio.server(
             options=channel_options(self.limits.max_message_bytes),
-            interceptors=self.security.interceptors(SERVICE_NAME),
+            interceptors=[self._observer, *self.security.interceptors(SERVICE_NAME)],
         )
         self._servicer = InferenceServicer(data_plane, self.limits, give_back_after_bytes)
         handlers = self._servicer.method_handlers()
@@ -306,7 +313,7 @@ class OipServer:
 
         With TLS credentials in `security` the port is a secure one (and only that); without, it is plaintext.
         """
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = host_port(host, port)
         credentials = self.security.credentials
         if credentials is None:
             if not _is_loopback(host):
@@ -324,6 +331,27 @@ class OipServer:
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    async def start_health(self, host: str, port: int) -> int:
+        """Serve grpc.health.v1 alone, in plaintext and open to any caller, on another port; returns it.
+
+        For probes that cannot speak TLS or send a token (Kubernetes' gRPC probes, Docker health checks):
+        it answers what the main port's health service answers (the same servicer: SERVING once started,
+        NOT_SERVING while draining) and serves nothing else, no inference, metadata or reflection.
+        """
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = host_port(host, port)
+        bound = server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"{self.name}: could not bind the health port {address}; is the port in use?")
+        await server.start()
+        self._health_server, self.health_port = server, bound
+        return bound
+
+    def stats(self) -> ServerStats:
+        """The calls to the inference service so far, by method and status, with their durations."""
+        return self._observer.stats()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", SERVICE_NAME):
@@ -353,6 +381,9 @@ class OipServer:
         if not await self._servicer.wait_idle(grace_seconds):
             log.warning("%s: calls still in flight after %.1fs; cancelling them", self.name, grace_seconds)
         await self._server.stop(max(0.0, grace_seconds - (time.monotonic() - started)))
+        if self._health_server is not None:
+            # Last: a probe sees NOT_SERVING for the whole drain, then the port closes.
+            await self._health_server.stop(0)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

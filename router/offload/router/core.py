@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 
 import numpy as np
 import numpy.typing as npt
 
+from offload.oip import tracing
 from offload.oip.errors import NotFound
 from offload.oip.types import InferRequest, InferResponse
 from offload.oip.validation import check_inputs
@@ -24,10 +26,11 @@ from offload.router.audit import Auditor
 from offload.router.cache import RowCache
 from offload.router.fetch import CloudRowsHook, RowFetcher
 from offload.router.models import Arrays, RoutedModel
-from offload.router.options import RESPONSE_DEGRADED, Route, RoutingOptions
+from offload.router.options import RESPONSE_DEGRADED, RESPONSE_ROUTE, Route, RoutingOptions
 from offload.router.response import build_response, requested_outputs
 from offload.router.stats import RouterStats
 from offload.router.thresholds import Thresholds
+from offload.router.traffic import Traffic
 from offload.router.upstream import CloudFailure, Upstream
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class Router:
         self._fetcher = RowFetcher(cloud, cache, on_cloud_rows)
         self._thresholds = Thresholds(self._models, target_offload)
         self._auditor = Auditor(audit_share, self._fetcher.fetch, rng or np.random.default_rng())
+        self._traffic = Traffic(self._models)
         self._requests = 0
         self._degraded = 0
         self._errors = 0
@@ -109,13 +113,15 @@ class Router:
             audit=self._auditor.stats(),
             cloud=upstream.stats() if upstream is not None else None,
             cache=cache.stats() if cache is not None else None,
+            models=self._traffic.stats(),
         )
 
     async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
         """Answer a request; `deadline` is the caller's, in time.monotonic() seconds."""
         self._requests += 1
+        started = time.perf_counter()
         try:
-            response = await self._route(request, deadline)
+            response = await self._route(request, deadline, started)
         except Exception:
             self._errors += 1
             raise
@@ -123,7 +129,7 @@ class Router:
             self._degraded += 1
         return response
 
-    async def _route(self, request: InferRequest, deadline: float | None) -> InferResponse:
+    async def _route(self, request: InferRequest, deadline: float | None, started: float) -> InferResponse:
         model = self.model(request.model_name, request.model_version)
         options = RoutingOptions.from_parameters(request.parameters)
         rows = check_inputs(request, model.edge.inputs)
@@ -144,12 +150,19 @@ class Router:
                 if unsure.size:
                     await self._offload_rows(model, request, inputs, unsure, answer, cloud_deadline, options)
                 self._auditor.sample(model, request, inputs, np.flatnonzero(confident), answer.outputs)
-        return build_response(model, request, outputs, answer, options)
+        response = build_response(model, request, outputs, answer, options)
+        route = str(response.parameters[RESPONSE_ROUTE])
+        self._traffic.answered(model.name, route, answer, time.perf_counter() - started)
+        return response
 
     async def _edge_answer(self, model: RoutedModel, inputs: Arrays) -> Answer:
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, model.edge.predict, inputs)
-        return Answer.from_edge(model.answer_outputs(outputs), model.confidence(outputs))
+        rows = next(iter(inputs.values())).shape[0] if inputs else 0
+        with tracing.span("offload.edge_model", {"offload.model": model.name, "offload.rows": rows}):
+            outputs = await loop.run_in_executor(self._executor, model.edge.predict, inputs)
+        answer = Answer.from_edge(model.answer_outputs(outputs), model.confidence(outputs))
+        self._traffic.edge_ran(model.name, answer.confidence)
+        return answer
 
     async def _all_rows_to_cloud(
         self,

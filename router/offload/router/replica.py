@@ -16,11 +16,12 @@ import grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import InvalidArgument, UpstreamError
 from offload.oip.limits import MAX_ELEMENTS
+from offload.oip.request_ids import REQUEST_ID_HEADER, request_id_header
 from offload.oip.security import ChannelSecurity
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker
 from offload.router.stats import ReplicaStats
-from offload.router.upstream import REQUEST_ID_HEADER, CloudFailure, Validator, request_id_header
+from offload.router.upstream import CloudFailure, Validator
 
 # Failures that say the replica (or the way to it) is unwell, as opposed to a
 # request the cloud judged wrong; only these count against the breaker's health.

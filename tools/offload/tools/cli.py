@@ -36,6 +36,22 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
     )
     parser.add_argument("--grace-seconds", type=float, help="on SIGTERM, time for calls in flight (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), help="text (default), or json: one JSON object per line"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on http://HOST:PORT/metrics"
+    )
+    parser.add_argument("--metrics-host", metavar="HOST", help="address the metrics port listens on (default: --host)")
+    parser.add_argument(
+        "--health-port", type=int, metavar="PORT", help="also serve grpc.health.v1 alone, plaintext, on this port"
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        default=None,
+        help="export OpenTelemetry traces (needs offload[tracing]; OTEL_* environment variables say where)",
+    )
     parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve TLS with this PEM certificate chain")
     parser.add_argument("--tls-key", type=Path, metavar="FILE", help="the unencrypted PEM private key of --tls-cert")
     parser.add_argument(
@@ -76,6 +92,11 @@ def _flags(options: argparse.Namespace, *names: str) -> dict[str, Any]:
         "max_message_bytes",
         "grace_seconds",
         "log_level",
+        "log_format",
+        "metrics_port",
+        "metrics_host",
+        "health_port",
+        "tracing",
         "tls_cert",
         "tls_key",
         "tls_client_ca",
@@ -517,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                     *CLOUD_CHANNEL_FLAGS,
                 ),
             )
-            configure_logging(edge_settings.log_level)
+            configure_logging(edge_settings.log_level, edge_settings.log_format)
             asyncio.run(agent.run(edge_settings))
             return 0
         if options.command == "bench":
@@ -567,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         from offload.cloud.settings import CloudSettings
 
         cloud_settings = load_settings(CloudSettings, options.config, **_flags(options, "device", "inference_threads"))
-        configure_logging(cloud_settings.log_level)
+        configure_logging(cloud_settings.log_level, cloud_settings.log_format)
         asyncio.run(service.run(cloud_settings))
         return 0
     except ConfigurationError as exc:
