@@ -75,6 +75,7 @@ def build_cloud_endpoint(
         on_breaker_change=on_breaker_change,
         sleep=sleep or asyncio.sleep,
         security=settings.cloud_security(),
+        streaming=settings.cloud_streaming,
     )
 
 
@@ -140,6 +141,8 @@ async def run(settings: EdgeSettings) -> None:
     if settings.cloud:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
     cloud = settings.cloud or "none (edge answers only)"
+    if settings.cloud and settings.cloud_streaming:
+        cloud += " over one ModelStreamInfer stream"
     print(f"offload-edge listening on {settings.host}:{port} (cloud: {cloud}; {security.description})", flush=True)
     status = StatusLog(router.stats, settings.status_log_seconds)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None

@@ -47,6 +47,11 @@ class EdgeSettings(ServerSettings):
     cloud_token_file: Path | None = Field(
         None, description="File whose first token is sent to the cloud as 'authorization: Bearer'. Re-read on change."
     )
+    cloud_streaming: bool = Field(
+        False,
+        description="Send the rows for the cloud on one long-lived ModelStreamInfer stream (Triton's) that every "
+        "request shares, instead of one ModelInfer call each; falls back to ModelInfer if the cloud lacks it.",
+    )
     cloud_timeout_seconds: Annotated[
         float,
         Field(gt=0, description="Default cloud deadline: all attempts at one request, when the caller's is longer."),

@@ -13,7 +13,8 @@ import ipaddress
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -24,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
-from offload.oip.errors import InvalidArgument, Unavailable, status_for, trailers_for
+from offload.oip.errors import InvalidArgument, Unavailable, status_for, status_parameters, trailers_for
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, channel_options
 from offload.oip.messages import (
     ModelInputs,
@@ -32,6 +33,7 @@ from offload.oip.messages import (
     decode_request,
     encode_cost,
     model_metadata_to_pb,
+    parameters_to_pb,
     response_to_pb,
     server_metadata_to_pb,
 )
@@ -126,8 +128,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         except Exception as exc:
             code, message = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("request failed with an unexpected error")
+            _log_if_unexpected(code)
             trailers = trailers_for(exc)
             if trailers:
                 context.set_trailing_metadata(trailers)
@@ -146,11 +147,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for method in _SERVICE.methods:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                self._refusing_unparsable(getattr(self, method.name)),
-                request_deserializer=_lenient(getattr(pb, method.input_type.name)),
-                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
-            )
+            handler = getattr(self, method.name)
+            deserializer = _lenient(getattr(pb, method.input_type.name))
+            serializer = getattr(pb, method.output_type.name).SerializeToString
+            if method.client_streaming and method.server_streaming:
+                # A stream refuses an unparsable request in its answer to it, and goes on (ModelStreamInfer).
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    handler, request_deserializer=deserializer, response_serializer=serializer
+                )
+            elif not (method.client_streaming or method.server_streaming):
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self._refusing_unparsable(handler),
+                    request_deserializer=deserializer,
+                    response_serializer=serializer,
+                )
+            else:  # pragma: no cover - the .proto has none; registering it as unary would break it
+                raise TypeError(f"{method.full_name}: a half-streaming method has no handler registration")
         return handlers
 
     def _refusing_unparsable(
@@ -206,26 +218,102 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _model_inputs(self, name: str, version: str) -> tuple[TensorSpec, ...]:
         return self._plane.model_metadata(name, version).inputs
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.ModelInferResponse:
-        async def call() -> pb.ModelInferResponse:
-            if self._draining:
-                raise Unavailable("the server is shutting down; retry on another replica")
-            infer_request = await read_request(request, self._limits.max_elements, self._model_inputs)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            response = await self._plane.infer(infer_request, deadline)
-            return await write_response(response, infer_request.raw)
-
+    @contextmanager
+    def _in_flight_call(self) -> Iterator[None]:
+        """Count an inference call as in flight (what a drain waits for) while the block runs."""
         self._in_flight += 1
         self._idle.clear()
         try:
-            return await self._guard(context, call)
+            yield
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    async def _answer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelInferResponse:
+        """One inference request, unary or on a stream: checked, decoded, answered, encoded (or raises)."""
+        if self._draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        infer_request = await read_request(request, self._limits.max_elements, self._model_inputs)
+        # On a stream this is the stream's deadline, if it has one: its requests carry none of their own.
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        response = await self._plane.infer(infer_request, deadline)
+        return await write_response(response, infer_request.raw)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelInferResponse:
+        with self._in_flight_call():
+            return await self._guard(context, lambda: self._answer(request, context))
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest | _Unparsable],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's stream: each request is answered as ModelInfer would answer it, a failure in the
+        answer's error_message (the stream goes on), until the client half-closes.
+
+        Requests are answered concurrently, and the answers are sent in the order the requests
+        came, as Triton does for a model that is not decoupled (every model here answers each
+        request once); every answer carries its request's id too. At most
+        `max_stream_in_flight` requests of one stream are in flight: at the bound the stream is
+        not read further until the oldest is answered, so a client that sends faster than the
+        server answers is held back by gRPC's flow control rather than queued here.
+        """
+        slots = asyncio.Semaphore(self._limits.max_stream_in_flight)
+        # The answers being worked out, in the order of their requests; None once the client half-closed.
+        answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                requests = aiter(request_iterator)
+                while True:
+                    await slots.acquire()
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        return
+                    answers.put_nowait(asyncio.create_task(self._stream_answer(request, context)))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield await answer
+                slots.release()
+            await reader  # a failure to read the stream (other than its end) fails the call
+        finally:
+            # The client went away (or reading failed): nothing left is answered.
+            reader.cancel()
+            while not answers.empty():
+                left = answers.get_nowait()
+                if left is not None:
+                    left.cancel()
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest | _Unparsable, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelStreamInferResponse:
+        """The stream's answer to one request: its response, or its failure as error_message with
+        the status beside it (`status_parameters`) and the request's id, so the client knows which
+        request failed and why, as a unary call's status would say."""
+        with self._in_flight_call():
+            try:
+                if isinstance(request, _Unparsable):
+                    await request.refuse()
+                return pb.ModelStreamInferResponse(infer_response=await self._answer(request, context))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                code, message = status_for(exc)
+                _log_if_unexpected(code)
+                failed = pb.ModelInferResponse(id="" if isinstance(request, _Unparsable) else request.id)
+                parameters_to_pb(status_parameters(code, trailers_for(exc)), failed.parameters)
+                return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
 
 class OipServer:
@@ -318,6 +406,12 @@ class OipServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+def _log_if_unexpected(code: grpc.StatusCode) -> None:
+    """Log the exception being handled, with its traceback, when its status says it is a bug of ours."""
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("request failed with an unexpected error")
 
 
 def _is_loopback(host: str) -> bool:

@@ -155,7 +155,9 @@ class CloudEndpoint:
         on_breaker_change: Callable[[BreakerState], None] | None = None,
         max_elements: int = MAX_ELEMENTS,
         security: ChannelSecurity | None = None,
+        streaming: bool = False,
     ) -> None:
+        """`streaming`: send the requests on one ModelStreamInfer stream (OipClient's stream mode)."""
         self.target = target
         self.timeout_seconds = timeout_seconds
         self.retry = retry or RetryPolicy()
@@ -165,7 +167,7 @@ class CloudEndpoint:
         self._counts = _Counts()
         self._clock = clock
         self._sleep = sleep
-        self._client = OipClient(target, max_message_bytes, max_elements, security)
+        self._client = OipClient(target, max_message_bytes, max_elements, security, streaming=streaming)
 
     async def close(self) -> None:
         await self._client.close()

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     _server_flags(edge, 8001)
     edge.add_argument("--cloud", help="the cloud's HOST:PORT (any OIP server); omit to answer on the edge only")
     edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (1)")
+    edge.add_argument(
+        "--cloud-streaming",
+        action="store_true",
+        default=None,
+        help="send the cloud's rows on one ModelStreamInfer stream instead of one call each",
+    )
     edge.add_argument("--edge-threads", type=int, help="threads that run edge models (default 1)")
     _cloud_channel_flags(edge)
 
@@ -176,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             edge_settings = load_settings(
                 EdgeSettings,
                 options.config,
-                **_flags(options, "cloud", "cloud_timeout_seconds", "edge_threads", *CLOUD_CHANNEL_FLAGS),
+                **_flags(
+                    options, "cloud", "cloud_timeout_seconds", "cloud_streaming", "edge_threads", *CLOUD_CHANNEL_FLAGS
+                ),
             )
             configure_logging(edge_settings.log_level)
             asyncio.run(agent.run(edge_settings))
