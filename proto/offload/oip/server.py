@@ -9,6 +9,7 @@ after any bad request.
 from __future__ import annotations
 
 import asyncio
+import enum
 import ipaddress
 import logging
 import signal
@@ -94,6 +95,16 @@ def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | _Unpars
     return deserialize
 
 
+class _StreamEnd(enum.Enum):
+    """Why a ModelStreamInfer stream stops reading: its requests are answered, and then it ends."""
+
+    HALF_CLOSED = "the client sent its last request"
+    DRAINING = "the server is shutting down"
+
+
+_StreamItem = asyncio.Task[pb.ModelStreamInferResponse] | _StreamEnd
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over a DataPlane."""
 
@@ -101,13 +112,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._plane = data_plane
         self._limits = limits
         self._draining = False
+        # The answer queue of every open ModelStreamInfer stream, to tell each of a drain.
+        self._streams: set[asyncio.Queue[_StreamItem]] = set()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     def start_draining(self) -> None:
-        """Refuse new inference calls with UNAVAILABLE (retryable: another replica can answer)."""
+        """Refuse new inference calls with UNAVAILABLE (retryable: another replica can answer), and
+        end each open stream once the requests it has read are answered."""
         self._draining = True
+        for answers in self._streams:
+            answers.put_nowait(_StreamEnd.DRAINING)
+
+    async def _serving(self) -> None:
+        if self._draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no inference call is in flight; False if the timeout came first."""
@@ -234,8 +254,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         """One inference request, unary or on a stream: checked, decoded, answered, encoded (or raises)."""
-        if self._draining:
-            raise Unavailable("the server is shutting down; retry on another replica")
+        await self._serving()
         infer_request = await read_request(request, self._limits.max_elements, self._model_inputs)
         # On a stream this is the stream's deadline, if it has one: its requests carry none of their own.
         remaining = context.time_remaining()
@@ -263,10 +282,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         `max_stream_in_flight` requests of one stream are in flight: at the bound the stream is
         not read further until the oldest is answered, so a client that sends faster than the
         server answers is held back by gRPC's flow control rather than queued here.
+
+        A drain ends every stream once the requests it has read are answered (and refuses new
+        streams with UNAVAILABLE), as it refuses new unary calls: an idle stream would otherwise
+        hold the shutdown for its whole grace period, and its client on a server going away.
         """
+        await self._guard(context, self._serving)
         slots = asyncio.Semaphore(self._limits.max_stream_in_flight)
-        # The answers being worked out, in the order of their requests; None once the client half-closed.
-        answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+        # The answers being worked out, in the order of their requests, then why the stream ends.
+        answers: asyncio.Queue[_StreamItem] = asyncio.Queue()
 
         async def read() -> None:
             try:
@@ -279,20 +303,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         return
                     answers.put_nowait(asyncio.create_task(self._stream_answer(request, context)))
             finally:
-                answers.put_nowait(None)
+                answers.put_nowait(_StreamEnd.HALF_CLOSED)
 
         reader = asyncio.create_task(read())
+        self._streams.add(answers)
+        draining = False
         try:
-            while (answer := await answers.get()) is not None:
+            while (answer := await answers.get()) is not _StreamEnd.HALF_CLOSED:
+                if answer is _StreamEnd.DRAINING:
+                    draining = True
+                    reader.cancel()  # no more reading; its HALF_CLOSED follows what it has read
+                    continue
                 yield await answer
                 slots.release()
-            await reader  # a failure to read the stream (other than its end) fails the call
+            if not draining:
+                await reader  # a failure to read the stream (other than its end) fails the call
         finally:
             # The client went away (or reading failed): nothing left is answered.
+            self._streams.discard(answers)
             reader.cancel()
             while not answers.empty():
                 left = answers.get_nowait()
-                if left is not None:
+                if isinstance(left, asyncio.Task):
                     left.cancel()
 
     async def _stream_answer(
