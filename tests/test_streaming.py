@@ -111,9 +111,9 @@ def test_stream_answers_equal_the_unary_answers_row_by_row_in_request_order(
     for (result, _), expected in zip(streamed, unary, strict=True):
         np.testing.assert_allclose(result.as_numpy("scores"), expected.as_numpy("scores"), rtol=1e-5, atol=1e-6)
         if server == "edge":
-            # Where each row was answered, the agent's row cache (filled by the unary calls) standing for the cloud.
-            route = result.get_response().parameters[RESPONSE_ROUTE].string_param
-            assert route.replace("cache", "cloud") == expected.get_response().parameters[RESPONSE_ROUTE].string_param
+            # Where each row was answered; the agent's row cache (which earlier calls fill) stands for the cloud.
+            routes = [answer.get_response().parameters[RESPONSE_ROUTE].string_param for answer in (result, expected)]
+            assert {route.replace("cache", "cloud") for route in routes} in ({"edge"}, {"cloud"})
 
 
 @pytest.mark.parametrize("server", ["edge", "cloud"])
