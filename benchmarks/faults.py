@@ -45,15 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from offload.edge.agent import load_edge_models
 from offload.models import DEMO_REPOSITORY
 from offload.oip import client as client_module
-from offload.oip.client import OipClient
 from offload.oip.limits import channel_options
-from offload.oip.tensors import Tensor
-from offload.oip.types import InferRequest
 from offload.router.models import RoutedModel
 from offload.tools.process import ServerProcess
 from results_file import RESULTS, write_section
@@ -61,6 +57,7 @@ from results_file import RESULTS, write_section
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from support.chaos import (  # noqa: E402  (the chaos proxy lives with the tests)
+    MODEL,
     TEST_EDGE_SETTINGS,
     Call,
     ChaosProxy,
@@ -317,22 +314,13 @@ async def recovery_seconds(calls: list[Call], ended: float, poll: Callable[[], A
     return time.monotonic() - ended
 
 
-async def fetch_reference(cloud: str, models: dict[str, RoutedModel]) -> Reference:
-    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
-        pixels = data["inputs"].astype(np.float32)
-    async with OipClient(cloud) as client:
-        response = await client.infer(InferRequest("digits", [Tensor.of("pixels", pixels)]), timeout=60)
-    scores = response.output("scores")
-    assert scores is not None
-    return Reference.build(models["digits"], pixels, scores.data)
-
-
 async def run(options: argparse.Namespace) -> list[Row]:
     models = load_edge_models(DEMO_REPOSITORY)
     rows: list[Row] = []
     with cloud_process() as cloud, ThreadPoolExecutor(2, thread_name_prefix="edge-infer") as executor:
         await asyncio.to_thread(cloud.start)
-        env = Env(cloud, await fetch_reference(cloud.address, models), models, executor, options)
+        reference = await asyncio.to_thread(Reference.of_demo, cloud.address, models[MODEL])
+        env = Env(cloud, reference, models, executor, options)
         for fault in options.faults:
             started = time.monotonic()
             row = await run_fault(fault, env)

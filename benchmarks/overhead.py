@@ -9,8 +9,8 @@ Baselines, none of them through Offload's own code:
 - a bare call of `torch.export.load(...).module()` on the cloud model's file, on a
   tensor made once, under `torch.inference_mode()`, with the torch intra-op threads the
   cloud service gives each of its inference threads, on the device it serves on;
-- a bare gRPC echo server (transport only: it answers every ModelInfer with a canned
-  response, no decoding).
+- a bare gRPC echo server (transport only: it answers every ModelInfer with the
+  request's own bytes, no decoding; `offload.tools.bare_echo`).
 
 Measured against them: Offload's model wrappers (`OnnxModel.predict`,
 `CloudModel.predict`), the in-process router, the edge agent over gRPC (edge route
@@ -54,6 +54,7 @@ from offload.oip.repository import ModelEntry, load_repository
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.core import Router
+from offload.tools.bare_echo import BareEchoProcess
 from offload.tools.process import ServerProcess
 from results_file import RESULTS, write_section
 
@@ -63,31 +64,6 @@ WARM_UP = 10
 BARE_ORT = "bare onnxruntime InferenceSession.run (edge model)"
 BARE_TORCH = "bare torch.export module call (cloud model, unbatched)"
 BARE_ECHO_NAME = "bare gRPC echo (transport only)"
-
-BARE_ECHO = """
-import asyncio, sys
-import grpc
-from offload.oip import grpc_service_pb2 as pb
-REPLY = pb.ModelInferResponse(model_name="digits").SerializeToString()
-async def infer(request: bytes, context: object) -> bytes:
-    return REPLY
-async def main() -> None:
-    handler = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
-        "ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"bare-echo listening on 127.0.0.1:{port}", flush=True)
-    await server.wait_for_termination()
-asyncio.run(main())
-"""
-
-
-class BareEchoProcess(ServerProcess):
-    def __init__(self) -> None:
-        super().__init__([])
-        self.args = [sys.executable, "-c", BARE_ECHO]
 
 
 @dataclass(frozen=True)
@@ -140,8 +116,8 @@ class Baselines:
             f"{self.session_options.inter_op_num_threads} and providers {', '.join(self.providers)}, as the edge "
             "runs it (the model's [edge] section); a call of `torch.export.load(...).module()` on the cloud "
             f"model's file, on a tensor made once, under `torch.inference_mode()`, {threads}; a bare gRPC echo "
-            "server (a canned ModelInfer answer, no decoding). The paths through Offload below each baseline are "
-            "compared with it."
+            "server (it answers with the request's own bytes, no decoding). The paths through Offload below each "
+            "baseline are compared with it."
         )
 
     def run_onnx(self, feeds: dict[str, npt.NDArray[Any]]) -> object:

@@ -21,7 +21,7 @@ from offload.oip.repository import load_repository
 from offload.oip.server import OipServer
 from offload.router.core import Router
 from offload.router.models import RoutedModel
-from offload.router.upstream import CloudEndpoint
+from offload.router.pool import CloudPool
 from offload.tools.process import ServerProcess
 from support.repos import write_echo_repository
 
@@ -99,7 +99,7 @@ async def running_stack(
     limits = limits or ServerLimits()
     cloud = OipServer(cloud_plane, "test-cloud", limits)
     await cloud.start()
-    router = Router(edge_models, CloudEndpoint(f"127.0.0.1:{cloud.port}", 10.0, limits.max_message_bytes), executor)
+    router = Router(edge_models, CloudPool(f"127.0.0.1:{cloud.port}", 10.0, limits.max_message_bytes), executor)
     edge = OipServer(RouterDataPlane(router), "test-edge", limits)
     await edge.start()
     try:

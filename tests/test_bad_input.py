@@ -7,8 +7,10 @@ well-formed ones) and sent to the real in-process servers: the edge agent and th
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import struct
+import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,16 +27,18 @@ from offload.cloud.dataplane import CloudDataPlane
 from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
+from offload.oip import server as oip_server
 from offload.oip.client import OipClient
 from offload.oip.errors import MAX_STATUS_MESSAGE_BYTES, InvalidArgument, UpstreamError
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits
-from offload.oip.messages import request_to_pb
+from offload.oip.messages import CheckedRequest, decode_request, receive_infer_request, request_to_pb
 from offload.oip.repository import TensorSpec
 from offload.oip.server import OipServer, read_request
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import InferRequest
 from offload.router.models import RoutedModel
 from offload.router.upstream import MAX_HEADER_REQUEST_ID
+from support import reference
 from support.chaos import ChaosProxy, edge_under_test
 from support.repos import SAMPLES, TEXT_BYTES, TYPED
 
@@ -84,13 +88,23 @@ def _digits(
     return request
 
 
+@functools.cache
+def _right_answers() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The bare models' answers to the good request: the edge agent's (routed by the model's threshold),
+    and the cloud's."""
+    routed = ["cloud" if unsure else "edge" for unsure in reference.cloud_bound(PIXELS)]
+    return reference.expected_scores(PIXELS, routed), reference.cloud_scores(PIXELS)
+
+
 async def _assert_serves(stub: Stub) -> None:
-    """A good request to the same server is still answered, and correctly shaped."""
+    """A good request to the same server is still answered, correctly shaped and right."""
     reply = await stub.ModelInfer(_digits(), timeout=TIMEOUT)
     assert [(output.name, output.datatype, list(output.shape)) for output in reply.outputs] == [
         ("scores", "FP32", [2, 10])
     ]
     assert [len(raw) for raw in reply.raw_output_contents] == [2 * 10 * 4]
+    scores = np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).reshape(2, 10)
+    assert any(reference.CLOUD_TOLERANCE.close(scores, right) for right in _right_answers()), scores
 
 
 async def _assert_rejected(
@@ -268,6 +282,23 @@ async def test_bad_request_is_rejected_and_the_server_keeps_serving(
     await _assert_rejected(stub, build(), code, fragments)
 
 
+@pytest.mark.parametrize("server", SERVERS)
+async def test_bytes_that_are_no_protobuf_message_are_invalid_argument(demo_stack: Stack, server: str) -> None:
+    async with grpc.aio.insecure_channel(_address(demo_stack, server)) as channel:
+        send_bytes: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send_bytes(_digits().SerializeToString()[:-3], timeout=TIMEOUT)  # cut inside the raw contents
+        assert caught.value.code() == Code.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        # The reason is the no-copy reader's, which names the field cut short.
+        prefix = "the request is not a valid inference.ModelInferRequest protobuf message (field 7 at byte "
+        assert details.startswith(prefix), details
+        assert " runs past the end of the message); " in details, details
+        await _assert_serves(pb_grpc.GRPCInferenceServiceStub(channel))
+
+
 async def test_a_clipped_message_fits_in_a_trailer(stub: Stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ModelInfer(_digits(model="\u00e9\n" * 100_000), timeout=TIMEOUT)
@@ -275,7 +306,7 @@ async def test_a_clipped_message_fits_in_a_trailer(stub: Stub) -> None:
     details = caught.value.details() or ""
     # As sent, percent-encoded: within the limit, far below gRPC's 8 KiB for all trailers.
     assert len(urllib.parse.quote(details, safe=" !\"#$&'()*+,/:;<=>?@[\\]^`{|}~")) <= MAX_STATUS_MESSAGE_BYTES
-    assert details.endswith("is not served here; models: ['digits']")
+    assert details.endswith("is not served here; models: ['digits', 'tabular']")
 
 
 @pytest.mark.parametrize("server", SERVERS)
@@ -571,11 +602,11 @@ async def test_a_huge_request_of_the_wrong_datatype_is_refused_before_decoding_a
     await _assert_serves(stub)
 
 
-async def test_a_large_request_is_decoded_off_the_event_loop() -> None:
-    # The element count puts decoding in a worker thread: the coroutine must give the loop
-    # back while it runs. One turn of the loop is not enough for a thread's result to come
-    # back (it is delivered with call_soon_threadsafe, a later turn), so after one turn the
-    # read is still pending; decoded inline it would already be done.
+async def test_a_large_request_is_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The element count puts decoding in a worker thread: the event loop must stay free while it
+    # runs. The decoder (the real one, wrapped) waits until the loop lets it go. In a worker, the
+    # loop runs on, sees it start and releases it; run on the loop itself, it would block the loop
+    # so that nothing could release it, and it reports that it timed out instead.
     rows = INLINE_CODEC_ELEMENTS + 1
     items = [str(row).encode() for row in range(rows)]
     message = pb.ModelInferRequest(model_name="words")
@@ -583,10 +614,22 @@ async def test_a_large_request_is_decoded_off_the_event_loop() -> None:
     message.raw_input_contents.append(b"".join(LENGTH.pack(len(item)) + item for item in items))
     spec = TensorSpec(name="text", datatype="BYTES", shape=(-1, 1))
 
-    read = asyncio.create_task(read_request(message, 1 << 26, lambda name, version: (spec,)))
-    await asyncio.sleep(0)
-    assert not read.done()
+    started, released = threading.Event(), threading.Event()
+    seen: list[tuple[int, bool]] = []  # the decoding thread, and whether the loop released it
+
+    def held_decode(checked: CheckedRequest) -> InferRequest:
+        started.set()
+        seen.append((threading.get_ident(), released.wait(timeout=10)))
+        return decode_request(checked)
+
+    monkeypatch.setattr(oip_server, "decode_request", held_decode)
+    received = receive_infer_request(message.SerializeToString())
+    read = asyncio.create_task(read_request(received, 1 << 26, lambda name, version: (spec,)))
+    assert await asyncio.to_thread(started.wait, 10), "decoding never started"
+    released.set()
     request = await read
+    assert seen == [(seen[0][0], True)], "decoding held the event loop: the loop could not release it"
+    assert seen[0][0] != threading.get_ident(), "decoded on the event loop's thread"
     assert request.inputs[0].data.ravel().tolist() == items
 
 

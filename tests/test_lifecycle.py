@@ -16,7 +16,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from conftest import SUBPROCESS_ENV, Processes
 from offload.edge.settings import EdgeSettings
@@ -158,6 +160,53 @@ async def test_edge_agent_drains_on_sigterm(tmp_path: Path) -> None:
         assert code == 0, edge.output()
 
 
+STATUS_LINE = "offload.edge.status: status over the last"
+
+
+@pytest.mark.parametrize(
+    ("status_log_seconds", "requests", "lines"),
+    [
+        pytest.param("60", 1, 1, id="something-happened"),
+        pytest.param("60", 0, 0, id="nothing-happened"),
+        pytest.param("0", 1, 0, id="status-lines-off"),
+    ],
+)
+async def test_the_edge_agent_writes_a_last_status_line_at_shutdown_when_something_happened(
+    status_log_seconds: str, requests: int, lines: int
+) -> None:
+    """The periodic line (every 60 s) does not come within the test; the last one, written at shutdown,
+    covers what happened since the start. status_log_seconds = 0 turns every line off, that one too."""
+    env = {**SUBPROCESS_ENV, "OFFLOAD_EDGE_STATUS_LOG_SECONDS": status_log_seconds}
+    with ServerProcess(["edge", "--grpc-port", "0"], env=env) as edge:
+        address = edge.start()
+        async with OipClient(address) as client:
+            for _ in range(requests):
+                await client.infer(InferRequest("digits", [Tensor.of("pixels", np.zeros((2, 64), np.float32))]))
+        code = await asyncio.to_thread(edge.terminate)
+        output = edge.output()
+    assert code == 0, output
+    status = [line for line in output.splitlines() if STATUS_LINE in line]
+    assert len(status) == lines, output
+    if lines:
+        assert " INFO " in status[0]
+        assert f"{requests} requests (0 degraded, 0 errors); cloud: none" in status[0], status[0]
+
+
+@pytest.mark.parametrize("server", ["edge", "cloud"])
+def test_both_servers_describe_oip_and_health_through_server_reflection(demo_processes: Processes, server: str) -> None:
+    """grpc_reflection's own client lists the services and fetches their descriptors (as grpcurl does)."""
+    address = demo_processes.edge.address if server == "edge" else demo_processes.cloud.address
+    with grpc.insecure_channel(address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services, services
+        pool = descriptor_pool.DescriptorPool(database)
+        oip = {method.name for method in pool.FindServiceByName("inference.GRPCInferenceService").methods}
+        health = {method.name for method in pool.FindServiceByName("grpc.health.v1.Health").methods}
+    assert {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"} <= oip
+    assert {"Check", "Watch"} <= health
+
+
 def test_demo_json_meets_the_acceptance_figures() -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "offload.tools.cli", "demo", "--json"],
@@ -194,7 +243,7 @@ def test_edge_side_never_imports_torch() -> None:
     assert completed.returncode == 0, completed.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["edge"], ["cloud"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["edge"], ["cloud"], ["manifest"]])
 def test_every_command_has_help(command: list[str]) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "offload.tools.cli", *command, "--help"], capture_output=True, text=True, check=False

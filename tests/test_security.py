@@ -40,7 +40,7 @@ from offload.oip.types import InferRequest
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.options import REQUIRE_CLOUD, RESPONSE_DEGRADED, RESPONSE_ROUTE, ROUTE
-from offload.router.upstream import CloudEndpoint
+from offload.router.pool import CloudPool
 from offload.tools.cli import main
 from offload.tools.process import ServerProcess
 from support.certs import CertificateAuthority, Pair
@@ -166,6 +166,49 @@ async def test_server_name_override_checks_the_certificate_against_that_name(
         assert await _infer_status(address, named) == grpc.StatusCode.OK
         wrong_name = ChannelSecurity.load(ca=pki.ca, server_name="other.internal")
         assert await _infer_status(address, wrong_name) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_pool_gives_every_replica_its_credentials_and_checks_dns_replicas_for_the_name(
+    demo_cloud_plane: CloudDataPlane, pki: Pki
+) -> None:
+    """Two replicas with mutual TLS and tokens, whose certificate is for cloud.internal only."""
+    server = ServerSecurity.load(pki.named_server.cert, pki.named_server.key, pki.ca, pki.tokens)
+    device = ChannelSecurity.load(ca=pki.ca, cert=pki.client.cert, key=pki.client.key, token_file=pki.token)
+    async with serving(demo_cloud_plane, server) as first, serving(demo_cloud_plane, server) as second:
+
+        async def resolver(host: str, port: int) -> list[str]:
+            assert (host, port) == ("cloud.internal", 8101)
+            return [first, second]
+
+        # Found by looking cloud.internal up: each replica's certificate is checked against that name.
+        pool = CloudPool("dns:///cloud.internal:8101", TIMEOUT, 64 << 20, resolver=resolver, security=device)
+        try:
+            # Readiness is asked of each replica, over TLS, with the client certificate and the token.
+            assert await pool.check_ready(TIMEOUT) is None
+            assert {replica.target for replica in pool.replicas} == {first, second}
+            answer = await pool.infer(_request(), deadline=None)
+            assert answer.outputs[0].shape == (3, 10)
+        finally:
+            await pool.close()
+        # The same addresses given as they are: the certificate is not for 127.0.0.1, so neither connects.
+        pool = CloudPool(f"{first},{second}", TIMEOUT, 64 << 20, security=device)
+        try:
+            problem = await pool.check_ready(TIMEOUT)
+            assert problem is not None
+            assert f"{first}: UNAVAILABLE" in problem
+            assert f"{second}: UNAVAILABLE" in problem
+        finally:
+            await pool.close()
+        # Without the token, each replica refuses the look.
+        untokened = ChannelSecurity.load(ca=pki.ca, cert=pki.client.cert, key=pki.client.key)
+        pool = CloudPool("dns:///cloud.internal:8101", TIMEOUT, 64 << 20, resolver=resolver, security=untokened)
+        try:
+            problem = await pool.check_ready(TIMEOUT)
+            assert problem is not None
+            assert f"{first}: UNAUTHENTICATED" in problem
+            assert f"{second}: UNAUTHENTICATED" in problem
+        finally:
+            await pool.close()
 
 
 async def test_plaintext_beyond_loopback_is_served_with_a_warning(
@@ -310,7 +353,7 @@ async def test_a_cloud_that_refuses_the_agent_leaves_rows_on_the_edge(
 
     @asynccontextmanager
     async def router_sending(address: str, token: Path) -> AsyncIterator[Router]:
-        endpoint = CloudEndpoint(address, TIMEOUT, 64 << 20, security=ChannelSecurity.load(token_file=token))
+        endpoint = CloudPool(address, TIMEOUT, 64 << 20, security=ChannelSecurity.load(token_file=token))
         router = Router(demo_edge_models, endpoint, edge_executor, cache=None)
         try:
             yield router

@@ -41,6 +41,7 @@ from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.models import RoutedModel
 from offload.router.options import REQUIRE_CLOUD, RESPONSE_DEGRADED, RESPONSE_ROUTE
+from offload.router.pool import CloudPool
 from offload.tools.cli import build_parser
 from offload.tools.process import ServerProcess
 from support.chaos import ALL_TO_CLOUD, ChaosProxy, Reference, burst, check, edge_under_test
@@ -301,6 +302,27 @@ async def test_a_drain_answers_what_a_stream_has_read_then_ends_it_and_refuses_n
     assert answer.infer_response.id == "in-flight"
 
 
+async def test_a_large_request_on_a_stream_gives_memory_back_once_it_is_answered(pixels: Pixels) -> None:
+    # Over the edge agent's 1 MiB threshold: the stream stays open, so the give-back cannot wait for its end.
+    rows = np.tile(pixels, (70, 1))
+    request = _request("large", rows)
+    assert request.ByteSize() > 1 << 20
+    with ServerProcess(["edge", "--grpc-port", "0", "--log-level", "DEBUG"]) as edge:
+        address = await asyncio.to_thread(edge.start)
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+            await call.write(request)
+            answer = await _read(call)
+            # The line comes while the stream is still open: the client has not half-closed it.
+            line = await asyncio.to_thread(edge.wait_for_line, "gave the allocator's free memory back")
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+    assert f"after a call of {request.ByteSize()} bytes" in line
+    assert answer.error_message == ""
+    assert answer.infer_response.id == "large"
+    assert list(answer.infer_response.outputs[0].shape) == [len(rows), 10]
+
+
 # --- OipClient's stream mode ----------------------------------------------------------------------------------------
 
 
@@ -402,6 +424,52 @@ async def test_a_broken_stream_fails_its_calls_unavailable_and_the_next_call_ope
     assert answer.id == "again"
     assert _scores(answer).shape == (2, 10)
     assert (proxy.streams, proxy.calls) == (2, 0)
+
+
+async def test_a_client_closed_with_a_grace_period_lets_the_calls_on_its_stream_finish(
+    demo_cloud_plane: CloudDataPlane, pixels: Pixels
+) -> None:
+    held = HeldCloud(demo_cloud_plane)
+    async with serving(held) as server:
+        client = OipClient(_address_of(server), streaming=True)
+        call = asyncio.create_task(client.infer(_infer_request("last", pixels[:2]), timeout=TIMEOUT))
+        assert (await held.arrived.get()).id == "last"
+        # A grace period longer than the test's own timeout: a stream left open would hold the close for all of it.
+        closing = asyncio.create_task(client.close(grace=600))
+        held.gate.set()
+        answer = await call
+        await closing
+    assert answer.id == "last"
+    expected = (await demo_cloud_plane.infer(_infer_request("x", pixels[:2]), None)).outputs[0].data
+    np.testing.assert_allclose(_scores(answer), expected, rtol=1e-5, atol=1e-6)
+
+
+async def test_every_replica_of_a_cloud_pool_gets_a_stream_of_its_own(
+    demo_cloud_plane: CloudDataPlane, pixels: Pixels
+) -> None:
+    held = HeldCloud(demo_cloud_plane)
+    async with (
+        serving(held) as server,
+        ChaosProxy(_address_of(server)) as first,
+        ChaosProxy(_address_of(server)) as second,
+    ):
+        pool = CloudPool(f"{first.address},{second.address}", TIMEOUT, 1 << 20, streaming=True)
+        try:
+            # One at a time, each held in flight: the balancer sends the second to the replica without a call.
+            calls = []
+            for i in range(2):
+                calls.append(asyncio.create_task(pool.infer(_infer_request(f"p{i}", pixels[i : i + 1]), None)))
+                assert (await held.arrived.get()).id == f"p{i}"
+            held.gate.set()
+            answers = await asyncio.gather(*calls)
+        finally:
+            await pool.close()
+    assert [(proxy.streams, proxy.calls) for proxy in (first, second)] == [(1, 0), (1, 0)]
+    assert sorted(first.stream_request_ids + second.stream_request_ids) == ["p0", "p1"]
+    expected = (await demo_cloud_plane.infer(_infer_request("x", pixels[:2]), None)).outputs[0].data
+    for i, answer in enumerate(answers):
+        assert answer.id == f"p{i}"
+        np.testing.assert_allclose(_scores(answer), expected[i : i + 1], rtol=1e-5, atol=1e-6)
 
 
 async def test_a_refused_token_is_passed_on_and_a_server_without_the_stream_gets_unary_calls(

@@ -23,9 +23,9 @@ answer, with no other fault; the proxy counts the streams and the requests on th
 apart from unary calls, so a test can tell which way a client's requests went.
 
 The proxy counts what it received: calls, the x-request-id of each (so retries and
-hedges of one request can be told from new work), the time each had left before its
-gRPC deadline as it arrived, which ids got a good answer, and how many calls were
-cancelled by the client.
+hedges of one request can be told from new work), the parameters of each as they came
+over the wire, the time each had left before its gRPC deadline as it arrived, which ids
+got a good answer, and how many calls were cancelled by the client.
 
 The rest is what the fault tests and the fault benchmark share: an edge router on
 a real gRPC port configured like the agent (`edge_under_test`), bounded concurrent
@@ -54,15 +54,16 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offload.edge.agent import CLOUD_HEALTH_SERVICE, build_cloud_endpoint
+from offload.edge.agent import CLOUD_HEALTH_SERVICE, build_cloud_pool
 from offload.edge.dataplane import RouterDataPlane
 from offload.edge.settings import EdgeSettings
+from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import PUSHBACK_KEY, UpstreamError
 from offload.oip.limits import MAX_MESSAGE_BYTES, channel_options
-from offload.oip.messages import response_from_pb, response_to_pb
+from offload.oip.messages import request_to_pb, response_from_pb, response_to_pb
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
@@ -76,9 +77,11 @@ from offload.router.options import (
     RESPONSE_ROUTE,
     THRESHOLD,
 )
+from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerState
 from offload.router.stats import UpstreamStats
-from offload.router.upstream import CloudEndpoint, Sleep
+from offload.router.upstream import Sleep
+from support import reference as bare_models
 
 if TYPE_CHECKING:
     from offload.oip.grpc_service_pb2_grpc import GRPCInferenceServiceAsyncStub
@@ -118,6 +121,12 @@ def corrupt(reply: pb.ModelInferResponse, kind: Corruption) -> pb.ModelInferResp
         first = Tensor(first.name, datatype, data.astype(dtype))
     response.outputs[0] = first
     return response_to_pb(response, raw=True)
+
+
+def wire_value(parameter: pb.InferParameter) -> tuple[str, object]:
+    """A parameter as it travels: which field of the oneof is set (bool_param, int64_param, ...) and its value."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return (kind, getattr(parameter, kind)) if kind else ("", None)
 
 
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -172,6 +181,8 @@ class ChaosProxy:
         self.stream_request_ids: list[str] = []  # the OIP request id of each request on a stream, in arrival order
         self.request_ids: list[str] = []  # x-request-id of each ModelInfer call, in arrival order
         self.message_ids: list[str] = []  # the OIP request id of each call, in arrival order
+        # The request parameters of each call, as they came over the wire: name -> (the oneof field set, its value).
+        self.parameters: list[dict[str, tuple[str, object]]] = []
         # Seconds each call had left before its deadline (its grpc-timeout) as it arrived; None: no deadline.
         self.time_left: list[float | None] = []
         self.answered: set[str] = set()  # ids that got a good answer from upstream through the proxy
@@ -208,6 +219,7 @@ class ChaosProxy:
         self.stream_request_ids.clear()
         self.request_ids.clear()
         self.message_ids.clear()
+        self.parameters.clear()
         self.time_left.clear()
         self.answered.clear()
         self.injected = 0
@@ -253,6 +265,7 @@ class ChaosProxy:
         self.calls += 1
         self.request_ids.append(request_id)
         self.message_ids.append(request.id)
+        self.parameters.append({name: wire_value(value) for name, value in request.parameters.items()})
         self.time_left.append(context.time_remaining())
         self._attempts[request_id] += 1
         attempt = self._attempts[request_id]
@@ -357,7 +370,7 @@ class Edge:
 
     server: OipServer
     router: Router
-    endpoint: CloudEndpoint  # the router's upstream
+    endpoint: CloudPool  # the router's upstream: the pool of cloud replicas
     client: OipClient
     settings: EdgeSettings
 
@@ -398,7 +411,7 @@ async def edge_under_test(
         if server is not None:
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
-    endpoint = build_cloud_endpoint(settings, breaker_changed, sleep=sleep)
+    endpoint = build_cloud_pool(settings, breaker_changed, sleep=sleep)
     assert endpoint is not None
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     router = Router(
@@ -432,10 +445,29 @@ class Reference:
     cloud_scores: npt.NDArray[np.float32]
 
     @classmethod
+    def of_demo(cls, cloud: str, model: RoutedModel) -> Reference:
+        """The demo test set, with the answers of `model`'s edge and of the cloud at `cloud`."""
+        with np.load(DEMO_REPOSITORY / MODEL / "test.npz") as data:
+            pixels = data["inputs"].astype(np.float32)
+        request = request_to_pb(InferRequest(MODEL, [Tensor.of("pixels", pixels)]))
+        with grpc.insecure_channel(cloud, options=channel_options(MAX_MESSAGE_BYTES)) as channel:
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+        scores = response_from_pb(reply).output("scores")
+        assert scores is not None
+        return cls.build(model, pixels, scores.data)
+
+    @classmethod
     def build(cls, model: RoutedModel, pixels: npt.NDArray[np.float32], cloud_scores: npt.NDArray[Any]) -> Reference:
+        """From the edge model as the router runs it and a cloud's answers (the benchmark: that cloud may be a GPU)."""
         edge = model.edge.predict({"pixels": pixels})
         confidence = row_confidence(edge, model.routing, model.score_output)
         return cls(pixels, edge["scores"], confidence, np.asarray(cloud_scores, dtype=np.float32))
+
+    @classmethod
+    def bare(cls, pixels: npt.NDArray[np.float32]) -> Reference:
+        """From the model files run bare and a NumPy softmax (support.reference), independent of Offload (tests)."""
+        edge = bare_models.edge_scores(pixels)
+        return cls(pixels, edge, bare_models.max_softmax(edge), bare_models.cloud_scores(pixels))
 
     def rows(self, index: int) -> npt.NDArray[np.intp]:
         """The test-set rows of request number `index` (deterministic)."""
@@ -622,7 +654,7 @@ def check(
     return problems
 
 
-def retry_bound(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> float:
+def retry_bound(endpoint: CloudPool, since: UpstreamStats | None = None) -> float:
     """The most retries and hedges together the budget allows (gRPC A6): half the bucket, plus what
     successes paid back, plus one. Each retry follows a failure that took a token, each hedge takes
     one when sent, and neither goes out unless more than half the bucket is left. With `since`,
@@ -632,7 +664,7 @@ def retry_bound(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> 
     return throttle.max_tokens / 2 + 1 + throttle.token_ratio * successes
 
 
-def within_retry_budget(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> bool:
+def within_retry_budget(endpoint: CloudPool, since: UpstreamStats | None = None) -> bool:
     """The retries and hedges sent (since that snapshot), together, are within `retry_bound`: both take
     the budget's tokens."""
     stats = endpoint.stats()

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import torch
 
 from offload.cloud.config import CloudSection
+from offload.oip.chunks import batch_rows, predict_in_chunks
 from offload.oip.errors import ConfigurationError, Internal, one_line
 from offload.oip.repository import ModelEntry, TensorSpec
 
@@ -94,10 +95,7 @@ class CloudModel:
         """Run one batch so that lazy initialisation (CUDA context, kernels) happens before ready."""
         if self._warmup_rows == 0:
             return
-        inputs: Arrays = {}
-        for spec in self.inputs:
-            shape = (self._warmup_rows, *(dim if dim > 0 else 1 for dim in spec.shape[1:]))
-            inputs[spec.name] = np.zeros(shape, dtype=object) if spec.datatype == "BYTES" else _zeros(spec, shape)
+        inputs: Arrays = {spec.name: spec.zero_rows(self._warmup_rows) for spec in self.inputs}
         try:
             self.predict(inputs)
         except Exception as exc:
@@ -109,17 +107,10 @@ class CloudModel:
             ) from exc
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
-        rows = _rows(inputs)
-        limit = self.max_batch_rows
-        if limit is None or rows <= limit:
-            return self._predict_batch(inputs)
         # Every declared tensor is batched along its first dimension (the repository insists on it),
-        # so a batch the model cannot take in one call is the concatenation of its chunks' answers.
-        chunks = [
-            self._predict_batch({name: array[start : start + limit] for name, array in inputs.items()})
-            for start in range(0, rows, limit)
-        ]
-        return {spec.name: np.concatenate([chunk[spec.name] for chunk in chunks]) for spec in self.outputs}
+        # so a batch the model cannot take in one call runs in chunks, their answers written in place.
+        limit = self.max_batch_rows or max(1, batch_rows(inputs))
+        return predict_in_chunks(self._predict_batch, inputs, limit, [spec.name for spec in self.outputs])
 
     def _predict_batch(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
         if self._array_model is not None:
@@ -147,10 +138,6 @@ class CloudModel:
                 f"model {self.name!r} returned {len(results)} tensors for {len(self.outputs)} declared outputs"
             )
         return {spec.name: _to_numpy(tensor, spec.datatype) for spec, tensor in zip(self.outputs, results, strict=True)}
-
-
-def _rows(inputs: Mapping[str, npt.NDArray[Any]]) -> int:
-    return int(next(iter(inputs.values())).shape[0]) if inputs else 0
 
 
 def _program_max_rows(program: torch.export.ExportedProgram) -> int | None:
@@ -268,12 +255,6 @@ def _check_torch_datatypes(name: str, specs: tuple[TensorSpec, ...]) -> None:
                 f"model {name!r}: tensor {spec.name!r} is BYTES, which a torch module cannot take; "
                 "use a factory that returns an ArrayModel"
             )
-
-
-def _zeros(spec: TensorSpec, shape: tuple[int, ...]) -> npt.NDArray[Any]:
-    from offload.oip.datatypes import DATATYPES
-
-    return np.zeros(shape, dtype=DATATYPES[spec.datatype].dtype.newbyteorder("="))
 
 
 def _to_torch(array: npt.NDArray[Any], datatype: str, device: torch.device) -> torch.Tensor:

@@ -52,10 +52,16 @@ async def run(settings: CloudSettings) -> None:
     """
     server, plane = await build_server(settings)
     port = await server.start(settings.host, settings.grpc_port)
-    # One line that scripts (the demo, the tests) read to learn the port.
-    print(f"offload-cloud listening on {settings.host}:{port} ({server.security.description})", flush=True)
     try:
-        await serve_until_signalled(server, settings.grace_seconds)
+        # One line that scripts (the demo, the tests) read to learn the port.
+        await serve_until_signalled(
+            server,
+            settings.grace_seconds,
+            # One line that scripts (the demo, the tests) read to learn the port.
+            announce=lambda: print(
+                f"offload-cloud listening on {settings.host}:{port} ({server.security.description})", flush=True
+            ),
+        )
     finally:
         running = plane.close()
     if running:

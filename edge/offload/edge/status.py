@@ -4,8 +4,9 @@ Circuit transitions are logged the moment they happen (offload.router.resilience
 this line is the steady picture between them, for an operator reading the log of
 a device: the circuit's state, the retry tokens left, and since the previous line
 the requests, degraded answers and errors, the cloud calls and how many failed or
-were kept off the wire, the cache's hit rate and the audit's agreement. It is
-written only when something happened since the previous one, so an idle device
+were kept off the wire, the cache's hit rate and the audit's agreement. With several
+cloud replicas it adds each one's circuit, calls and failed calls, and calls in flight.
+It is written only when something happened since the previous one, so an idle device
 does not fill its log.
 """
 
@@ -14,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 
-from offload.router.stats import RouterStats
+from offload.router.stats import ReplicaStats, RouterStats
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,12 @@ class StatusLog:
         self.interval_seconds = interval_seconds
         self._clock = clock
         self._sleep = sleep
-        self._last = _Counts.of(stats())
+        first = stats()
+        self._last = _Counts.of(first)
         self._last_at = clock()
+        # Each replica's calls and failures at the previous line, by target.
+        replicas = first.cloud.replicas if first.cloud is not None else ()
+        self._last_replicas = {replica.target: (replica.calls, replica.failures) for replica in replicas}
 
     def line(self) -> str | None:
         """The status since the previous line, or None if nothing happened since (then the
@@ -104,6 +109,8 @@ class StatusLog:
                 f"{change.cloud_calls} calls ({change.cloud_failures} failed, {change.short_circuited} "
                 f"short-circuited, {change.retries} retries, {change.hedges} hedges)"
             )
+            if [replica.target for replica in cloud.replicas] != [cloud.target]:
+                parts.append(self._replicas_part(cloud.replicas))
         if stats.cache is not None:
             lookups = change.cache_hits + change.cache_misses
             if lookups:
@@ -116,6 +123,20 @@ class StatusLog:
         if audit.agreement is not None:
             parts.append(f"audit agreement {100 * audit.agreement:.1f}% over {audit.rows} rows")
         return "; ".join(parts)
+
+    def _replicas_part(self, replicas: Sequence[ReplicaStats]) -> str:
+        """Each replica's circuit, calls and failed calls since the previous line (RPCs, retries and
+        hedges included), calls in flight now, and whether its channel can connect."""
+        described = []
+        for replica in replicas:
+            calls, failures = self._last_replicas.get(replica.target, (0, 0))
+            reach = "" if replica.reachable else " unreachable"
+            described.append(
+                f"{replica.target} {replica.circuit} "
+                f"{replica.calls - calls}/{replica.failures - failures}/{replica.outstanding}{reach}"
+            )
+        self._last_replicas = {replica.target: (replica.calls, replica.failures) for replica in replicas}
+        return f"replicas (calls/failed/in flight): {', '.join(described) or 'none known'}"
 
     def log(self) -> None:
         """Write the line, if anything happened since the previous one."""

@@ -62,10 +62,25 @@ class OipClient:
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._stream = InferStream(self._stub, target, max_message_bytes, self.security.metadata) if streaming else None
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel; with `grace`, calls in flight get that many seconds to finish first.
+
+        In stream mode the stream is half-closed first, so that it ends once its calls are answered
+        (without a grace period, they fail UNAVAILABLE at once).
+        """
         if self._stream is not None:
-            await self._stream.close()
-        await self._channel.close()
+            if grace is None:
+                await self._stream.close()
+            else:
+                self._stream.finish()
+        await self._channel.close(grace)
+        if self._stream is not None:
+            await self._stream.close()  # what the grace period left unanswered fails; its tasks end
+
+    def reachable(self) -> bool:
+        """False while the channel cannot connect (TRANSIENT_FAILURE: refused, reset, unreachable).
+        It keeps reconnecting in the background, so this turns True again once the server is back."""
+        return self._channel.get_state() is not grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
     async def __aenter__(self) -> OipClient:
         return self

@@ -36,6 +36,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from offload.oip.datatypes import DATATYPES
@@ -81,6 +83,13 @@ class TensorSpec(_Strict):
         if any(dim < -1 or dim == 0 for dim in value[1:]):
             raise ValueError(f"shape {list(value)}: dimensions must be positive or -1")
         return value
+
+    def zero_rows(self, rows: int) -> npt.NDArray[Any]:
+        """`rows` rows of zeros (empty bytes for BYTES) shaped as declared, variable dimensions 1: a warm-up batch."""
+        shape = (rows, *(dim if dim > 0 else 1 for dim in self.shape[1:]))
+        if self.datatype == "BYTES":
+            return np.full(shape, b"", dtype=object)
+        return np.zeros(shape, dtype=DATATYPES[self.datatype].dtype.newbyteorder("="))
 
 
 class ModelConfig(_Strict):

@@ -21,7 +21,7 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +318,13 @@ class ChannelSecurity:
         if token is not None and credentials is None:
             log.warning("the %stoken_file token goes in plaintext; give %stls_ca to send it over TLS", prefix, prefix)
         return cls(credentials, server_name, token)
+
+    def for_name(self, name: str) -> ChannelSecurity:
+        """The same, for a channel dialled at an address that a DNS lookup of `name` found: the server's
+        certificate is checked against `name` (unless a server name was given), not against the address."""
+        if self.credentials is None or self.server_name is not None:
+            return self
+        return replace(self, server_name=name)
 
     def options(self) -> list[tuple[str, str]]:
         """Channel options: the name the server's certificate is checked against, when overridden."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import ipaddress
 import logging
 import signal
@@ -20,21 +21,24 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from offload.oip import grpc_service_pb2 as pb
-from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.errors import InvalidArgument, Unavailable, status_for, status_parameters, trailers_for
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, channel_options
+from offload.oip.memory import give_back_freed_memory
 from offload.oip.messages import (
     ModelInputs,
+    ReceivedRequest,
     check_request,
     decode_request,
     encode_cost,
     model_metadata_to_pb,
     parameters_to_pb,
+    receive_infer_request,
     response_to_pb,
     server_metadata_to_pb,
 )
@@ -49,13 +53,11 @@ SERVICE_NAME = _SERVICE.full_name
 _Reply = TypeVar("_Reply")
 
 
-async def read_request(
-    message: pb.ModelInferRequest, max_elements: int, model_inputs: ModelInputs | None
-) -> InferRequest:
+async def read_request(received: ReceivedRequest, max_elements: int, model_inputs: ModelInputs | None) -> InferRequest:
     """Check a request against the model, then decode it, off the event loop when it is large."""
     # Everything that needs no tensor value is checked first, against the model's metadata, so a
     # wrong request costs next to nothing however large it is; only a request that can run is decoded.
-    checked = check_request(message, max_elements, model_inputs)
+    checked = check_request(received, max_elements, model_inputs)
     if checked.decode_cost > INLINE_CODEC_ELEMENTS:
         return await asyncio.to_thread(decode_request, checked)
     return decode_request(checked)
@@ -82,13 +84,22 @@ class _Unparsable:
         )
 
 
-def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | _Unparsable]:
+# How a method's request is read where protobuf's parser is not enough: ModelInfer's raw contents stay in the
+# bytes gRPC received (`receive_infer_request`), where the parser would copy them in and out again.
+# ModelStreamInfer's requests are ModelInfer's, read alike, one message at a time.
+_READERS: dict[str, Callable[[bytes], object]] = {
+    "ModelInfer": receive_infer_request,
+    "ModelStreamInfer": receive_infer_request,
+}
+
+
+def _lenient(message_type: type[Message], read: Callable[[bytes], object]) -> Callable[[bytes], object]:
     """A request deserializer that returns _Unparsable rather than raising."""
     name = message_type.DESCRIPTOR.full_name
 
-    def deserialize(data: bytes) -> Message | _Unparsable:
+    def deserialize(data: bytes) -> object:
         try:
-            return message_type.FromString(data)
+            return read(data)
         except DecodeError as exc:
             return _Unparsable(name, str(exc))
 
@@ -102,15 +113,24 @@ class _StreamEnd(enum.Enum):
     DRAINING = "the server is shutting down"
 
 
-_StreamItem = asyncio.Task[pb.ModelStreamInferResponse] | _StreamEnd
+@dataclass(frozen=True, slots=True)
+class _Answering:
+    """A stream's request being answered: the answer to come, and the request's size on the wire."""
+
+    answer: asyncio.Task[pb.ModelStreamInferResponse]
+    size: int
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over a DataPlane."""
+_StreamItem = _Answering | _StreamEnd
 
-    def __init__(self, data_plane: DataPlane, limits: ServerLimits) -> None:
+
+class InferenceServicer:
+    """GRPCInferenceService over a DataPlane (its handlers: `method_handlers`)."""
+
+    def __init__(self, data_plane: DataPlane, limits: ServerLimits, give_back_after_bytes: int | None = None) -> None:
         self._plane = data_plane
         self._limits = limits
+        self._give_back_after_bytes = give_back_after_bytes
         self._draining = False
         # The answer queue of every open ModelStreamInfer stream, to tell each of a drain.
         self._streams: set[asyncio.Queue[_StreamItem]] = set()
@@ -163,12 +183,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         DecodeError", which names no field and tells no client what to fix. Here the parser hands
         such a request to the handler as _Unparsable, which refuses it through `_guard` like
         any other bad request. The methods and their message types are read from the service
-        descriptor, so the registration follows the .proto as the generated one does.
+        descriptor, so the registration follows the .proto as the generated one does; a method
+        in `_READERS` is read by its own reader, which raises DecodeError as the parser does.
         """
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for method in _SERVICE.methods:
             handler = getattr(self, method.name)
-            deserializer = _lenient(getattr(pb, method.input_type.name))
+            message_type: type[Message] = getattr(pb, method.input_type.name)
+            deserializer = _lenient(message_type, _READERS.get(method.name, message_type.FromString))
             serializer = getattr(pb, method.output_type.name).SerializeToString
             if method.client_streaming and method.server_streaming:
                 # A stream refuses an unparsable request in its answer to it, and goes on (ModelStreamInfer).
@@ -238,6 +260,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _model_inputs(self, name: str, version: str) -> tuple[TensorSpec, ...]:
         return self._plane.model_metadata(name, version).inputs
 
+    def _gives_back_after(self, size: int) -> bool:
+        """Whether a request of `size` bytes is large enough to give memory back once it is answered."""
+        return self._give_back_after_bytes is not None and size >= self._give_back_after_bytes
+
     @contextmanager
     def _in_flight_call(self) -> Iterator[None]:
         """Count an inference call as in flight (what a drain waits for) while the block runs."""
@@ -251,7 +277,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._idle.set()
 
     async def _answer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: ReceivedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         """One inference request, unary or on a stream: checked, decoded, answered, encoded (or raises)."""
         await self._serving()
@@ -263,14 +289,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await write_response(response, infer_request.raw)
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: ReceivedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
+        if self._gives_back_after(request.size):
+            # Once the call has ended, its request and answer freed, the memory it took goes back to the system.
+            done = functools.partial(_give_back_after, request.size)
+            context.add_done_callback(done)  # type: ignore[arg-type]  # stubs: a class, not a Protocol
         with self._in_flight_call():
             return await self._guard(context, lambda: self._answer(request, context))
 
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest | _Unparsable],
+        request_iterator: AsyncIterator[ReceivedRequest | _Unparsable],
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's stream: each request is answered as ModelInfer would answer it, a failure in the
@@ -282,6 +312,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         `max_stream_in_flight` requests of one stream are in flight: at the bound the stream is
         not read further until the oldest is answered, so a client that sends faster than the
         server answers is held back by gRPC's flow control rather than queued here.
+
+        Each request is read as ModelInfer's are (raw contents left in the bytes received), and
+        once the answer to a large one is sent, memory goes back to the system as after a large
+        unary call: a stream can stay open for as long as its client runs.
 
         A drain ends every stream once the requests it has read are answered (and refuses new
         streams with UNAVAILABLE), as it refuses new unary calls: an idle stream would otherwise
@@ -301,7 +335,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         request = await anext(requests)
                     except StopAsyncIteration:
                         return
-                    answers.put_nowait(asyncio.create_task(self._stream_answer(request, context)))
+                    size = request.size if isinstance(request, ReceivedRequest) else 0
+                    answers.put_nowait(_Answering(asyncio.create_task(self._stream_answer(request, context)), size))
+                    del request  # its answer holds it while it is needed; waiting for the next, it would stay
             finally:
                 answers.put_nowait(_StreamEnd.HALF_CLOSED)
 
@@ -309,13 +345,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._streams.add(answers)
         draining = False
         try:
-            while (answer := await answers.get()) is not _StreamEnd.HALF_CLOSED:
-                if answer is _StreamEnd.DRAINING:
+            while (item := await answers.get()) is not _StreamEnd.HALF_CLOSED:
+                if item is _StreamEnd.DRAINING:
                     draining = True
                     reader.cancel()  # no more reading; its HALF_CLOSED follows what it has read
                     continue
-                yield await answer
+                size = item.size
+                yield await item.answer
                 slots.release()
+                if self._gives_back_after(size):
+                    del item  # the answer sent, its request and response are freed once nothing holds them
+                    _give_back_after(size, None)
             if not draining:
                 await reader  # a failure to read the stream (other than its end) fails the call
         finally:
@@ -324,11 +364,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             while not answers.empty():
                 left = answers.get_nowait()
-                if isinstance(left, asyncio.Task):
-                    left.cancel()
+                if isinstance(left, _Answering):
+                    left.answer.cancel()
 
     async def _stream_answer(
-        self, request: pb.ModelInferRequest | _Unparsable, context: grpc.aio.ServicerContext[object, object]
+        self, request: ReceivedRequest | _Unparsable, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelStreamInferResponse:
         """The stream's answer to one request: its response, or its failure as error_message with
         the status beside it (`status_parameters`) and the request's id, so the client knows which
@@ -343,9 +383,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except Exception as exc:
                 code, message = status_for(exc)
                 _log_if_unexpected(code)
-                failed = pb.ModelInferResponse(id="" if isinstance(request, _Unparsable) else request.id)
+                failed = pb.ModelInferResponse(id="" if isinstance(request, _Unparsable) else request.message.id)
                 parameters_to_pb(status_parameters(code, trailers_for(exc)), failed.parameters)
                 return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+
+
+def _give_back_after(size: int, _: object) -> None:
+    """A large call has ended: the C allocator's free memory goes back to the system, on a worker thread."""
+
+    def give_back() -> None:
+        give_back_freed_memory()
+        log.debug("gave the allocator's free memory back to the system after a call of %d bytes", size)
+
+    asyncio.get_running_loop().run_in_executor(None, give_back)
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """A descriptor pool with every service the server lists, for reflection to describe them: OIP's
+    messages live in a private pool (see proto/generate.py), health's and reflection's in protobuf's
+    default one, and reflection answers from a single pool."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        pool.AddSerializedFile(file.serialized_pb)
+    return pool
 
 
 class OipServer:
@@ -357,11 +417,15 @@ class OipServer:
         name: str,
         limits: ServerLimits | None = None,
         security: ServerSecurity | None = None,
+        give_back_after_bytes: int | None = None,
     ) -> None:
         """`security`: TLS credentials and bearer tokens (default: plaintext, any caller).
 
         Tokens guard the inference service only: health and reflection stay open, so
         probes and tools need no secret.
+
+        `give_back_after_bytes`: after an inference call whose request was at least this large, the
+        memory the C allocator holds free is given back to the system (`offload.oip.memory`).
         """
         self.name = name
         self.data_plane = data_plane
@@ -374,13 +438,13 @@ class OipServer:
             options=channel_options(self.limits.max_message_bytes),
             interceptors=self.security.interceptors(SERVICE_NAME),
         )
-        self._servicer = InferenceServicer(data_plane, self.limits)
+        self._servicer = InferenceServicer(data_plane, self.limits, give_back_after_bytes)
         handlers = self._servicer.method_handlers()
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self._server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=pb.DESCRIPTOR.pool
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server, pool=_reflection_pool()
         )
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -455,13 +519,21 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def serve_until_signalled(server: OipServer, grace_seconds: float) -> None:
-    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+async def serve_until_signalled(
+    server: OipServer, grace_seconds: float, announce: Callable[[], None] | None = None
+) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully.
+
+    `announce` runs once the signals are handled: a server announced before that (its
+    `listening on` line) could be stopped by a signal sent right after the line, with no drain.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
+        if announce is not None:
+            announce()
         await stop.wait()
         log.info("%s: shutting down; answering calls in flight for up to %.1fs", server.name, grace_seconds)
         await server.stop(grace_seconds)

@@ -22,6 +22,8 @@ on it with UNAVAILABLE, which the router retries as it retries a unary UNAVAILAB
 except a refusal of the caller (UNAUTHENTICATED, PERMISSION_DENIED), passed on as it
 is. A server without ModelStreamInfer (UNIMPLEMENTED) is noted once: its calls fail
 UNAVAILABLE and `usable` turns False, and the client goes on with unary calls.
+A close with a grace period (a replica retired from a pool) half-closes the stream
+first, so the calls on it are answered before it ends.
 """
 
 from __future__ import annotations
@@ -113,6 +115,12 @@ class InferStream:
             )
         self.usable = False
 
+    def finish(self) -> None:
+        """Send nothing more on the stream: the server answers what it was sent, then ends it
+        (a close with a grace period, which lets the calls in flight finish)."""
+        if self._session is not None:
+            self._session.finish()
+
     async def close(self) -> None:
         session, self._session = self._session, None
         if session is not None:
@@ -133,7 +141,8 @@ class _Session:
         self._target = target
         self._on_unimplemented = on_unimplemented
         self._rpc = stub.ModelStreamInfer(metadata=metadata)
-        self._outbox: asyncio.Queue[_Call] = asyncio.Queue()
+        # The calls to send, in order; None: half-close the stream there (`finish`).
+        self._outbox: asyncio.Queue[_Call | None] = asyncio.Queue()
         # Calls sent and not answered yet: all of them in the order sent, and each id's in that order.
         self._sent: dict[int, _Call] = {}
         self._sent_by_id: dict[str, collections.deque[int]] = {}
@@ -145,10 +154,17 @@ class _Session:
     def send(self, call: _Call) -> None:
         self._outbox.put_nowait(call)
 
+    def finish(self) -> None:
+        """Half-close the stream once the calls queued are sent; a call sent after it fails as the stream ends."""
+        self._outbox.put_nowait(None)
+
     async def _write(self) -> None:
         try:
             while True:
                 call = await self._outbox.get()
+                if call is None:
+                    await self._rpc.done_writing()
+                    return
                 if call.answer.done():
                     continue  # its caller gave up before it went out: never sent
                 self._sequence += 1
@@ -175,8 +191,8 @@ class _Session:
         except Exception as exc:
             self._end(self._failure(exc))
             return
-        unanswered = len(self._sent) + self._outbox.qsize()
-        self._end(self._broken(f"the server ended it with {unanswered} request(s) unanswered"))
+        unanswered = self._unanswered()
+        self._end(self._broken(f"the server ended it with {len(unanswered)} request(s) unanswered"), unanswered)
 
     def _deliver(self, reply: pb.ModelStreamInferResponse) -> str | None:
         """Hand an answer to its call; if it belongs to none, why the stream cannot be trusted."""
@@ -224,16 +240,24 @@ class _Session:
             grpc.StatusCode.UNAVAILABLE, f"{self._target}: UNAVAILABLE: the inference stream broke: {why}"
         )
 
-    def _end(self, failure: UpstreamError) -> None:
-        """Fail every call still waiting with `failure` and end the stream: the next call opens a new one."""
+    def _unanswered(self) -> list[_Call]:
+        """The calls sent or queued and not answered yet, taken off the stream."""
+        waiting = list(self._sent.values())
+        self._sent.clear()
+        self._sent_by_id.clear()
+        while not self._outbox.empty():
+            if (queued := self._outbox.get_nowait()) is not None:
+                waiting.append(queued)
+        return waiting
+
+    def _end(self, failure: UpstreamError, waiting: list[_Call] | None = None) -> None:
+        """Fail every call still waiting (`waiting`, or those on the stream) with `failure` and end the
+        stream: the next call opens a new one."""
         if self.ended:
             return
         self.ended = True
-        waiting = list(self._sent.values())
-        while not self._outbox.empty():
-            waiting.append(self._outbox.get_nowait())
-        self._sent.clear()
-        self._sent_by_id.clear()
+        if waiting is None:
+            waiting = self._unanswered()
         for call in waiting:
             if not call.answer.done():
                 # A fresh exception per call: one instance raised in many tasks would share a traceback.

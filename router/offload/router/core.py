@@ -66,6 +66,24 @@ class Router:
         """Wait for the background audit calls started so far (tests, benchmarks, shutdown)."""
         await self._auditor.wait()
 
+    def replace_models(self, models: Mapping[str, RoutedModel]) -> None:
+        """Serve `models` from now on, in one step (call it on the router's event loop).
+
+        Calls in flight finish on the model they started with (each holds its own); calls that start
+        after this get the new one, so none fails for the swap. A model kept as it was (the same object)
+        keeps its online budget and its cached cloud answers; a changed, new or removed one starts a fresh
+        budget and its cached answers are dropped. (Cache keys name the edge model's version too, so an
+        old answer could not be found under a new version anyway: dropping them frees their room.)
+        """
+        old = self._models
+        self._models = dict(models)
+        self._thresholds.replace_models(self._models)
+        cache = self._fetcher.cache
+        if cache is not None:
+            for name, model in old.items():
+                if self._models.get(name) is not model:
+                    cache.invalidate(name)
+
     def model(self, name: str, version: str = "") -> RoutedModel:
         model = self._models.get(name)
         if model is None:
@@ -129,7 +147,7 @@ class Router:
     async def _edge_answer(self, model: RoutedModel, inputs: Arrays) -> Answer:
         loop = asyncio.get_running_loop()
         outputs = await loop.run_in_executor(self._executor, model.edge.predict, inputs)
-        return Answer.from_edge(outputs, model.confidence(outputs))
+        return Answer.from_edge(model.answer_outputs(outputs), model.confidence(outputs))
 
     async def _all_rows_to_cloud(
         self,
@@ -149,7 +167,7 @@ class Router:
             answer = await self._edge_answer(model, inputs)
             answer.degraded[:] = True
             return answer
-        return Answer.of(fetched.outputs, model.confidence(fetched.outputs), fetched.routes)
+        return Answer.of(fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)
 
     async def _offload_rows(
         self,
@@ -163,7 +181,7 @@ class Router:
     ) -> None:
         try:
             fetched = await self._fetcher.fetch(model, request, inputs, rows, deadline)
-            answer.put(rows, fetched.outputs, model.confidence(fetched.outputs), fetched.routes)
+            answer.put(rows, fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)
         except CloudFailure as failure:
             if options.require_cloud:
                 raise

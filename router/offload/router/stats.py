@@ -15,12 +15,30 @@ from offload.router.resilience import BreakerState
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamStats:
-    """The upstream the router sends rows to: where it is, how its circuit stands, what its calls did."""
+class ReplicaStats:
+    """One replica of the cloud: how its circuit stands and what was sent to it."""
 
     target: str
     circuit: BreakerState
     circuit_changes: int
+    calls: int  # RPCs sent to it (first attempts, retries and hedges alike)
+    failures: int  # of those, the ones that ended in an error status (not those their caller cancelled)
+    outstanding: int  # in flight now
+    reachable: bool  # False while its channel cannot connect (the process is gone, the port closed)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStats:
+    """The upstream the router sends rows to: where it is, how its circuit stands, what its calls did.
+
+    The totals are the pool's (one cloud, however many replicas); `replicas` has each replica's own
+    figures, for the replicas the pool has now (one that DNS no longer lists leaves it, its calls
+    staying in the totals).
+    """
+
+    target: str  # as configured: one address, several, or dns:///NAME:PORT
+    circuit: BreakerState  # closed while any replica's is; else half_open while any is; else open
+    circuit_changes: int  # transitions of the replicas' circuits, all together
     retry_tokens: float  # left in the retry budget's bucket
     retry_tokens_max: float
     calls: int  # cloud-bound requests
@@ -30,6 +48,7 @@ class UpstreamStats:
     failures: int  # requests that ended in CloudFailure
     short_circuited: int  # refused by the open breaker
     by_outcome: Mapping[str, int]  # attempts by the gRPC status they ended with (cancelled ones: none)
+    replicas: tuple[ReplicaStats, ...]
 
     @property
     def retry_tokens_text(self) -> str:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
@@ -25,10 +26,13 @@ class ServerProcess:
         self.args = [sys.executable, "-m", "offload.tools.cli", *args]
         self._env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self._lines: collections.deque[str] = collections.deque(maxlen=200)
+        self._printed = threading.Condition()  # notified on every line
+        self._ended = False
         self._ready = threading.Event()
         self._printed = threading.Condition()
         self._process: subprocess.Popen[str] | None = None
         self._ended = False
+        self._reader: threading.Thread | None = None
         self.address = ""
 
     def start(self, timeout: float = 120.0) -> str:
@@ -36,7 +40,8 @@ class ServerProcess:
         self._process = subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self._env
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         if not self._ready.wait(timeout) or not self.address:
             self.kill()
             raise RuntimeError(f"{' '.join(self.args[3:])} did not start within {timeout}s:\n{self.output()}")
@@ -54,6 +59,9 @@ class ServerProcess:
                 host, port = match.groups()
                 self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
                 self._ready.set()
+        with self._printed:
+            self._ended = True
+            self._printed.notify_all()
         self._ready.set()  # the process ended: stop waiting
         with self._printed:
             self._ended = True
@@ -63,6 +71,31 @@ class ServerProcess:
     def pid(self) -> int:
         assert self._process is not None
         return self._process.pid
+
+    def wait_for_line(self, text: str, timeout: float = 30.0) -> str:
+        """The first of the last lines printed that contains `text`, once there is one; raises
+        RuntimeError if the process ends or `timeout` passes first."""
+
+        def found() -> str | None:
+            return next((line for line in self._lines if text in line), None)
+
+        with self._printed:
+            if not self._printed.wait_for(lambda: found() is not None or self._ended, timeout):
+                raise RuntimeError(f"no line with {text!r} within {timeout}s:\n{self.output()}")
+            line = found()
+        if line is None:
+            raise RuntimeError(f"the process ended without a line with {text!r}:\n{self.output()}")
+        return line
+
+    def memory(self) -> tuple[int, int]:
+        """Resident bytes now, and the most resident since the start or `reset_peak_memory` (Linux: VmRSS
+        and VmHWM of /proc/PID/status)."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.pid}/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+    def reset_peak_memory(self) -> None:
+        """Start the peak `memory` reports afresh from the present resident size (Linux 4.0 on)."""
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
 
     def output(self) -> str:
         """The last lines the process printed (stdout and stderr)."""
@@ -102,10 +135,14 @@ class ServerProcess:
         if self._process is None:
             return 0
         try:
-            return self._process.wait(timeout)
+            code = self._process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise
+        if self._reader is not None:
+            # The reader may still be taking in the last lines: once wait returns, output() has them.
+            self._reader.join(timeout)
+        return code
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
