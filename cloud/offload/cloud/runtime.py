@@ -62,7 +62,7 @@ class CloudModel:
         program_rows: int | None = None
         if section.factory is not None:
             self.platform = "python"
-            loaded = _call_factory(section.factory)
+            loaded = call_factory(section.factory)
         else:
             assert section.artifact is not None
             path = entry.artifact_path(section.artifact)
@@ -222,7 +222,9 @@ def _load_torchscript(path: Path, device: torch.device) -> Any:
         ) from exc
 
 
-def _call_factory(reference: str) -> Any:
+def call_factory(reference: str) -> Any:
+    """What the factory 'package.module:function' returns when called with no arguments (also `offload distill`'s
+    edge architectures); ConfigurationError with one actionable line when it cannot be imported or raises."""
     module_name, _, function_name = reference.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -14,6 +14,7 @@ from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
 from offload.edge.gate import GatedModel
 from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES, OnnxModel
+from offload.edge.recording import Recorder
 from offload.edge.rollout import ModelRollout
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
@@ -24,6 +25,7 @@ from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
 from offload.router.config import RoutedConfig
 from offload.router.core import Router
+from offload.router.fetch import CloudRowsHook
 from offload.router.models import RoutedModel
 from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
@@ -105,9 +107,11 @@ def build_router(
     settings: EdgeSettings,
     on_breaker_change: Callable[[BreakerState], None] | None = None,
     models: Mapping[str, RoutedModel] | None = None,
+    on_cloud_rows: CloudRowsHook | None = None,
 ) -> Router:
     """The in-process router an app can call directly, configured like the agent; it serves `models` if
-    given (the agent's from model_repository_url), else those of model_repository."""
+    given (the agent's from model_repository_url), else those of model_repository. Recording (record_dir) is
+    the caller's to open and close: pass open_recorder(settings)'s on_cloud_rows."""
     # The cloud channel first: its certificates and token are checked before any model loads.
     cloud = build_cloud_pool(settings, on_breaker_change)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
@@ -122,7 +126,21 @@ def build_router(
         cache=cache,
         target_offload=settings.target_offload,
         audit_share=settings.audit_share,
+        on_cloud_rows=on_cloud_rows,
     )
+
+
+def open_recorder(settings: EdgeSettings) -> Recorder | None:
+    """The recorder of the cloud's answers when record_dir is set (opt-in), else None."""
+    if settings.record_dir is None:
+        return None
+    recorder = Recorder.open(settings.record_dir, settings.record_max_bytes)
+    log.info(
+        "recording the cloud's answers (inputs included) in %s, at most %d bytes of files",
+        settings.record_dir,
+        settings.record_max_bytes,
+    )
+    return recorder
 
 
 # A device's memory is the agent's budget (offload.oip.memory). One malloc arena rather than eight a core, so
@@ -175,7 +193,8 @@ async def run(settings: EdgeSettings) -> None:
     load = functools.partial(load_edge_models, chunk_bytes=settings.edge_chunk_bytes)
     rollout = ModelRollout.open(settings, load) if settings.model_repository_url else None
     models = await rollout.start(settings.model_repository) if rollout is not None else None
-    router = build_router(settings, breaker_changed, models)
+    recorder = open_recorder(settings)
+    router = build_router(settings, breaker_changed, models, recorder.on_cloud_rows if recorder else None)
     plane = RouterDataPlane(router)
     server = OipServer(plane, SERVER_NAME, settings.limits, security, give_back_after_bytes=GIVE_BACK_AFTER_BYTES)
     port = await server.start(settings.host, settings.grpc_port)
@@ -184,7 +203,7 @@ async def run(settings: EdgeSettings) -> None:
     cloud = settings.cloud or "none (edge answers only)"
     if settings.cloud and settings.cloud_streaming:
         cloud += " over one ModelStreamInfer stream per replica"
-    status = StatusLog(router.stats, settings.status_log_seconds)
+    status = StatusLog(router.stats, settings.status_log_seconds, recording=recorder.stats if recorder else None)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
     check = asyncio.create_task(report_cloud_at_start(router.upstream)) if router.upstream is not None else None
     poller = asyncio.create_task(rollout.run(router, settings.model_poll_seconds)) if rollout is not None else None
@@ -208,5 +227,8 @@ async def run(settings: EdgeSettings) -> None:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
-            status.log()  # what happened since the last line, so a shutdown does not lose it
         await router.close()
+        if recorder is not None:
+            await asyncio.to_thread(recorder.close)  # the rows still waiting go to disk
+        if reporter is not None:
+            status.log()  # what happened since the last line, so a shutdown does not lose it

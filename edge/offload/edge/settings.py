@@ -144,6 +144,19 @@ class EdgeSettings(ServerSettings):
     audit_share: Annotated[
         float, Field(ge=0, le=1, description="Share of confident rows also sent to the cloud to measure agreement.")
     ] = 0.0
+    record_dir: Path | None = Field(
+        None,
+        description="Opt-in, off by default (these are users' inputs): keep every row the cloud answers and its "
+        "answer in rotating .npz files in this folder, for `offload distill` (see offload.edge.recording).",
+    )
+    record_max_bytes: Annotated[
+        int,
+        Field(
+            ge=64 * 1024,
+            description="Most bytes of recording files in record_dir together; the oldest are deleted past it. "
+            "Each file holds at most 1/8 of it (and at most 16 MiB).",
+        ),
+    ] = 256 * 1024 * 1024
     hedge_delay_seconds: Annotated[
         float | None,
         Field(

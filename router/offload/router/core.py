@@ -22,7 +22,7 @@ from offload.oip.validation import check_inputs
 from offload.router.answer import Answer
 from offload.router.audit import Auditor
 from offload.router.cache import RowCache
-from offload.router.fetch import RowFetcher
+from offload.router.fetch import CloudRowsHook, RowFetcher
 from offload.router.models import Arrays, RoutedModel
 from offload.router.options import RESPONSE_DEGRADED, Route, RoutingOptions
 from offload.router.response import build_response, requested_outputs
@@ -46,12 +46,14 @@ class Router:
         target_offload: float | None = None,
         audit_share: float = 0.0,
         rng: np.random.Generator | None = None,
+        on_cloud_rows: CloudRowsHook | None = None,
     ) -> None:
         self._models = dict(models)
         self._executor = executor
         # The cloud must give up early enough to leave time for an edge answer.
         self.deadline_reserve_seconds = deadline_reserve_seconds
-        self._fetcher = RowFetcher(cloud, cache)
+        # on_cloud_rows: told of every row the cloud newly answered (offload.router.fetch.CloudRowsHook).
+        self._fetcher = RowFetcher(cloud, cache, on_cloud_rows)
         self._thresholds = Thresholds(self._models, target_offload)
         self._auditor = Auditor(audit_share, self._fetcher.fetch, rng or np.random.default_rng())
         self._requests = 0

@@ -274,6 +274,39 @@ def with_table_values(text: str, table: str | None, values: Mapping[str, float |
     return "".join(lines)
 
 
+def with_version(text: str, version: str) -> str:
+    """text with its top-level `version` set (the line edited in place, comment kept; else one inserted
+    before the first table)."""
+    lines = text.splitlines(keepends=True)
+    newline = "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
+    literal = json.dumps(version)  # a TOML basic string
+    pattern = re.compile(r"""^(\s*version\s*=\s*)("[^"]*"|'[^']*'|[^\s#]+)(.*)$""", re.S)
+    end = next((index for index, line in enumerate(lines) if _TABLE.match(line)), len(lines))
+    for index in range(end):
+        match = pattern.match(lines[index])
+        if match:
+            lines[index] = f"{match.group(1)}{literal}{match.group(3)}"
+            return "".join(lines)
+    if end and not lines[end - 1].endswith("\n"):
+        lines[end - 1] += newline
+    lines.insert(end, f"version = {literal}{newline}")
+    return "".join(lines)
+
+
+def write_version(folder: Path, version: str) -> None:
+    """Set the model's `version` in folder/model.toml, keeping everything else; validated like write_routing."""
+    path = folder / CONFIG_FILE
+    with path.open(encoding="utf-8", newline="") as stream:
+        original = stream.read()
+    _replace_file(path, with_version(original, version))
+    try:
+        if load_model(folder).config.version != version:
+            raise CalibrationError(f"{path}: the edited file does not hold version {version!r}; set it by hand")
+    except ConfigurationError:
+        _replace_file(path, original)
+        raise
+
+
 def _replace_file(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
