@@ -102,6 +102,7 @@ def build_cloud_pool(
         sleep=sleep or asyncio.sleep,
         resolve_seconds=settings.cloud_resolve_seconds,
         security=settings.cloud_security(),
+        streaming=settings.cloud_streaming,
     )
 
 
@@ -206,6 +207,8 @@ async def run(settings: EdgeSettings) -> None:
     for line in await operations.start(server, EdgeCollector(on_loop(asyncio.get_running_loop(), router.stats))):
         print(line, flush=True)
     cloud = settings.cloud or "none (edge answers only)"
+    if settings.cloud and settings.cloud_streaming:
+        cloud += " over one ModelStreamInfer stream per replica"
     status = StatusLog(router.stats, settings.status_log_seconds, recording=recorder.stats if recorder else None)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
     check = asyncio.create_task(report_cloud_at_start(router.upstream)) if router.upstream is not None else None

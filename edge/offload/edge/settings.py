@@ -80,6 +80,12 @@ class EdgeSettings(ServerSettings):
     cloud_resolve_seconds: Annotated[
         float, Field(gt=0, description="How often the dns:/// names in cloud are looked up again for replicas.")
     ] = 30.0
+    cloud_streaming: bool = Field(
+        False,
+        description="Send the rows for the cloud on long-lived ModelStreamInfer streams (Triton's), one per replica "
+        "that every request shares, instead of one ModelInfer call each; falls back to ModelInfer if the cloud "
+        "lacks it.",
+    )
     cloud_timeout_seconds: Annotated[
         float,
         Field(gt=0, description="Default cloud deadline: all attempts at one request, when the caller's is longer."),

@@ -105,7 +105,9 @@ class CloudPool:
         resolver: Resolver = lookup,
         rng: random.Random | None = None,
         security: ChannelSecurity | None = None,
+        streaming: bool = False,
     ) -> None:
+        """`streaming`: each replica sends its requests on one ModelStreamInfer stream (OipClient's stream mode)."""
         self.target = target
         self.timeout_seconds = timeout_seconds
         self.retry = retry or RetryPolicy()
@@ -135,6 +137,7 @@ class CloudPool:
                 self._tokens_text,
                 max_elements,
                 replica_security,
+                streaming,
             )
 
         # A retired replica's calls can take at most the cloud timeout: that long to finish.

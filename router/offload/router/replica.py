@@ -48,13 +48,15 @@ class Replica:
         describe: Callable[[], str] | None = None,
         max_elements: int = MAX_ELEMENTS,
         security: ChannelSecurity | None = None,
+        streaming: bool = False,
     ) -> None:
+        """`streaming`: send the requests on one ModelStreamInfer stream (OipClient's stream mode)."""
         self.target = target
         self.breaker = CircuitBreaker(target, breaker, clock, on_breaker_change, describe)
         self.calls = 0  # RPCs sent
         self.failures = 0  # RPCs that ended in an error status
         self.outstanding = 0  # RPCs in flight
-        self._client = OipClient(target, max_message_bytes, max_elements, security)
+        self._client = OipClient(target, max_message_bytes, max_elements, security, streaming=streaming)
 
     async def close(self, grace: float | None = None) -> None:
         """Close the channel; with `grace`, calls in flight get that long to finish (a replica DNS

@@ -21,7 +21,6 @@ from offload.oip.settings import configure_logging, load_settings
 EXTRA_HINT = {
     "torch": "offload[cloud]",
     "onnxruntime": "offload[edge]",
-    "tritonclient": "offload[tools]",
     "onnx": "offload[tools]",
 }
 
@@ -137,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "dns:///NAME:PORT for a replica at every address of NAME; omit to answer on the edge only",
     )
     edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (1)")
+    edge.add_argument(
+        "--cloud-streaming",
+        action="store_true",
+        default=None,
+        help="send the cloud's rows on one ModelStreamInfer stream instead of one call each",
+    )
     edge.add_argument("--edge-threads", type=int, help="threads that run edge models (default 1)")
     edge.add_argument(
         "--model-repository-url",
@@ -438,7 +443,7 @@ def _bench_parser(commands: Any) -> None:
     bench.add_argument(
         "--streaming",
         action="store_true",
-        help="send on ModelStreamInfer (Triton's bidirectional stream; needs tritonclient) instead of ModelInfer",
+        help="send on ModelStreamInfer (Triton's bidirectional stream) instead of ModelInfer",
     )
     bench.add_argument(
         "--parameter",
@@ -532,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                     options,
                     "cloud",
                     "cloud_timeout_seconds",
+                    "cloud_streaming",
                     "edge_threads",
                     *ROLLOUT_FLAGS,
                     *RECORD_FLAGS,
