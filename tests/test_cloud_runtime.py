@@ -11,12 +11,14 @@ import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
 
+from offload.cloud.config import ModelDefaults
 from offload.cloud.dataplane import CloudDataPlane
 from offload.cloud.runtime import CloudModel
 from offload.cloud.settings import CloudSettings
@@ -61,9 +63,9 @@ def _eager(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 
 @asynccontextmanager
-async def _cloud(repository: Path) -> AsyncIterator[OipClient]:
+async def _cloud(repository: Path, **settings: Any) -> AsyncIterator[OipClient]:
     plane = CloudDataPlane.load(
-        load_repository(repository), CloudSettings(model_repository=repository), torch.device("cpu")
+        load_repository(repository), CloudSettings(model_repository=repository, **settings), torch.device("cpu")
     )
     server = OipServer(plane, "test-cloud")
     try:
@@ -82,8 +84,13 @@ async def _scores(client: OipClient, model: str, rows: npt.NDArray[np.float32]) 
 
 
 def test_the_demo_programs_batch_bound_is_read_from_its_range_constraints() -> None:
-    model = CloudModel(load_model(DEMO_REPOSITORY / "digits"), torch.device("cpu"))
-    assert model.max_batch_rows == EXPORT_MAX_ROWS
+    model = CloudModel(
+        load_model(DEMO_REPOSITORY / "digits"), torch.device("cpu"), ModelDefaults(max_batch_rows=1 << 20)
+    )
+    assert model.program_rows == EXPORT_MAX_ROWS
+    assert model.max_batch_rows == EXPORT_MAX_ROWS, "the program's bound, below the server's"
+    bounded = CloudModel(load_model(DEMO_REPOSITORY / "digits"), torch.device("cpu"), ModelDefaults(max_batch_rows=100))
+    assert bounded.max_batch_rows == 100, "the server's bound, below the program's"
 
 
 async def test_a_batch_over_the_exported_programs_bound_is_answered_in_chunks(tmp_path: Path) -> None:
@@ -91,7 +98,8 @@ async def test_a_batch_over_the_exported_programs_bound_is_answered_in_chunks(tm
     _export(folder / "cloud.pt2")
     rows = _rows(70_000)
 
-    async with _cloud(tmp_path) as client:
+    # The server's own bound is set above the program's, so the program's is what chunks the call.
+    async with _cloud(tmp_path, max_batch_rows=1 << 20) as client:
         whole = await _scores(client, "exported", rows)
         first = await _scores(client, "exported", rows[:EXPORT_MAX_ROWS])
         rest = await _scores(client, "exported", rows[EXPORT_MAX_ROWS:])
@@ -112,7 +120,8 @@ async def test_max_batch_rows_in_model_toml_chunks_batches_below_the_programs_bo
     _export(folder / "cloud.pt2")
     rows = _rows(7)
 
-    async with _cloud(tmp_path) as client:
+    # The model's own max_batch_rows overrides the server's (1024 here).
+    async with _cloud(tmp_path, max_batch_rows=1024) as client:
         whole = await _scores(client, "bounded", rows)
         chunks = [await _scores(client, "bounded", rows[start : start + 3]) for start in (0, 3, 6)]
 

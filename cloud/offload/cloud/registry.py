@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from offload.cloud.config import ModelDefaults
 from offload.cloud.runtime import CloudModel
 from offload.oip.errors import ConfigurationError, NotFound
 from offload.oip.repository import ModelEntry
@@ -21,15 +22,33 @@ class ModelRegistry:
         self._models = dict(models)
 
     @classmethod
-    def load(cls, repository: Mapping[str, ModelEntry], device: torch.device, source: Path) -> ModelRegistry:
-        """Every model with a [cloud] section, each warmed up on `device`; `source` is the repository's folder."""
+    def load(
+        cls,
+        repository: Mapping[str, ModelEntry],
+        device: torch.device,
+        source: Path,
+        defaults: ModelDefaults | None = None,
+    ) -> ModelRegistry:
+        """Every model with a [cloud] section, each warmed up on `device`; `source` is the repository's
+        folder; `defaults`: the server's settings for what a [cloud] section may override."""
         models: dict[str, CloudModel] = {}
         for name, entry in repository.items():
             if entry.config.cloud is None:
                 continue
-            model = CloudModel(entry, device)
+            model = CloudModel(entry, device, defaults)
             model.warm_up()
-            log.info("loaded %s v%s (%s) on %s", name, model.version, model.platform, device)
+            options = model.options
+            log.info(
+                "loaded %s v%s (%s) on %s: batching %s, up to %d rows a call, %s, %s",
+                name,
+                model.version,
+                model.platform,
+                device,
+                f"on (queue delay {options.max_queue_delay_us} us)" if options.batching else "off",
+                model.max_batch_rows,
+                options.dtype or "own dtype",
+                f"torch.compile ({options.compile})" if options.compile else "eager",
+            )
             models[name] = model
         if not models:
             raise ConfigurationError(f"no model in {source} has a [cloud] section")

@@ -21,6 +21,9 @@ class ServerLimits:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     # Upper bound on the elements of one tensor a request may declare.
     max_elements: int = MAX_ELEMENTS
+    # RPCs served at once (None: no limit). gRPC answers more with RESOURCE_EXHAUSTED before it
+    # reads their bodies, so this times max_message_bytes bounds the request bodies a server holds.
+    max_concurrent_rpcs: int | None = None
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:

@@ -175,7 +175,10 @@ class OipServer:
         self.port = 0
         self._background: set[asyncio.Task[None]] = set()
         self._health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(options=channel_options(self.limits.max_message_bytes))
+        self._server = grpc.aio.server(
+            options=channel_options(self.limits.max_message_bytes),
+            maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs,
+        )
         self._servicer = InferenceServicer(data_plane, self.limits)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
