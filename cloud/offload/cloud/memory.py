@@ -4,19 +4,22 @@ The budget is sized to what the process may use: the machine's memory, or the cg
 when the process runs in a container that sets one (a pod's memory limit).
 
 After a burst of large requests, glibc keeps much of the freed memory in its heaps (one per
-thread that allocated, up to 8 per core) instead of returning it, so a server that peaked
-at gigabytes would stay there. `Trimmer` asks glibc to return it (`malloc_trim`) once large
-requests are done and nothing else is in flight, off the event loop. Elsewhere (musl, macOS)
-it does nothing.
+thread that allocated, up to 8 per core: gRPC's threads read the bodies, the event loop
+decodes them, the model threads run them) instead of returning it, so a server that peaked
+at gigabytes would stay there. `Trimmer` asks glibc to give it back (`malloc_trim`) as large
+requests are let go, in a thread of its own. Elsewhere (musl, macOS) it does nothing.
+`freeze_startup_objects` makes the full garbage collections it runs cheap.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -28,8 +31,15 @@ _FALLBACK_MEMORY = 8 << 30  # where the machine's memory cannot be read
 # Share of the process's memory that requests in flight may take: their inputs are held about
 # twice (the message and its decoded contents) and the rest is models, batches and gRPC.
 INFLIGHT_SHARE = 16
-# Freed bytes of large requests after which an idle server trims its heaps.
-TRIM_AFTER_BYTES = 64 << 20
+# Bytes of requests let go after which memory is given back: a trim (a collection of what requests
+# left, which the frozen start-up objects make cheap, and malloc_trim: milliseconds) is rare next
+# to the requests it follows, and at most one runs every TRIM_INTERVAL_SECONDS.
+TRIM_AFTER_BYTES = 32 << 20
+TRIM_INTERVAL_SECONDS = 0.2
+# When nothing is in flight any more, less than that is enough; and the answers are still being
+# encoded and sent then, so memory is given back once more this much later.
+IDLE_TRIM_BYTES = 1 << 20
+SETTLE_SECONDS = 1.0
 
 
 def process_memory_bytes() -> int:
@@ -52,6 +62,14 @@ def default_inflight_bytes() -> int:
     return process_memory_bytes() // INFLIGHT_SHARE
 
 
+def freeze_startup_objects() -> None:
+    """Move every object alive now (modules, models) out of the garbage collector's sight: they live
+    as long as the process, and a full collection then looks only at what requests made (about half
+    a second with torch loaded, down to microseconds)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None where the C library has none."""
     try:
@@ -64,24 +82,55 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 class Trimmer:
-    """Returns freed heap memory to the system after large requests, once nothing is in flight."""
+    """Returns freed memory to the system after large requests are let go (answered, failed, dropped
+    or refused): once `after_bytes` of them have been (a megabyte, when nothing is in flight any more),
+    a thread of its own collects Python's cyclic garbage (a cancelled call can leave its message in a
+    cycle until the next full collection) and trims glibc's heaps, at most once every `interval`
+    seconds, so that neither the event loop nor a model instance waits for it."""
 
-    def __init__(self, after_bytes: int = TRIM_AFTER_BYTES) -> None:
+    def __init__(self, after_bytes: int = TRIM_AFTER_BYTES, interval: float = TRIM_INTERVAL_SECONDS) -> None:
         self._trim = _malloc_trim()
         self._after_bytes = after_bytes
+        self._interval = interval
         self._freed = 0
+        self._due = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._settle = False  # trim once more after the last answers of a burst are sent
         self._lock = threading.Lock()
         self.trims = 0
 
     def freed(self, nbytes: int, idle: bool) -> None:
-        """`nbytes` of request data were let go; `idle`: nothing else is in flight. Call it from a
-        worker thread: trimming a large heap takes milliseconds."""
+        """`nbytes` of request data were let go; `idle`: nothing is in flight any more, so what was freed
+        since the last trim is given back now, however little (a burst's tail), and once more a moment
+        later, after the last answers have been sent."""
         if self._trim is None:
             return
         with self._lock:
             self._freed += nbytes
-            if not idle or self._freed < self._after_bytes:
+            if self._freed < (min(self._after_bytes, IDLE_TRIM_BYTES) if idle else self._after_bytes):
                 return
             self._freed = 0
-            self.trims += 1
+            self._settle = self._settle or idle
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cloud-memory-trim", daemon=True)
+                self._thread.start()
+        self._due.set()
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            self._give_back()
+            time.sleep(self._interval)  # what is freed meanwhile waits for the next trim
+            with self._lock:
+                settle, self._settle = self._settle, False
+            if settle:
+                time.sleep(SETTLE_SECONDS)
+                self._give_back()
+
+    def _give_back(self) -> None:
+        assert self._trim is not None
+        gc.collect()
         self._trim(0)
+        self.trims += 1
+        log.debug("returned freed memory to the system (trim %d)", self.trims)

@@ -247,7 +247,7 @@ class Scheduler:
         over_rows = self._admitted_rows and self._admitted_rows + request.rows > self.max_rows
         over_bytes = self._admitted_bytes and self._admitted_bytes + request.nbytes > self.max_bytes
         if over_rows or over_bytes:
-            self._rejected += 1
+            self._refused(request)
             raise ResourceExhausted(
                 f"the cloud is at capacity ({self._admitted_rows} rows, {_mib(self._admitted_bytes)} of requests in "
                 f"flight; this one has {request.rows} rows, {_mib(request.nbytes)}; limits {self.max_rows} rows, "
@@ -256,7 +256,7 @@ class Scheduler:
             )
         wait = lane.start_estimate()
         if request.deadline is not None and now + wait > request.deadline:
-            self._rejected_late += 1
+            self._refused(request, late=True)
             pushback = max(self.pushback_ms, math.ceil(wait * 1000))
             raise ResourceExhausted(
                 f"the request cannot start before its deadline: {lane.pending_rows} rows for model "
@@ -270,6 +270,15 @@ class Scheduler:
         self._peak_rows = max(self._peak_rows, self._admitted_rows)
         self._peak_bytes = max(self._peak_bytes, self._admitted_bytes)
         lane.pending_rows += request.rows
+
+    def _refused(self, request: Pending, late: bool = False) -> None:
+        """Count a refusal (under the lock); its inputs are let go with it."""
+        if late:
+            self._rejected_late += 1
+        else:
+            self._rejected += 1
+        if self._trimmer is not None:
+            self._trimmer.freed(request.nbytes, idle=self._admitted_bytes == 0)
 
     def _leave(self, lane: _Lane, request: Pending) -> list[_Delivery]:
         """The caller left: run no more of its rows; free what it holds unless a piece still runs."""
@@ -298,12 +307,7 @@ class Scheduler:
             results, seconds = _execute(lane.model, pieces)
             with self._lock:
                 deliveries = self._complete(lane, pieces, results, seconds)
-                idle = self._admitted_bytes == 0
             self._deliver(deliveries)
-            if self._trimmer is not None:
-                freed = sum(request.nbytes for request, _ in deliveries)
-                if freed:
-                    self._trimmer.freed(freed, idle)
 
     def _next_batch(self, lane: _Lane) -> tuple[list[Piece], list[_Delivery]] | None:
         """Wait until a batch is due and take it (under the lock); None once the scheduler closes."""
@@ -375,14 +379,17 @@ class Scheduler:
             error = DeadlineExceeded("the caller left before its answer was ready")
         return request, error
 
-    @staticmethod
-    def _deliver(deliveries: list[_Delivery]) -> None:
+    def _deliver(self, deliveries: list[_Delivery]) -> None:
         """Set each finished request's outcome (joining its pieces' outputs: outside the lock)."""
         for request, error in deliveries:
             if error is not None:
                 request.future.set_exception(error)
             else:
                 request.future.set_result(request.answer())
+        if self._trimmer is not None and deliveries:
+            # Read without the lock: whether anything is in flight is only a hint of when to trim.
+            idle = self._admitted_bytes == 0
+            self._trimmer.freed(sum(request.nbytes for request, _ in deliveries), idle)
 
 
 def _execute(model: CloudModel, pieces: list[Piece]) -> tuple[list[Arrays | BaseException], float | None]:

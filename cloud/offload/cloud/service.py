@@ -9,6 +9,7 @@ import sys
 import torch
 
 from offload.cloud.dataplane import SERVER_NAME, CloudDataPlane
+from offload.cloud.memory import freeze_startup_objects
 from offload.cloud.runtime import pick_device
 from offload.cloud.settings import CloudSettings
 from offload.oip.repository import load_repository
@@ -49,6 +50,7 @@ async def run(settings: CloudSettings) -> None:
     `_exit_abandoning`.
     """
     server, plane = await build_server(settings)
+    freeze_startup_objects()
     port = await server.start(settings.host, settings.grpc_port)
     # One line that scripts (the demo, the tests) read to learn the port.
     print(f"offload-cloud listening on {settings.host}:{port}", flush=True)

@@ -26,6 +26,20 @@ class ServerLimits:
     max_concurrent_rpcs: int | None = None
 
 
+def server_options(limits: ServerLimits) -> list[tuple[str, int]]:
+    """gRPC options for a server with these limits.
+
+    With a cap on concurrent RPCs, gRPC's bandwidth-delay probing is off: it grows every stream's
+    flow-control window to megabytes, so under a burst the bodies of RPCs past the cap, waiting to
+    be refused, were read in full anyway. Without it such a stream holds only the initial window
+    (64 KiB), while an RPC being served still gets a window for its whole message.
+    """
+    options = channel_options(limits.max_message_bytes)
+    if limits.max_concurrent_rpcs is not None:
+        options.append(("grpc.http2.bdp_probe", 0))
+    return options
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """gRPC options that hold a server or a channel to `max_message_bytes` both ways."""
     return [

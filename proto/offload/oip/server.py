@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.errors import Unavailable, status_for, trailers_for
-from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, channel_options
+from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, server_options
 from offload.oip.messages import (
     ModelInputs,
     check_request,
@@ -95,10 +95,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("request failed with an unexpected error")
             trailers = trailers_for(exc)
-            if trailers:
-                context.set_trailing_metadata(trailers)
-            await context.abort(code, message)
-            raise AssertionError("context.abort returned") from exc  # pragma: no cover
+        # Abort outside the except block and without the call: gRPC keeps the error that abort raises,
+        # with the frames it passes, in a reference cycle until the next garbage collection, and
+        # chained to `exc` or through `call` it would keep the request (up to max_message_bytes, and
+        # decoded) alive until then.
+        del call
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        await context.abort(code, message)
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
@@ -146,10 +151,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
+        # The message leaves this frame for `call`'s alone: see _guard.
+        messages = [request]
+        del request
+
         async def call() -> pb.ModelInferResponse:
             if self._draining:
                 raise Unavailable("the server is shutting down; retry on another replica")
-            infer_request = await read_request(request, self._limits.max_elements, self._model_inputs)
+            infer_request = await read_request(messages.pop(), self._limits.max_elements, self._model_inputs)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             response = await self._plane.infer(infer_request, deadline)
@@ -176,8 +185,7 @@ class OipServer:
         self._background: set[asyncio.Task[None]] = set()
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
-            options=channel_options(self.limits.max_message_bytes),
-            maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs,
+            options=server_options(self.limits), maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs
         )
         self._servicer = InferenceServicer(data_plane, self.limits)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)

@@ -57,6 +57,21 @@ class ServerProcess:
         assert self._process is not None
         return self._process.pid
 
+    def memory_kib(self) -> dict[str, int]:
+        """The process's memory from /proc (Linux): VmRSS (resident now) and VmHWM (the peak), in KiB."""
+        fields: dict[str, int] = {}
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    fields[name] = int(value.split()[0])
+        return fields
+
+    def reset_peak_memory(self) -> None:
+        """Start VmHWM over from the resident memory now (Linux: /proc/PID/clear_refs)."""
+        with open(f"/proc/{self.pid}/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+
     def output(self) -> str:
         """The last lines the process printed (stdout and stderr)."""
         return "\n".join(self._lines)
