@@ -22,6 +22,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
+from offload.cloud import settings as cloud_settings
 from offload.cloud.config import ComputeDtype, ModelDefaults
 from offload.cloud.dataplane import CloudDataPlane
 from offload.cloud.registry import ModelRegistry
@@ -100,6 +101,10 @@ def test_the_demo_programs_batch_bound_is_read_from_its_range_constraints() -> N
     assert model.max_batch_rows == EXPORT_MAX_ROWS, "the program's bound, below the server's"
     bounded = CloudModel(load_model(DEMO_REPOSITORY / "digits"), torch.device("cpu"), ModelDefaults(max_batch_rows=100))
     assert bounded.max_batch_rows == 100, "the server's bound, below the program's"
+    # Called directly (as calibration does), the model runs a larger batch in calls of its bound.
+    pixels = np.random.default_rng(4).integers(0, 17, size=(250, 64)).astype(np.float32)
+    whole = model.predict({"pixels": pixels})["scores"]
+    np.testing.assert_allclose(bounded.predict({"pixels": pixels})["scores"], whole, rtol=1e-5, atol=1e-6)
 
 
 async def test_a_batch_over_the_exported_programs_bound_is_answered_in_chunks(tmp_path: Path) -> None:
@@ -247,3 +252,19 @@ def test_a_compute_dtype_that_is_not_a_float_is_refused_naming_the_field(tmp_pat
     folder = _write_model(tmp_path, "wrong", 'artifact = "cloud.pt2"\ndtype = "int8"')
     with pytest.raises(ConfigurationError, match=r"model.toml: cloud.dtype: Input should be 'float32'"):
         CloudModel(load_model(folder), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("cores", "batching", "cpu_instances", "cpu_threads"),
+    [(2, True, 1, 1), (16, True, 2, 7), (2, False, 2, 1), (16, False, 2, 7)],
+)
+def test_instances_and_torch_threads_default_to_the_device_and_the_cores(
+    monkeypatch: pytest.MonkeyPatch, cores: int, batching: bool, cpu_instances: int, cpu_threads: int
+) -> None:
+    monkeypatch.setattr(cloud_settings, "cpu_count", lambda: cores)
+    settings = CloudSettings(batching=batching)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (settings.instances(cpu), settings.intra_op_threads(cpu)) == (cpu_instances, cpu_threads)
+    assert settings.instances(cuda) == 2
+    given = CloudSettings(batching=batching, inference_threads=3, torch_threads=5)
+    assert (given.instances(cpu), given.intra_op_threads(cpu), given.instances(cuda)) == (3, 5, 3)

@@ -17,10 +17,10 @@ Not thread-safe on its own: the scheduler calls it under its lock.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +47,7 @@ class Pending:
     nbytes: int
     deadline: float | None  # on the scheduler's clock; None: no deadline
     signature: Signature
-    future: Future[Arrays]
+    future: asyncio.Future[Arrays]  # the caller's, on its event loop
     arrived: float = field(default_factory=time.monotonic)
     immediate: bool = False  # found an instance idle and nothing queued: its batch is due at once
     taken: int = 0  # rows handed to batches so far

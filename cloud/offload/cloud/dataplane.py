@@ -34,7 +34,7 @@ class CloudDataPlane:
     ) -> CloudDataPlane:
         registry = ModelRegistry.load(repository, device, settings.model_repository, settings.model_defaults)
         scheduler = Scheduler(
-            settings.inference_threads,
+            settings.instances(device),
             settings.max_inflight_rows,
             settings.max_inflight_bytes,
             settings.pushback_ms,

@@ -136,8 +136,16 @@ class CloudModel:
         return inputs
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
-        """One call on one request's rows (at most `max_batch_rows`)."""
-        return self.run_batch([inputs])
+        """The outputs for `inputs`, in calls of at most `max_batch_rows` rows joined in order: for
+        callers outside the scheduler (calibration, benchmarks), which hands out such calls itself."""
+        rows, limit = _rows(inputs), self.max_batch_rows
+        if rows <= limit:
+            return self.run_batch([inputs])
+        chunks = [
+            self.run_batch([{name: array[start : start + limit] for name, array in inputs.items()}])
+            for start in range(0, rows, limit)
+        ]
+        return {spec.name: np.concatenate([chunk[spec.name] for chunk in chunks]) for spec in self.outputs}
 
     def run_batch(self, parts: Sequence[Mapping[str, npt.NDArray[Any]]]) -> Arrays:
         """One model call on the rows of `parts` joined in order; every output has one row per row in.

@@ -20,11 +20,11 @@ whose deadline passed while it waited, is dropped before it runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 from offload.cloud.batching import ModelQueue, Pending, Piece, signature_of, split
@@ -101,8 +101,10 @@ class _Lane:
         return self.pending_rows * per_row / self.queue.instances
 
 
-# What a finished request's caller gets: its future, and its answer or its error.
+# A finished request, and its error (None: answered).
 _Delivery = tuple[Pending, BaseException | None]
+# What its caller gets: its future, and its answer or its error.
+_Outcome = tuple["asyncio.Future[Arrays]", Arrays | BaseException]
 
 
 class Scheduler:
@@ -185,25 +187,22 @@ class Scheduler:
         a request that cannot start before it is refused, and one still queued when it passes is
         not run.
         """
-        if self._closed:
-            raise Unavailable("the server is shutting down; retry on another replica")
         now = self._clock()
         if deadline is not None and now >= deadline:
             raise DeadlineExceeded("the deadline passed before the request reached the model's queue")
         rows = int(next(iter(arrays.values())).shape[0]) if arrays else 0
-        future: Future[Arrays] = Future()
-        # A running future cannot be cancelled: the caller leaving is handled here (_leave), and the
-        # instance that finishes the request can always set its outcome.
-        future.set_running_or_notify_cancel()
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         nbytes = sum(payload_bytes(array) for array in arrays.values())
         request = Pending(arrays, rows, nbytes, deadline, signature_of(arrays), future)
         with self._lock:
+            if self._closed:  # under the lock: close() must find every request it is to drop
+                raise Unavailable("the server is shutting down; retry on another replica")
             lane = self._lane(model)
             self._admit(lane, request, now)
             lane.queue.push(request)
             lane.ready.notify()
         try:
-            return await asyncio.wrap_future(future)
+            return await future
         except asyncio.CancelledError:
             self._deliver(self._leave(lane, request))
             raise
@@ -380,16 +379,31 @@ class Scheduler:
         return request, error
 
     def _deliver(self, deliveries: list[_Delivery]) -> None:
-        """Set each finished request's outcome (joining its pieces' outputs: outside the lock)."""
+        """Hand each finished request's outcome to its caller's event loop, one wake-up for all of them
+        (joining each request's pieces here, in the calling thread, outside the lock)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
         for request, error in deliveries:
-            if error is not None:
-                request.future.set_exception(error)
-            else:
-                request.future.set_result(request.answer())
+            outcome = error if error is not None else request.answer()
+            by_loop.setdefault(request.future.get_loop(), []).append((request.future, outcome))
+        for loop, outcomes in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop has closed: no caller is left to answer
+                loop.call_soon_threadsafe(_settle, outcomes)
         if self._trimmer is not None and deliveries:
             # Read without the lock: whether anything is in flight is only a hint of when to trim.
             idle = self._admitted_bytes == 0
             self._trimmer.freed(sum(request.nbytes for request, _ in deliveries), idle)
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    """On the callers' event loop: set each future that is still awaited (a caller that left has
+    cancelled its own)."""
+    for future, outcome in outcomes:
+        if future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def _execute(model: CloudModel, pieces: list[Piece]) -> tuple[list[Arrays | BaseException], float | None]:

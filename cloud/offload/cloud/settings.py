@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -12,6 +13,17 @@ from offload.cloud.config import ComputeDtype, ModelDefaults
 from offload.cloud.memory import default_inflight_bytes
 from offload.models import DEMO_REPOSITORY
 from offload.oip.settings import ServerSettings
+
+if TYPE_CHECKING:
+    import torch
+
+
+CORES_PER_CPU_INSTANCE = 8
+
+
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class CloudSettings(ServerSettings):
@@ -23,17 +35,21 @@ class CloudSettings(ServerSettings):
     )
     device: str = Field("auto", description="'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     inference_threads: Annotated[
-        int,
+        int | None,
         Field(
             ge=1,
             description="Batches each model runs at once (its instances, one thread each); torch releases the "
-            "GIL while it computes, so one batch's copies overlap another's compute.",
+            "GIL while it computes. Default: 2 on CUDA (one batch's copies overlap another's compute) and without "
+            "batching; on CPU with batching, one per 8 cores, at least one (torch's own threads use the cores, and "
+            "more instances on a small machine split the queue into smaller batches).",
         ),
-    ] = 2
+    ] = None
     torch_threads: Annotated[
         int | None,
         Field(
-            ge=1, description="torch intra-op threads on CPU; default: cores / inference_threads (no oversubscription)."
+            ge=1,
+            description="torch intra-op threads per instance on CPU; default: the cores but one (left to the event "
+            "loop: gRPC and decoding), shared by the instances.",
         ),
     ] = None
     batching: bool = Field(
@@ -97,6 +113,20 @@ class CloudSettings(ServerSettings):
     pushback_ms: Annotated[
         int, Field(ge=0, description="Retry pushback sent with RESOURCE_EXHAUSTED (grpc-retry-pushback-ms).")
     ] = 100
+
+    def instances(self, device: torch.device) -> int:
+        """`inference_threads`, or its default for `device`."""
+        if self.inference_threads is not None:
+            return self.inference_threads
+        if device.type == "cuda" or not self.batching:
+            return 2
+        return max(1, cpu_count() // CORES_PER_CPU_INSTANCE)
+
+    def intra_op_threads(self, device: torch.device) -> int:
+        """`torch_threads`, or its default: the cores but one, shared by the instances."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, (cpu_count() - 1) // self.instances(device))
 
     @property
     def model_defaults(self) -> ModelDefaults:
