@@ -1,7 +1,7 @@
 """A burst of large requests against the cloud: the memory it takes, and what the callers get.
 
     python benchmarks/cloud_burst.py [--clients 24] [--requests 2] [--rows 180000] [--deadline 120]
-                                     [--checkout DIR]
+                                     [--checkout DIR] [--cap N] [--write-results]
 
 One real `offload cloud` process on the CPU serves the demo model with its default settings
 (OFFLOAD_CLOUD_* in the environment change them). Once it listens and has warmed up, every
@@ -9,14 +9,16 @@ client, each on its own channel, sends `--requests` requests of `--rows` FP32 ro
 with a `--deadline`. Reported: the server's resident memory (VmRSS) before the burst, its
 peak (VmHWM), and after the burst, when every call has ended and again a few seconds later;
 how many calls were answered, refused (RESOURCE_EXHAUSTED, and how soon) or ran out their
-deadline, and the wall time. With `--checkout`, the server runs another checkout's code
-(say an earlier commit, `git archive COMMIT | tar -x -C DIR`), for a before-and-after.
+deadline, and the wall time. With `--checkout`, a first run serves another checkout's code
+(say an earlier commit, `git archive COMMIT | tar -x -C DIR`), for a before-and-after; with
+`--cap`, a last run sets max_concurrent_rpcs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import os
 import statistics
 import sys
@@ -31,7 +33,9 @@ from offload.oip.messages import request_to_pb
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.tools.process import ServerProcess
+from results_file import RESULTS, write_section
 
+SECTION = "## Cloud burst of large requests: memory and deadlines"
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 SETTLE_SECONDS = 5.0
 MESSAGE_BYTES = 64 << 20
@@ -58,27 +62,13 @@ async def _burst(address: str, body: bytes, clients: int, requests: int, deadlin
         await asyncio.gather(*(channel.close() for channel in channels))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=24, help="clients, each on its own channel (default 24)")
-    parser.add_argument("--requests", type=int, default=2, help="requests each client sends at once (default 2)")
-    parser.add_argument("--rows", type=int, default=180_000, help="FP32 rows of 64 values per request (default 180000)")
-    parser.add_argument("--deadline", type=float, default=120.0, help="each call's deadline in seconds (default 120)")
-    parser.add_argument("--checkout", type=Path, help="run the server from this checkout's code instead")
-    options = parser.parse_args()
-
-    pixels = np.random.default_rng(0).integers(0, 17, size=(options.rows, 64)).astype(np.float32)
-    body = request_to_pb(InferRequest("digits", [Tensor.of("pixels", pixels)])).SerializeToString()
-    del pixels
+def _run(label: str, env: dict[str, str], body: bytes, options: argparse.Namespace) -> str:
+    """One server, one burst: a table row."""
     args = ["cloud", "--grpc-port", "0", "--device", "cpu", "--log-level", "WARNING"]
-    env = {}
-    if options.checkout is not None:
-        wings = ("proto", "router", "edge", "cloud", "tools", "models")
-        env["PYTHONPATH"] = os.pathsep.join(str(options.checkout.resolve() / wing) for wing in wings)
+    print(f"{label}: {options.clients} x {options.requests} x {options.rows} rows ...", file=sys.stderr)
     with ServerProcess(args, env=env) as cloud:
         address = cloud.start()
         before = cloud.memory_kib()["VmRSS"]
-        print(f"burst: {options.clients} x {options.requests} x {options.rows} rows ({len(body) / 2**20:.1f} MiB)")
         wall = time.perf_counter()
         outcomes = asyncio.run(_burst(address, body, options.clients, options.requests, options.deadline))
         wall = time.perf_counter() - wall
@@ -87,16 +77,56 @@ def main() -> int:
         settled = cloud.memory_kib()
     codes = Counter(code for code, _ in outcomes)
     refused = sorted(seconds for code, seconds in outcomes if code == "RESOURCE_EXHAUSTED")
-    print(f"VmRSS before the burst: {before / 1024:.0f} MiB")
-    print(f"VmHWM (peak):           {ended['VmHWM'] / 1024:.0f} MiB")
-    print(f"VmRSS when calls ended: {ended['VmRSS'] / 1024:.0f} MiB")
-    print(f"VmRSS {SETTLE_SECONDS:g} s later:      {settled['VmRSS'] / 1024:.0f} MiB")
-    print(f"outcomes: {dict(sorted(codes.items()))} in {wall:.1f} s")
-    if refused:
-        print(f"refused after (s): median {statistics.median(refused):.2f}, slowest {refused[-1]:.2f}")
     answered = sorted(seconds for code, seconds in outcomes if code == "OK")
-    if answered:
-        print(f"answered after (s): first {answered[0]:.1f}, last {answered[-1]:.1f}")
+    refusals = f"{statistics.median(refused):.1f} / {refused[-1]:.1f}" if refused else "-"
+    return (
+        f"| {label} | {before / 1024:.0f} | {ended['VmHWM'] / 1024:.0f} | {ended['VmRSS'] / 1024:.0f} | "
+        f"{settled['VmRSS'] / 1024:.0f} | {', '.join(f'{code} {count}' for code, count in sorted(codes.items()))} | "
+        f"{refusals} | {answered[-1] if answered else 0:.1f} | {wall:.0f} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=24, help="clients, each on its own channel (default 24)")
+    parser.add_argument("--requests", type=int, default=2, help="requests each client sends at once (default 2)")
+    parser.add_argument("--rows", type=int, default=180_000, help="FP32 rows of 64 values per request (default 180000)")
+    parser.add_argument("--deadline", type=float, default=120.0, help="each call's deadline in seconds (default 120)")
+    parser.add_argument("--checkout", type=Path, help="first run the server from this checkout's code (before)")
+    parser.add_argument("--cap", type=int, help="then once more with max_concurrent_rpcs set to this")
+    parser.add_argument("--write-results", action="store_true", help=f"replace '{SECTION}' in {RESULTS.name}")
+    options = parser.parse_args()
+
+    pixels = np.random.default_rng(0).integers(0, 17, size=(options.rows, 64)).astype(np.float32)
+    body = request_to_pb(InferRequest("digits", [Tensor.of("pixels", pixels)])).SerializeToString()
+    del pixels
+    runs: list[tuple[str, dict[str, str]]] = []
+    if options.checkout is not None:
+        wings = ("proto", "router", "edge", "cloud", "tools", "models")
+        pythonpath = os.pathsep.join(str(options.checkout.resolve() / wing) for wing in wings)
+        runs.append((f"before ({options.checkout.name})", {"PYTHONPATH": pythonpath}))
+    runs.append(("this code, defaults", {}))
+    if options.cap is not None:
+        runs.append(
+            (f"this code, max_concurrent_rpcs={options.cap}", {"OFFLOAD_CLOUD_MAX_CONCURRENT_RPCS": str(options.cap)})
+        )
+    lines = [
+        "| server | VmRSS before MiB | VmHWM MiB | VmRSS at end MiB | VmRSS 5 s later MiB | outcomes | "
+        "refused after s (median / slowest) | last answer s | wall s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        *(_run(label, env, body, options) for label, env in runs),
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if options.write_results:
+        command = "python benchmarks/cloud_burst.py " + " ".join(sys.argv[1:])
+        text = (
+            f"Command: `{command.strip()}`; run {datetime.date.today()} on a 2-core CPU shared with other work "
+            f"(figures are indicative), loopback, the demo model: {options.clients} clients, each on its own "
+            f"channel, send {options.requests} requests of {options.rows:,} FP32 rows ({len(body) / 2**20:.0f} MiB) "
+            f"at once, each with a {options.deadline:g} s deadline.\n\n" + report
+        )
+        write_section(RESULTS, SECTION, text)
     return 0
 
 

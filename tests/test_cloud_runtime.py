@@ -22,6 +22,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
+from offload.cloud import memory as cloud_memory
 from offload.cloud import settings as cloud_settings
 from offload.cloud.config import ComputeDtype, ModelDefaults
 from offload.cloud.dataplane import CloudDataPlane
@@ -224,9 +225,12 @@ async def test_the_demo_model_batched_on_each_device_and_dtype_answers_as_bare_t
         expected = reference(torch.from_numpy(pixels[: bounds[-1]])).numpy()
     scores = np.concatenate([answer["scores"] for answer in answers])
     assert scores.dtype == np.float32, "outputs keep their declared datatype"
-    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=TOLERANCE[dtype])
+    # cuDNN may run float32 convolutions in TF32, which keeps about 3 decimal digits.
+    exact = device == "cpu" and dtype is None
+    tolerance = TOLERANCE[dtype] if device == "cpu" else max(TOLERANCE[dtype], 2e-3)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=tolerance)
     agreement = float((scores.argmax(axis=1) == expected.argmax(axis=1)).mean())
-    assert agreement >= (1.0 if dtype is None else 0.98)
+    assert agreement >= (1.0 if exact else 0.98)
     assert scheduler.stats().batched_rows == bounds[-1]
 
 
@@ -245,7 +249,7 @@ async def test_a_compiled_model_answers_as_the_eager_one(tmp_path: Path, device:
     assert model.options.compile == "inductor"
     assert model.warmup_cost is not None
     assert model.warmup_cost[0] == 2, "warm-up batches of 1 and 2 rows: the compiled graph's sizes"
-    np.testing.assert_allclose(scores, _eager(rows), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scores, _eager(rows), rtol=1e-4, atol=1e-5 if device == "cpu" else 1e-4)
 
 
 def test_a_compute_dtype_that_is_not_a_float_is_refused_naming_the_field(tmp_path: Path) -> None:
@@ -268,3 +272,15 @@ def test_instances_and_torch_threads_default_to_the_device_and_the_cores(
     assert settings.instances(cuda) == 2
     given = CloudSettings(batching=batching, inference_threads=3, torch_threads=5)
     assert (given.instances(cpu), given.intra_op_threads(cpu), given.instances(cuda)) == (3, 5, 3)
+
+
+def test_the_memory_bounds_default_to_the_machines_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cloud_memory, "process_memory_bytes", lambda: 64 << 30)
+    large = CloudSettings()
+    assert large.max_inflight_bytes == 4 << 30, "1/16 of the memory"
+    assert large.max_concurrent_rpcs == 128, "64 MiB messages in 1/8 of the memory"
+    monkeypatch.setattr(cloud_memory, "process_memory_bytes", lambda: 8 << 30)
+    assert CloudSettings().max_concurrent_rpcs == 64, "never fewer than 64"
+    assert CloudSettings(max_message_bytes=1 << 20).max_concurrent_rpcs == 1024
+    assert CloudSettings(max_concurrent_rpcs=5).max_concurrent_rpcs == 5
+    assert CloudSettings(max_concurrent_rpcs=None).max_concurrent_rpcs is None, "no limit, when asked for"

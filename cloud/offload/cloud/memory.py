@@ -1,7 +1,8 @@
-"""The cloud's memory: the default budget for requests in flight, and giving freed memory back.
+"""The cloud's memory: the default bounds for requests in flight, and giving freed memory back.
 
-The budget is sized to what the process may use: the machine's memory, or the cgroup's limit
-when the process runs in a container that sets one (a pod's memory limit).
+The defaults for requests in flight and for concurrent RPCs are sized to what the process may use:
+the machine's memory, or the cgroup's limit when the process runs in a container that sets one (a
+pod's memory limit).
 
 After a burst of large requests, glibc keeps much of the freed memory in its heaps (one per
 thread that allocated, up to 8 per core: gRPC's threads read the bodies, the event loop
@@ -31,6 +32,10 @@ _FALLBACK_MEMORY = 8 << 30  # where the machine's memory cannot be read
 # Share of the process's memory that requests in flight may take: their inputs are held about
 # twice (the message and its decoded contents) and the rest is models, batches and gRPC.
 INFLIGHT_SHARE = 16
+# Share of the process's memory that request bodies being read may take (the cap on concurrent RPCs
+# times the largest message), and the fewest concurrent RPCs a cloud serves by default.
+BODIES_SHARE = 8
+MIN_CONCURRENT_RPCS = 64
 # Bytes of requests let go after which memory is given back: a trim (a collection of what requests
 # left, which the frozen start-up objects make cheap, and malloc_trim: milliseconds) is rare next
 # to the requests it follows, and at most one runs every TRIM_INTERVAL_SECONDS.
@@ -60,6 +65,12 @@ def process_memory_bytes() -> int:
 
 def default_inflight_bytes() -> int:
     return process_memory_bytes() // INFLIGHT_SHARE
+
+
+def default_concurrent_rpcs(max_message_bytes: int) -> int:
+    """RPCs whose bodies (of up to `max_message_bytes`) fit in a share of the memory; never fewer than
+    MIN_CONCURRENT_RPCS, so that many small concurrent calls are not refused on a small machine."""
+    return max(MIN_CONCURRENT_RPCS, process_memory_bytes() // BODIES_SHARE // max_message_bytes)
 
 
 def freeze_startup_objects() -> None:

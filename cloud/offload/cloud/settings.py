@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from offload.cloud.config import ComputeDtype, ModelDefaults
-from offload.cloud.memory import default_inflight_bytes
+from offload.cloud.memory import default_concurrent_rpcs, default_inflight_bytes
 from offload.models import DEMO_REPOSITORY
 from offload.oip.settings import ServerSettings
 
@@ -88,9 +88,10 @@ class CloudSettings(ServerSettings):
         Field(
             ge=1,
             description="RPCs served at once; gRPC refuses more with RESOURCE_EXHAUSTED before reading their "
-            "bodies, so this times max_message_bytes bounds the request bodies held.",
+            "bodies, so this times max_message_bytes bounds the request bodies held. Default: as many messages "
+            "of max_message_bytes as fit in 1/8 of the machine's memory (or of its cgroup limit), at least 64.",
         ),
-    ] = 128
+    ] = None
     max_inflight_rows: Annotated[
         int,
         Field(
@@ -113,6 +114,12 @@ class CloudSettings(ServerSettings):
     pushback_ms: Annotated[
         int, Field(ge=0, description="Retry pushback sent with RESOURCE_EXHAUSTED (grpc-retry-pushback-ms).")
     ] = 100
+
+    @model_validator(mode="after")
+    def _size_the_rpc_cap(self) -> Self:
+        if "max_concurrent_rpcs" not in self.model_fields_set:
+            self.max_concurrent_rpcs = default_concurrent_rpcs(self.max_message_bytes)
+        return self
 
     def instances(self, device: torch.device) -> int:
         """`inference_threads`, or its default for `device`."""
