@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 
 import grpc
 import numpy as np
@@ -40,22 +41,21 @@ def _request(rows: int) -> bytes:
     return request_to_pb(InferRequest("digits", [Tensor.of("pixels", pixels)])).SerializeToString()
 
 
-async def _load(address: str, body: bytes, concurrency: int, seconds: float) -> tuple[int, list[float], int]:
-    """(answers, latencies in ms, errors) of `concurrency` closed-loop callers over `seconds`."""
+async def _load(address: str, body: bytes, concurrency: int, seconds: float) -> tuple[int, list[float], Counter[str]]:
+    """(answers, latencies in ms, errors by status) of `concurrency` closed-loop callers over `seconds`."""
     latencies: list[float] = []
-    errors = 0
+    errors: Counter[str] = Counter()
     async with grpc.aio.insecure_channel(address) as channel:
         call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(METHOD)
         warm_until = time.perf_counter() + WARM_UP_SECONDS
         stop = warm_until + seconds
 
         async def caller() -> None:
-            nonlocal errors
             while (now := time.perf_counter()) < stop:
                 try:
                     await call(body, timeout=30)
-                except grpc.aio.AioRpcError:
-                    errors += 1
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] += 1
                     continue
                 if now >= warm_until:
                     latencies.append((time.perf_counter() - now) * 1000)
@@ -92,7 +92,8 @@ def main() -> int:
                 answers, latencies, errors = asyncio.run(_load(address, body, concurrency, options.seconds))
                 lines.append(
                     f"| {'on' if batching else 'off'} | {concurrency} | {answers / options.seconds:.0f} | "
-                    f"{statistics.median(latencies):.2f} | {_percentile(latencies, 0.99):.2f} | {errors} |"
+                    f"{statistics.median(latencies):.2f} | {_percentile(latencies, 0.99):.2f} | "
+                    f"{', '.join(f'{code} {count}' for code, count in errors.items()) or 0} |"
                 )
     report = "\n".join(lines)
     print(report)

@@ -275,12 +275,12 @@ def test_instances_and_torch_threads_default_to_the_device_and_the_cores(
 
 
 def test_the_memory_bounds_default_to_the_machines_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cloud_memory, "process_memory_bytes", lambda: 64 << 30)
+    monkeypatch.setattr(cloud_memory, "process_memory_bytes", lambda: 256 << 30)
     large = CloudSettings()
-    assert large.max_inflight_bytes == 4 << 30, "1/16 of the memory"
-    assert large.max_concurrent_rpcs == 128, "64 MiB messages in 1/8 of the memory"
+    assert large.max_inflight_bytes == 16 << 30, "1/16 of the memory"
+    assert large.max_concurrent_rpcs == 512, "64 MiB messages in 1/8 of the memory"
     monkeypatch.setattr(cloud_memory, "process_memory_bytes", lambda: 8 << 30)
-    assert CloudSettings().max_concurrent_rpcs == 64, "never fewer than 64"
+    assert CloudSettings().max_concurrent_rpcs == 128, "never fewer than 128"
     assert CloudSettings(max_message_bytes=1 << 20).max_concurrent_rpcs == 1024
     assert CloudSettings(max_concurrent_rpcs=5).max_concurrent_rpcs == 5
     assert CloudSettings(max_concurrent_rpcs=None).max_concurrent_rpcs is None, "no limit, when asked for"

@@ -33,9 +33,11 @@ _FALLBACK_MEMORY = 8 << 30  # where the machine's memory cannot be read
 # twice (the message and its decoded contents) and the rest is models, batches and gRPC.
 INFLIGHT_SHARE = 16
 # Share of the process's memory that request bodies being read may take (the cap on concurrent RPCs
-# times the largest message), and the fewest concurrent RPCs a cloud serves by default.
+# times the largest message), and the fewest concurrent RPCs a cloud serves by default: twice the
+# 64 concurrent callers it is measured with, since a finished RPC leaves the count a moment after
+# its caller has its answer and sends the next.
 BODIES_SHARE = 8
-MIN_CONCURRENT_RPCS = 64
+MIN_CONCURRENT_RPCS = 128
 # Bytes of requests let go after which memory is given back: a trim (a collection of what requests
 # left, which the frozen start-up objects make cheap, and malloc_trim: milliseconds) is rare next
 # to the requests it follows, and at most one runs every TRIM_INTERVAL_SECONDS.

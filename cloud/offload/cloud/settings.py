@@ -89,7 +89,7 @@ class CloudSettings(ServerSettings):
             ge=1,
             description="RPCs served at once; gRPC refuses more with RESOURCE_EXHAUSTED before reading their "
             "bodies, so this times max_message_bytes bounds the request bodies held. Default: as many messages "
-            "of max_message_bytes as fit in 1/8 of the machine's memory (or of its cgroup limit), at least 64.",
+            "of max_message_bytes as fit in 1/8 of the machine's memory (or of its cgroup limit), at least 128.",
         ),
     ] = None
     max_inflight_rows: Annotated[
