@@ -36,6 +36,7 @@ from offload.tools.process import ServerProcess
 from results_file import RESULTS, write_section
 
 SECTION = "## Cloud burst of large requests: memory and deadlines"
+MIB = 1 << 20
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 SETTLE_SECONDS = 5.0
 MESSAGE_BYTES = 64 << 20
@@ -68,20 +69,20 @@ def _run(label: str, env: dict[str, str], body: bytes, options: argparse.Namespa
     print(f"{label}: {options.clients} x {options.requests} x {options.rows} rows ...", file=sys.stderr)
     with ServerProcess(args, env=env) as cloud:
         address = cloud.start()
-        before = cloud.memory_kib()["VmRSS"]
+        before, _ = cloud.memory()
         wall = time.perf_counter()
         outcomes = asyncio.run(_burst(address, body, options.clients, options.requests, options.deadline))
         wall = time.perf_counter() - wall
-        ended = cloud.memory_kib()
+        ended_rss, ended_peak = cloud.memory()
         time.sleep(SETTLE_SECONDS)
-        settled = cloud.memory_kib()
+        settled, _ = cloud.memory()
     codes = Counter(code for code, _ in outcomes)
     refused = sorted(seconds for code, seconds in outcomes if code == "RESOURCE_EXHAUSTED")
     answered = sorted(seconds for code, seconds in outcomes if code == "OK")
     refusals = f"{statistics.median(refused):.1f} / {refused[-1]:.1f}" if refused else "-"
     return (
-        f"| {label} | {before / 1024:.0f} | {ended['VmHWM'] / 1024:.0f} | {ended['VmRSS'] / 1024:.0f} | "
-        f"{settled['VmRSS'] / 1024:.0f} | {', '.join(f'{code} {count}' for code, count in sorted(codes.items()))} | "
+        f"| {label} | {before / MIB:.0f} | {ended_peak / MIB:.0f} | {ended_rss / MIB:.0f} | "
+        f"{settled / MIB:.0f} | {', '.join(f'{code} {count}' for code, count in sorted(codes.items()))} | "
         f"{refusals} | {answered[-1] if answered else 0:.1f} | {wall:.0f} |"
     )
 

@@ -1,13 +1,22 @@
-"""What each layer of Offload costs, against its baseline in the same run.
+"""What each layer of Offload costs, against a bare baseline in the same run.
 
     python benchmarks/overhead.py [--requests 500] [--rows 1 64] [--write-results]
 
-Baselines: raw ONNX Runtime (the edge model alone), raw torch (the cloud model
-alone, unbatched), and a bare gRPC echo server (transport only: it answers every
-ModelInfer with a canned response, no decoding). Measured: the in-process router,
-the edge agent over gRPC (edge route and cloud route), and the cloud service over
-gRPC. Servers are real child processes on loopback; requests are sequential, so
-latencies are per request; ratios compare medians.
+Baselines, none of them through Offload's own code:
+
+- a bare `onnxruntime.InferenceSession(...).run` on the edge model's file, with the
+  thread counts and providers the edge runs it with (the model's [edge] section);
+- a bare call of `torch.export.load(...).module()` on the cloud model's file, on a
+  tensor made once, under `torch.inference_mode()`, with the torch intra-op threads the
+  cloud service gives each of its inference threads, on the device it serves on;
+- a bare gRPC echo server (transport only: it answers every ModelInfer with the
+  request's own bytes, no decoding; `offload.tools.bare_echo`).
+
+Measured against them: Offload's model wrappers (`OnnxModel.predict`,
+`CloudModel.predict`), the in-process router, the edge agent over gRPC (edge route
+and cloud route), and the cloud service over gRPC. Servers are real child processes
+on loopback; requests are sequential, so latencies are per request; ratios compare
+medians. The thread counts used are printed with the tables.
 """
 
 from __future__ import annotations
@@ -16,53 +25,115 @@ import argparse
 import asyncio
 import datetime
 import platform
+import shlex
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
+import torch
 
+from offload.cloud.config import CloudSection
+from offload.cloud.runtime import CloudModel, pick_device
+from offload.cloud.service import size_torch_threads
+from offload.cloud.settings import CloudSettings
 from offload.edge.agent import load_edge_models
+from offload.edge.config import EdgeSection
 from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.client import OipClient
-from offload.oip.repository import load_repository
+from offload.oip.messages import request_to_pb
+from offload.oip.repository import ModelEntry, load_repository
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.core import Router
+from offload.tools.bare_echo import BareEchoProcess
 from offload.tools.process import ServerProcess
 from results_file import RESULTS, write_section
 
 SECTION = "## Overhead (issue 2)"
-
-BARE_ECHO = """
-import asyncio, sys
-import grpc
-from offload.oip import grpc_service_pb2 as pb
-REPLY = pb.ModelInferResponse(model_name="digits").SerializeToString()
-async def infer(request: bytes, context: object) -> bytes:
-    return REPLY
-async def main() -> None:
-    handler = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
-        "ModelInfer": grpc.unary_unary_rpc_method_handler(infer)})
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"bare-echo listening on 127.0.0.1:{port}", flush=True)
-    await server.wait_for_termination()
-asyncio.run(main())
-"""
+MODEL = "digits"
+WARM_UP = 10
+BARE_ORT = "bare onnxruntime InferenceSession.run (edge model)"
+BARE_TORCH = "bare torch.export module call (cloud model, unbatched)"
+BARE_ECHO_NAME = "bare gRPC echo (transport only)"
 
 
-class BareEchoProcess(ServerProcess):
-    def __init__(self) -> None:
-        super().__init__([])
-        self.args = [sys.executable, "-c", BARE_ECHO]
+@dataclass(frozen=True)
+class Baselines:
+    """The bare models, loaded as the served paths load theirs (threads, providers, device)."""
+
+    session: ort.InferenceSession
+    session_options: ort.SessionOptions
+    providers: tuple[str, ...]
+    module: torch.nn.Module
+    device: torch.device
+    torch_threads: int
+    inference_threads: int
+
+    @classmethod
+    def load(cls, entry: ModelEntry, device: torch.device) -> Baselines:
+        edge, cloud = entry.section("edge", EdgeSection), entry.section("cloud", CloudSection)
+        if edge is None or cloud is None or cloud.artifact is None:
+            raise SystemExit(f"model {entry.config.name!r} needs an [edge] section and a [cloud] artifact")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = edge.intra_op_threads
+        options.inter_op_num_threads = edge.inter_op_threads
+        # The section's providers that this build has, in its order: what the edge's session gets.
+        providers = [name for name in edge.providers if name in ort.get_available_providers()]
+        session = ort.InferenceSession(str(entry.artifact_path(edge.artifact)), options, providers=providers)
+        # The cloud service sizes torch's intra-op pool per inference thread; size this process's the same way.
+        settings = CloudSettings()
+        size_torch_threads(settings, device)
+        module = torch.export.load(str(entry.artifact_path(cloud.artifact))).module().to(device)
+        return cls(
+            session,
+            options,
+            tuple(session.get_providers()),
+            module,
+            device,
+            torch.get_num_threads(),
+            settings.instances(device),
+        )
+
+    def describe(self) -> str:
+        threads = (
+            f"{self.torch_threads} torch intra-op thread(s), as the cloud service gives each of its "
+            f"{self.inference_threads} inference threads"
+            if self.device.type == "cpu"
+            else f"on {self.device}, synchronised after each call"
+        )
+        return (
+            f"Baselines: `onnxruntime.InferenceSession.run` on the edge model's file with intra_op_num_threads "
+            f"{self.session_options.intra_op_num_threads}, inter_op_num_threads "
+            f"{self.session_options.inter_op_num_threads} and providers {', '.join(self.providers)}, as the edge "
+            "runs it (the model's [edge] section); a call of `torch.export.load(...).module()` on the cloud "
+            f"model's file, on a tensor made once, under `torch.inference_mode()`, {threads}; a bare gRPC echo "
+            "server (it answers with the request's own bytes, no decoding). The paths through Offload below each "
+            "baseline are compared with it."
+        )
+
+    def run_onnx(self, feeds: dict[str, npt.NDArray[Any]]) -> object:
+        return self.session.run(None, feeds)
+
+    def torch_call(self, inputs: torch.Tensor) -> Callable[[], object]:
+        module, synchronise = self.module, self.device.type == "cuda"
+
+        def call() -> object:
+            with torch.inference_mode():
+                result = module(inputs)
+            if synchronise:
+                torch.cuda.synchronize(self.device)
+            return result
+
+        return call
 
 
 def _stats(samples_ms: list[float]) -> tuple[float, float]:
@@ -71,7 +142,7 @@ def _stats(samples_ms: list[float]) -> tuple[float, float]:
 
 
 async def _time_async(call: Callable[[], Awaitable[object]], requests: int) -> list[float]:
-    for _ in range(10):  # warm-up
+    for _ in range(WARM_UP):
         await call()
     samples = []
     for _ in range(requests):
@@ -82,7 +153,7 @@ async def _time_async(call: Callable[[], Awaitable[object]], requests: int) -> l
 
 
 def _time_sync(call: Callable[[], object], requests: int) -> list[float]:
-    for _ in range(10):
+    for _ in range(WARM_UP):
         call()
     samples = []
     for _ in range(requests):
@@ -92,33 +163,38 @@ def _time_sync(call: Callable[[], object], requests: int) -> list[float]:
     return samples
 
 
-async def _measure(rows: int, requests: int, edge: str, cloud: str, echo: str) -> list[tuple[str, str, float, float]]:
-    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
+async def _measure(
+    rows: int, requests: int, edge: str, cloud: str, echo: str, device: torch.device
+) -> tuple[Baselines, list[tuple[str, str, float, float]]]:
+    with np.load(DEMO_REPOSITORY / MODEL / "test.npz") as data:
         pixels: npt.NDArray[np.float32] = data["inputs"][:rows].astype(np.float32)
     models = load_edge_models(DEMO_REPOSITORY)
-    onnx = models["digits"].edge
-    from offload.cloud.runtime import CloudModel, pick_device
-
-    cloud_model = CloudModel(load_repository(DEMO_REPOSITORY)["digits"], pick_device("auto"))
+    onnx = models[MODEL].edge
+    entry = load_repository(DEMO_REPOSITORY)[MODEL]
+    bare = Baselines.load(entry, device)
+    cloud_model = CloudModel(entry, device)
     feeds = {"pixels": pixels}
+    tensor = torch.from_numpy(pixels).to(device)
 
     def request(route: str) -> InferRequest:
-        return InferRequest("digits", [Tensor.of("pixels", pixels)], parameters={"offload_route": route})
+        return InferRequest(MODEL, [Tensor.of("pixels", pixels)], parameters={"offload_route": route})
 
     results: list[tuple[str, str, float, float]] = []
 
     def record(name: str, baseline: str, samples: list[float]) -> None:
         results.append((name, baseline, *_stats(samples)))
 
-    record("raw ONNX Runtime (edge model)", "", _time_sync(lambda: onnx.predict(feeds), requests))
+    record(BARE_ORT, "", _time_sync(lambda: bare.run_onnx(feeds), requests))
+    record("Offload's OnnxModel.predict", BARE_ORT, _time_sync(lambda: onnx.predict(feeds), requests))
     with ThreadPoolExecutor(1) as executor:
         router = Router(models, None, executor)
         record(
             "in-process router, edge route",
-            "raw ONNX Runtime (edge model)",
+            BARE_ORT,
             await _time_async(lambda: router.infer(request("edge")), requests),
         )
-    record("raw torch (cloud model, unbatched)", "", _time_sync(lambda: cloud_model.predict(feeds), requests))
+    record(BARE_TORCH, "", _time_sync(bare.torch_call(tensor), requests))
+    record("Offload's CloudModel.predict", BARE_TORCH, _time_sync(lambda: cloud_model.predict(feeds), requests))
 
     async with grpc.aio.insecure_channel(echo) as channel:
         stub = channel.unary_unary(
@@ -126,20 +202,18 @@ async def _measure(rows: int, requests: int, edge: str, cloud: str, echo: str) -
             request_serializer=pb.ModelInferRequest.SerializeToString,
             response_deserializer=pb.ModelInferResponse.FromString,
         )
-        from offload.oip.messages import request_to_pb
-
         message = request_to_pb(request("edge"))
-        record("bare gRPC echo (transport only)", "", await _time_async(lambda: stub(message), requests))
+        record(BARE_ECHO_NAME, "", await _time_async(lambda: stub(message), requests))
 
     async with OipClient(edge) as edge_client, OipClient(cloud) as cloud_client:
         record(
             "edge agent over gRPC, edge route",
-            "bare gRPC echo (transport only)",
+            BARE_ECHO_NAME,
             await _time_async(lambda: edge_client.infer(request("edge")), requests),
         )
         record(
             "cloud service over gRPC",
-            "raw torch (cloud model, unbatched)",
+            BARE_TORCH,
             await _time_async(lambda: cloud_client.infer(request("cloud")), requests),
         )
         record(
@@ -147,7 +221,7 @@ async def _measure(rows: int, requests: int, edge: str, cloud: str, echo: str) -
             "cloud service over gRPC",
             await _time_async(lambda: edge_client.infer(request("cloud")), requests),
         )
-    return results
+    return bare, results
 
 
 def _table(rows: int, results: list[tuple[str, str, float, float]]) -> str:
@@ -173,9 +247,14 @@ def main() -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 64], help="rows per request (default: 1 64)")
     parser.add_argument("--write-results", action="store_true", help=f"replace '{SECTION}' in {RESULTS.name}")
     options = parser.parse_args()
+    if options.requests < 1 or min(options.rows) < 1:
+        parser.error("--requests and --rows must be at least 1")
 
+    device = pick_device("auto")
     tables = []
-    with ServerProcess(["cloud", "--grpc-port", "0", "--log-level", "WARNING"]) as cloud, BareEchoProcess() as echo:
+    described = ""
+    cloud_args = ["cloud", "--grpc-port", "0", "--device", str(device), "--log-level", "WARNING"]
+    with ServerProcess(cloud_args) as cloud, BareEchoProcess() as echo:
         cloud_address = cloud.start()
         echo_address = echo.start()
         edge_args = ["edge", "--grpc-port", "0", "--cloud", cloud_address, "--log-level", "WARNING"]
@@ -183,16 +262,20 @@ def main() -> int:
             edge_address = edge.start()
             for rows in options.rows:
                 print(f"measuring {rows} row(s) per request ...", file=sys.stderr)
-                results = asyncio.run(_measure(rows, options.requests, edge_address, cloud_address, echo_address))
+                bare, results = asyncio.run(
+                    _measure(rows, options.requests, edge_address, cloud_address, echo_address, device)
+                )
+                described = bare.describe()
                 tables.append(_table(rows, results))
-    report = "\n\n".join(tables)
+    report = described + "\n\n" + "\n\n".join(tables)
     print(report)
     if options.write_results:
-        command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
+        command = shlex.join(["python", "benchmarks/overhead.py", *sys.argv[1:]])
         body = (
-            f"Command: `{command.strip()}`; run {datetime.date.today()} on a 2-core CPU, loopback, "
-            f"Python {platform.python_version()}, {options.requests} sequential requests per path after 10 warm-up "
-            "requests; the answer cache is off so every cloud-route request reaches the cloud.\n\n" + report
+            f"Command: `{command}`; run {datetime.date.today()} on a 2-core CPU, loopback, "
+            f"Python {platform.python_version()}, ONNX Runtime {ort.__version__}, torch {torch.__version__} "
+            f"({device}), {options.requests} sequential requests per path after {WARM_UP} warm-up requests; the "
+            "answer cache is off so every cloud-route request reaches the cloud.\n\n" + report
         )
         write_section(RESULTS, SECTION, body)
     return 0

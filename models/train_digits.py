@@ -364,7 +364,7 @@ def check_batches(splits: Splits) -> list[FloatArray]:
     return [splits.train.pixels[:size] for size in CHECK_BATCHES]
 
 
-def export_edge(model: EdgeModel, path: Path, checks: list[FloatArray]) -> ort.InferenceSession:
+def export_edge(model: nn.Module, path: Path, checks: list[FloatArray]) -> ort.InferenceSession:
     """ONNX via the TorchScript exporter (weights embedded), checked with onnx and ONNX Runtime."""
     example = torch.from_numpy(checks[-1])
     with warnings.catch_warnings():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from offload.oip.repository import load_repository
 from offload.oip.server import OipServer
 from offload.router.core import Router
 from offload.router.models import RoutedModel
-from offload.router.upstream import CloudEndpoint
+from offload.router.pool import CloudPool
 from offload.tools.process import ServerProcess
 from support.repos import write_echo_repository
 
@@ -111,7 +111,7 @@ async def running_stack(
     limits = limits or ServerLimits()
     cloud = OipServer(cloud_plane, "test-cloud", limits)
     await cloud.start()
-    router = Router(edge_models, CloudEndpoint(f"127.0.0.1:{cloud.port}", 10.0, limits.max_message_bytes), executor)
+    router = Router(edge_models, CloudPool(f"127.0.0.1:{cloud.port}", 10.0, limits.max_message_bytes), executor)
     edge = OipServer(RouterDataPlane(router), "test-edge", limits)
     await edge.start()
     try:
@@ -146,11 +146,12 @@ class Processes:
     edge: ServerProcess
 
 
-def start_processes(repository: Path) -> Processes:
+def start_processes(repository: Path, edge_args: Sequence[str] = ()) -> Processes:
+    """`offload cloud`, then `offload edge` pointed at it (with `edge_args` besides), on free ports."""
     cloud = ServerProcess(["cloud", "--grpc-port", "0", "--model-repository", str(repository)], env=SUBPROCESS_ENV)
     cloud_address = cloud.start()
     edge = ServerProcess(
-        ["edge", "--grpc-port", "0", "--model-repository", str(repository), "--cloud", cloud_address],
+        ["edge", "--grpc-port", "0", "--model-repository", str(repository), "--cloud", cloud_address, *edge_args],
         env=SUBPROCESS_ENV,
     )
     try:

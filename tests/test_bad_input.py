@@ -7,8 +7,12 @@ well-formed ones) and sent to the real in-process servers: the edge agent and th
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import struct
+import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -23,15 +27,19 @@ from offload.cloud.dataplane import CloudDataPlane
 from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
+from offload.oip import server as oip_server
 from offload.oip.client import OipClient
-from offload.oip.errors import InvalidArgument
+from offload.oip.errors import MAX_STATUS_MESSAGE_BYTES, InvalidArgument, UpstreamError
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits
-from offload.oip.messages import request_to_pb
+from offload.oip.messages import CheckedRequest, decode_request, receive_infer_request, request_to_pb
 from offload.oip.repository import TensorSpec
+from offload.oip.request_ids import MAX_HEADER_REQUEST_ID
 from offload.oip.server import OipServer, read_request
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import InferRequest
 from offload.router.models import RoutedModel
+from support import reference
+from support.chaos import ChaosProxy, edge_under_test
 from support.repos import SAMPLES, TEXT_BYTES, TYPED
 
 if TYPE_CHECKING:
@@ -80,13 +88,23 @@ def _digits(
     return request
 
 
+@functools.cache
+def _right_answers() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The bare models' answers to the good request: the edge agent's (routed by the model's threshold),
+    and the cloud's."""
+    routed = ["cloud" if unsure else "edge" for unsure in reference.cloud_bound(PIXELS)]
+    return reference.expected_scores(PIXELS, routed), reference.cloud_scores(PIXELS)
+
+
 async def _assert_serves(stub: Stub) -> None:
-    """A good request to the same server is still answered, and correctly shaped."""
+    """A good request to the same server is still answered, correctly shaped and right."""
     reply = await stub.ModelInfer(_digits(), timeout=TIMEOUT)
     assert [(output.name, output.datatype, list(output.shape)) for output in reply.outputs] == [
         ("scores", "FP32", [2, 10])
     ]
     assert [len(raw) for raw in reply.raw_output_contents] == [2 * 10 * 4]
+    scores = np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).reshape(2, 10)
+    assert any(reference.CLOUD_TOLERANCE.close(scores, right) for right in _right_answers()), scores
 
 
 async def _assert_rejected(
@@ -241,6 +259,19 @@ CASES = [
         ("output 'scores'", "requested twice"),
         id="output-twice",
     ),
+    # The message quotes the caller's string; clipped in the middle, it still fits a trailer and ends with what to do.
+    pytest.param(
+        lambda: _digits(model="m" * 100_000),
+        Code.NOT_FOUND,
+        ("'mmm", "characters not shown", "not served", "digits"),
+        id="100k-char-model-name",
+    ),
+    pytest.param(
+        lambda: _digits(name="\n" * 100_000),
+        Code.INVALID_ARGUMENT,
+        ("has no input '\\n\\n", "characters not shown", "'pixels'"),
+        id="100k-newline-input-name",
+    ),
 ]
 
 
@@ -249,6 +280,142 @@ async def test_bad_request_is_rejected_and_the_server_keeps_serving(
     stub: Stub, build: Callable[[], pb.ModelInferRequest], code: grpc.StatusCode, fragments: tuple[str, ...]
 ) -> None:
     await _assert_rejected(stub, build(), code, fragments)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_bytes_that_are_no_protobuf_message_are_invalid_argument(demo_stack: Stack, server: str) -> None:
+    async with grpc.aio.insecure_channel(_address(demo_stack, server)) as channel:
+        send_bytes: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send_bytes(_digits().SerializeToString()[:-3], timeout=TIMEOUT)  # cut inside the raw contents
+        assert caught.value.code() == Code.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        # The reason is the no-copy reader's, which names the field cut short.
+        prefix = "the request is not a valid inference.ModelInferRequest protobuf message (field 7 at byte "
+        assert details.startswith(prefix), details
+        assert " runs past the end of the message); " in details, details
+        await _assert_serves(pb_grpc.GRPCInferenceServiceStub(channel))
+
+
+async def test_a_clipped_message_fits_in_a_trailer(stub: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ModelInfer(_digits(model="\u00e9\n" * 100_000), timeout=TIMEOUT)
+    assert caught.value.code() == Code.NOT_FOUND
+    details = caught.value.details() or ""
+    # As sent, percent-encoded: within the limit, far below gRPC's 8 KiB for all trailers.
+    assert len(urllib.parse.quote(details, safe=" !\"#$&'()*+,/:;<=>?@[\\]^`{|}~")) <= MAX_STATUS_MESSAGE_BYTES
+    assert details.endswith("is not served here; models: ['digits', 'tabular']")
+
+
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(
+            bytes(_digits(model="digits\u00e9").SerializeToString()).replace(b"\xc3\xa9", b"\xff\xfe"), id="not-utf8"
+        ),
+        pytest.param(_digits().SerializeToString()[:-7], id="cut-short"),
+        pytest.param(b"\xff" * 64, id="garbage"),
+    ],
+)
+async def test_a_request_that_is_not_a_valid_message_is_invalid_argument(
+    demo_stack: Stack, server: str, message: bytes
+) -> None:
+    async with grpc.aio.insecure_channel(_address(demo_stack, server)) as channel:
+        # A raw call: the generated stub can only send well-formed messages.
+        infer: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await infer(message, timeout=TIMEOUT)
+        assert caught.value.code() == Code.INVALID_ARGUMENT, caught.value.details()
+        assert "not a valid inference.ModelInferRequest protobuf message" in (caught.value.details() or "")
+        await _assert_serves(pb_grpc.GRPCInferenceServiceStub(channel))
+
+
+REQUEST_IDS = [  # the id, and whether the header carries it as it is
+    pytest.param("\n" * 50, False, id="50-newlines"),
+    pytest.param("x" * 100_000, False, id="100k-chars"),
+    pytest.param("na\u00efve-\u65e5\u672c-\U0001f600", False, id="non-ascii"),
+    pytest.param("\x00\x7f\r\n", False, id="nul-del-crlf"),
+    pytest.param(" padded ", False, id="surrounding-blanks"),
+    pytest.param("x" * (MAX_HEADER_REQUEST_ID + 1), False, id="one-over-the-header-limit"),
+    pytest.param("req-42.a/b:c d", True, id="plain"),
+    pytest.param("y" * MAX_HEADER_REQUEST_ID, True, id="at-the-header-limit"),
+]
+
+
+@pytest.mark.parametrize(("request_id", "as_is"), REQUEST_IDS)
+async def test_any_request_id_reaches_the_cloud_and_the_answer_is_the_clouds(
+    request_id: str,
+    as_is: bool,
+    demo_stack: Stack,
+    demo_edge_models: dict[str, RoutedModel],
+    edge_executor: ThreadPoolExecutor,
+) -> None:
+    """Whatever an app puts in `id`, its cloud-bound rows are answered by the cloud, never degraded by our header."""
+    async with (
+        ChaosProxy(demo_stack.cloud_address) as proxy,
+        edge_under_test(proxy.address, demo_edge_models, edge_executor, cloud_timeout_seconds=30.0) as edge,
+        grpc.aio.insecure_channel(edge.address) as channel,
+    ):
+        request = _digits()
+        request.id = request_id
+        request.parameters["offload_threshold"].double_param = 1.0  # every row short of certainty: to the cloud
+        reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=TIMEOUT)
+    assert reply.id == request_id
+    assert reply.parameters["offload_route"].string_param == "cloud"
+    assert not reply.parameters["offload_degraded"].bool_param
+    # One call, the body's id unchanged; the header is the id where that is legal, else its digest.
+    assert proxy.message_ids == [request_id]
+    digest = "sha256:" + hashlib.sha256(request_id.encode()).hexdigest()[:32]
+    assert proxy.request_ids == [request_id if as_is else digest]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param({"uint64_param": 2**64 - 1}, id="uint64-max"),
+        pytest.param({"int64_param": -(2**63)}, id="int64-min"),
+        pytest.param({"string_param": "\n\x00" * 50_000}, id="100k-control-chars"),
+        pytest.param({"double_param": float("nan")}, id="nan"),
+    ],
+)
+async def test_any_parameter_an_app_sends_is_forwarded_to_the_cloud(edge_stub: Stub, value: dict[str, Any]) -> None:
+    request = _digits()
+    request.parameters["offload_threshold"].double_param = 1.0  # every row short of certainty: to the cloud
+    request.parameters["sequence_id"].CopyFrom(pb.InferParameter(**value))
+    reply = await edge_stub.ModelInfer(request, timeout=TIMEOUT)
+    assert reply.parameters["offload_route"].string_param == "cloud"
+    assert not reply.parameters["offload_degraded"].bool_param
+
+
+async def test_a_peers_status_message_cannot_forge_a_log_line() -> None:
+    """A cloud (any OIP server) may put newlines in its status message; it reaches our logs and messages escaped."""
+
+    async def forge(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        await context.abort(Code.INVALID_ARGUMENT, "bad row\n2026-01-01 00:00:00 INFO forged: all is well\u2028")
+        raise AssertionError("unreachable")
+
+    server = grpc.aio.server()
+    handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(forge)
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with OipClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(UpstreamError) as caught:
+                await client.infer(InferRequest("digits", [Tensor.of("pixels", PIXELS)]), timeout=TIMEOUT)
+    finally:
+        await server.stop(0)
+    message = str(caught.value)
+    assert caught.value.status == Code.INVALID_ARGUMENT
+    assert message.isprintable(), message
+    assert "bad row\\n2026-01-01 00:00:00 INFO forged: all is well\\u2028" in message
 
 
 async def test_huge_declared_shape_is_refused_before_any_allocation(stub: Stub) -> None:
@@ -435,11 +602,11 @@ async def test_a_huge_request_of_the_wrong_datatype_is_refused_before_decoding_a
     await _assert_serves(stub)
 
 
-async def test_a_large_request_is_decoded_off_the_event_loop() -> None:
-    # The element count puts decoding in a worker thread: the coroutine must give the loop
-    # back while it runs. One turn of the loop is not enough for a thread's result to come
-    # back (it is delivered with call_soon_threadsafe, a later turn), so after one turn the
-    # read is still pending; decoded inline it would already be done.
+async def test_a_large_request_is_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The element count puts decoding in a worker thread: the event loop must stay free while it
+    # runs. The decoder (the real one, wrapped) waits until the loop lets it go. In a worker, the
+    # loop runs on, sees it start and releases it; run on the loop itself, it would block the loop
+    # so that nothing could release it, and it reports that it timed out instead.
     rows = INLINE_CODEC_ELEMENTS + 1
     items = [str(row).encode() for row in range(rows)]
     message = pb.ModelInferRequest(model_name="words")
@@ -447,10 +614,22 @@ async def test_a_large_request_is_decoded_off_the_event_loop() -> None:
     message.raw_input_contents.append(b"".join(LENGTH.pack(len(item)) + item for item in items))
     spec = TensorSpec(name="text", datatype="BYTES", shape=(-1, 1))
 
-    read = asyncio.create_task(read_request(message, 1 << 26, lambda name, version: (spec,)))
-    await asyncio.sleep(0)
-    assert not read.done()
+    started, released = threading.Event(), threading.Event()
+    seen: list[tuple[int, bool]] = []  # the decoding thread, and whether the loop released it
+
+    def held_decode(checked: CheckedRequest) -> InferRequest:
+        started.set()
+        seen.append((threading.get_ident(), released.wait(timeout=10)))
+        return decode_request(checked)
+
+    monkeypatch.setattr(oip_server, "decode_request", held_decode)
+    received = receive_infer_request(message.SerializeToString())
+    read = asyncio.create_task(read_request(received, 1 << 26, lambda name, version: (spec,)))
+    assert await asyncio.to_thread(started.wait, 10), "decoding never started"
+    released.set()
     request = await read
+    assert seen == [(seen[0][0], True)], "decoding held the event loop: the loop could not release it"
+    assert seen[0][0] != threading.get_ident(), "decoded on the event loop's thread"
     assert request.inputs[0].data.ravel().tolist() == items
 
 

@@ -147,7 +147,7 @@ async def test_each_request_gets_exactly_its_own_rows_back_in_order(tmp_path: Pa
     full, tail = divmod(int(sizes.sum()), 8)
     assert stats.batches == 1 + full + (tail > 0), "full batches of 8 rows, requests split across them"
     assert stats.most_requests > 1
-    assert stats.rows_histogram[3] == (8, full + (tail > 4)), "batches of 5 to 8 rows: the full ones (and the tail)"
+    assert stats.batch_rows.counts[3] == full + (tail > 4), "batches of 5 to 8 rows: the full ones (and the tail)"
     assert stats.admitted_rows == 0
 
 

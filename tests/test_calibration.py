@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,6 @@ import numpy.typing as npt
 import pytest
 
 from conftest import Processes
-from offload.cloud.dataplane import CloudDataPlane
-from offload.edge.agent import load_edge_models
 from offload.models import DEMO_REPOSITORY
 from offload.oip.errors import ConfigurationError
 from offload.oip.repository import load_model
@@ -28,11 +27,11 @@ from offload.router.calibration import (
     threshold_between,
     wilson_interval,
 )
-from offload.router.confidence import class_confidence, log_softmax, row_confidence
+from offload.router.confidence import class_confidence, log_softmax
 from offload.router.config import RoutedConfig
-from offload.router.models import RoutedModel
 from offload.tools.calibrate import load_inputs, with_routing_values, write_routing
 from offload.tools.cli import main
+from support import reference
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 Split = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
@@ -92,11 +91,9 @@ def test_expected_calibration_error_on_known_values() -> None:
     assert expected_calibration_error(np.array([1.0, 0.0]), np.array([True, False])) == 0.0
 
 
-def test_temperature_scaling_reduces_calibration_error_on_the_demo_validation_set(
-    demo_edge_models: dict[str, RoutedModel], validation: Split
-) -> None:
+def test_temperature_scaling_reduces_calibration_error_on_the_demo_validation_set(validation: Split) -> None:
     pixels, labels = validation
-    logits = demo_edge_models["digits"].edge.predict({"pixels": pixels})["scores"].astype(np.float64)
+    logits = reference.edge_scores(pixels).astype(np.float64)
     correct = logits.argmax(axis=1) == labels
     # The bundled edge model has its temperature folded into its weights already: refitting finds about 1.
     assert fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.05)
@@ -220,9 +217,12 @@ def _routing(repository: Path) -> tuple[float, float]:
 
 
 def _offload_share(repository: Path, pixels: npt.NDArray[np.float32]) -> float:
-    model = load_edge_models(repository)["digits"]
-    confidence = row_confidence(model.edge.predict({"pixels": pixels}), model.routing, model.score_output)
-    return float(np.mean(confidence < model.routing.threshold))
+    """The share of rows the edge would send with the threshold and temperature in the repository's model.toml:
+    the bare edge model's max softmax probability (NumPy) below the threshold."""
+    routing = tomllib.loads((repository / "digits" / "model.toml").read_text())["routing"]
+    scores = reference.onnx_outputs(repository / "digits" / "edge.onnx", {"pixels": pixels})["scores"]
+    confidence = reference.max_softmax(scores, routing.get("temperature", 1.0))
+    return float(np.mean(confidence < routing["threshold"]))
 
 
 def test_calibrate_target_offload_lands_near_the_target_on_held_out_data(repository: Path) -> None:
@@ -265,7 +265,6 @@ def test_calibrate_target_offload_lands_near_the_target_on_held_out_data(reposit
 def test_calibrate_target_accuracy_takes_the_least_offload_that_reaches_it(
     repository: Path,
     validation: Split,
-    demo_cloud_plane: CloudDataPlane,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     data = repository / "digits" / "validation.npz"
@@ -276,10 +275,9 @@ def test_calibrate_target_accuracy_takes_the_least_offload_that_reaches_it(
     assert temperature == RoutedConfig.of(load_model(DEMO_REPOSITORY / "digits")).routing.temperature  # not fitted
 
     pixels, labels = validation
-    model = load_edge_models(repository)["digits"]
-    edge_scores = model.edge.predict({"pixels": pixels})["scores"]
-    cloud_scores = demo_cloud_plane.registry.model("digits", "").predict({"pixels": pixels})["scores"]
-    confidence = class_confidence(edge_scores, "max_probability", temperature=temperature)
+    edge_scores = reference.edge_scores(pixels)
+    cloud_scores = reference.cloud_scores(pixels)
+    confidence = reference.max_softmax(edge_scores, temperature)
 
     def routed_accuracy(at: float) -> float:
         offload = confidence < at

@@ -65,7 +65,7 @@ async def test_a_burst_of_large_requests_stays_within_the_memory_budget_and_is_g
             (gate_dir / "pass-0").touch()
             await clients[0].infer(_request(0), timeout=60)
             await eventually(lambda: gate.calls(gate_dir) == 1, "the first request was answered")
-            baseline = cloud.memory_kib()["VmRSS"] * 1024
+            baseline = cloud.memory()[0]
             cloud.reset_peak_memory()
 
             calls = [
@@ -76,13 +76,13 @@ async def test_a_burst_of_large_requests_stays_within_the_memory_budget_and_is_g
             admitted = INFLIGHT_BYTES // (ROWS * WIDTH * 4)  # 3: one in the (shut) gate, two queued
             # Everything but what was admitted is refused while the gate holds the admitted ones.
             await _until_done(calls, len(calls) - admitted)
-            peak = cloud.memory_kib()["VmHWM"] * 1024
+            peak = cloud.memory()[1]
             refused = [call.exception() for call in calls if call.done()]
             (gate_dir / "open").touch()
             answers = await asyncio.gather(*(call for call in calls if not call.done()))
 
             await eventually(
-                lambda: cloud.memory_kib()["VmRSS"] * 1024 <= baseline + NEAR_BASELINE,
+                lambda: cloud.memory()[0] <= baseline + NEAR_BASELINE,
                 "the memory of the burst was given back",
             )
         finally:

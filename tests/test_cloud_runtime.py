@@ -2,9 +2,10 @@
 
 Each model is made here, small, in a temporary model repository: a torch.export program
 with a bounded batch dimension, a TorchScript file, and a Python factory returning an
-nn.Module. Answers are compared with the same module run eagerly. The demo's model is run
-batched on each device (CUDA where one exists: tests marked `gpu`) and in float32, float16
-and bfloat16, and a small program under torch.compile, against bare torch.
+nn.Module. Answers are compared with the same module run eagerly, and exported programs' also
+with the file loaded bare (`torch.export.load(path).module()`). The demo's model is run batched on
+each device (CUDA where one exists: tests marked `gpu`) and in float32, float16 and bfloat16, and a
+small program under torch.compile, against bare torch.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from offload.oip.repository import load_model, load_repository
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
+from support import reference
 
 TIMEOUT = 60.0
 EXPORT_MAX_ROWS = 1 << 16  # the bound the demo's cloud.pt2 was exported with
@@ -94,6 +96,19 @@ async def _scores(client: OipClient, model: str, rows: npt.NDArray[np.float32]) 
     return scores
 
 
+async def test_the_demo_cloud_model_answers_as_its_program_run_bare(demo_cloud_plane: CloudDataPlane) -> None:
+    pixels, _ = reference.demo_split("test")
+    server = OipServer(demo_cloud_plane, "test-cloud")
+    await server.start()
+    try:
+        async with OipClient(f"127.0.0.1:{server.port}") as client:
+            response = await client.infer(InferRequest("digits", [Tensor.of("pixels", pixels)]), timeout=TIMEOUT)
+    finally:
+        await server.stop(0)
+    scores = response.as_dict()["scores"].data
+    reference.assert_rows_answered_as_routed(scores, ["cloud"] * len(pixels), pixels)
+
+
 def test_the_demo_programs_batch_bound_is_read_from_its_range_constraints() -> None:
     model = CloudModel(
         load_model(DEMO_REPOSITORY / "digits"), torch.device("cpu"), ModelDefaults(max_batch_rows=1 << 20)
@@ -124,6 +139,7 @@ async def test_a_batch_over_the_exported_programs_bound_is_answered_in_chunks(tm
     assert whole.shape == (70_000, 3)
     np.testing.assert_array_equal(whole, np.concatenate([first, rest]))
     np.testing.assert_allclose(whole, _eager(rows), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(first, reference.export_output(folder / "cloud.pt2", rows[:EXPORT_MAX_ROWS]), rtol=1e-5)
 
 
 def _export(path: Path) -> None:
@@ -145,6 +161,7 @@ async def test_max_batch_rows_in_model_toml_chunks_batches_below_the_programs_bo
 
     np.testing.assert_array_equal(whole, np.concatenate(chunks))
     np.testing.assert_allclose(whole, _eager(rows), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole, reference.export_output(folder / "cloud.pt2", rows), rtol=1e-5, atol=1e-6)
 
 
 # torch deprecates TorchScript in favour of torch.export, but files made with it are still served.

@@ -18,7 +18,6 @@ from conftest import running_stack
 from offload.cloud.dataplane import CloudDataPlane
 from offload.cloud.settings import CloudSettings
 from offload.edge.agent import load_edge_models
-from offload.models import DEMO_REPOSITORY
 from offload.oip.errors import ConfigurationError, Internal
 from offload.oip.repository import load_model, load_repository
 from offload.oip.tensors import Tensor
@@ -26,6 +25,8 @@ from offload.oip.types import InferRequest
 from offload.router.confidence import class_confidence, max_probability, output_confidence, row_confidence
 from offload.router.config import OutputKind, RoutedConfig, RoutingSection
 from offload.router.models import RoutedModel
+from support import reference
+from support.reference import assert_rows_answered_as_routed, decoded
 
 # Probabilities [0.7, 0.2, 0.1] as logits (any shift of the logits gives the same softmax).
 KNOWN_PROBS = np.array([[0.7, 0.2, 0.1]])
@@ -107,6 +108,19 @@ def test_non_finite_scores_are_least_confident() -> None:
         assert 0.0 < result[2] < 1.0
 
 
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("kind", [OutputKind.LOGITS, OutputKind.PROBABILITIES])
+def test_a_signalling_nan_is_least_confident_without_a_warning(kind: OutputKind) -> None:
+    # 0x7fa00000 is a signalling NaN in float32, as random bytes sent as FP32 (and echoed back) can hold;
+    # widening it raises the "invalid" flag, which NumPy would print as a RuntimeWarning on the server.
+    scores = np.array([[0x7FA00000, 0x3F000000], [0x3F000000, 0x3E800000]], dtype="<u4").view("<f4")
+    for measure in ("max_probability", "margin", "negative_entropy"):
+        result = class_confidence(scores, measure, kind)
+        assert result[0] == 0.0
+        assert 0.0 < result[1] <= 1.0
+    assert np.isnan(max_probability(scores, kind)[0])
+
+
 def test_row_confidence_follows_the_routing_section() -> None:
     outputs = {"scores": KNOWN_LOGITS, "conf": np.array([[0.42]])}
     assert row_confidence(outputs, RoutingSection(), "scores")[0] == pytest.approx(0.7)
@@ -119,17 +133,17 @@ def test_row_confidence_follows_the_routing_section() -> None:
     assert row_confidence({"scores": np.zeros((0, 10), np.float32)}, RoutingSection(), "scores").shape == (0,)
 
 
-def test_default_measure_matches_max_probability_on_the_demo_model(
-    demo_edge_models: dict[str, RoutedModel],
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_the_default_measure_is_the_max_softmax_probability_at_the_models_temperature_on_the_demo_model(
+    demo_edge_models: dict[str, RoutedModel], temperature: float
 ) -> None:
-    with np.load(DEMO_REPOSITORY / "digits" / "validation.npz") as data:
-        pixels = data["inputs"].astype(np.float32)
-    model = demo_edge_models["digits"]
-    outputs = model.edge.predict({"pixels": pixels})
-    routing = model.routing.model_copy(update={"temperature": 1.0})
-    np.testing.assert_allclose(
-        row_confidence(outputs, routing, "scores"), max_probability(outputs["scores"], OutputKind.LOGITS), rtol=1e-12
-    )
+    pixels, _ = reference.demo_split("validation")
+    scores = reference.edge_scores(pixels)
+    routing = demo_edge_models["digits"].routing.model_copy(update={"temperature": temperature})
+    expected = reference.max_softmax(scores, temperature)
+    np.testing.assert_allclose(row_confidence({"scores": scores}, routing, "scores"), expected, rtol=1e-12)
+    if temperature == 1.0:
+        np.testing.assert_allclose(max_probability(scores, OutputKind.LOGITS), expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +154,10 @@ def test_default_measure_matches_max_probability_on_the_demo_model(
         ({"confidence": "output", "confidence_output": "conf", "temperature": 2.0}, "cannot apply"),
         ({"temperature": 0.0}, "greater than 0"),
         ({"temperature": float("inf")}, "finite"),
-        ({"confidence": "entropy"}, "'max_probability', 'margin', 'negative_entropy' or 'output'"),
+        ({"confidence": "entropy"}, "'max_probability', 'margin', 'negative_entropy', 'output' or 'gate'"),
+        ({"confidence": "gate"}, "confidence = 'gate' needs gate, the gate's ONNX file"),
+        ({"gate": "gate.onnx"}, "gate is only used with confidence = 'gate'"),
+        ({"confidence": "gate", "gate": "gate.onnx", "temperature": 2.0}, "cannot apply to confidence = 'gate'"),
     ],
 )
 def test_routing_section_rejects_inconsistent_confidence_settings(fields: dict[str, Any], message: str) -> None:
@@ -170,9 +187,13 @@ def _with_routing(model: RoutedModel, **fields: Any) -> RoutedModel:
 
 @pytest.fixture(scope="module")
 def pixels() -> npt.NDArray[np.float32]:
-    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
-        rows: npt.NDArray[np.float32] = data["inputs"][:64].astype(np.float32)
-    return rows
+    return reference.demo_split("test")[0][:64]
+
+
+def _margin(scores: npt.NDArray[np.float32], temperature: float) -> npt.NDArray[np.float64]:
+    """The top probability minus the second, in NumPy: the reference for the margin measure."""
+    top = np.sort(reference.softmax(scores, temperature), axis=1)
+    return np.asarray(top[:, -1] - top[:, -2], dtype=np.float64)
 
 
 async def test_router_routes_by_margin_with_temperature_on_edge_and_cloud_answers(
@@ -182,23 +203,21 @@ async def test_router_routes_by_margin_with_temperature_on_edge_and_cloud_answer
     pixels: npt.NDArray[np.float32],
 ) -> None:
     model = _with_routing(demo_edge_models["digits"], confidence="margin", temperature=1.5, threshold=0.6)
-    edge_scores = model.edge.predict({"pixels": pixels})["scores"]
-    edge_margin = class_confidence(edge_scores, "margin", temperature=1.5)
+    edge_margin = _margin(reference.edge_scores(pixels), 1.5)
     unsure = edge_margin < 0.6
     assert 0 < unsure.sum() < len(pixels), "the test rows should mix sure and unsure rows"
-    cloud_scores = demo_cloud_plane.registry.model("digits", "").predict({"pixels": pixels[unsure]})["scores"]
+    cloud_scores = reference.cloud_scores(pixels[unsure])
 
     async with running_stack(demo_cloud_plane, {"digits": model}, edge_executor) as stack:
         request = InferRequest("digits", [Tensor.of("pixels", pixels)], parameters={"offload_details": True})
         response = await stack.router.infer(request)
     outputs = response.as_dict()
-    routes = np.array([item.decode() for item in outputs["offload_route"].data.tolist()])
-    np.testing.assert_array_equal(routes == "cloud", unsure)
+    routes = decoded(outputs["offload_route"].data)
+    np.testing.assert_array_equal(np.array(routes) == "cloud", unsure)
+    assert_rows_answered_as_routed(outputs["scores"].data, routes, pixels)
     confidence = outputs["offload_confidence"].data
     np.testing.assert_allclose(confidence[~unsure], edge_margin[~unsure], rtol=1e-6)
-    np.testing.assert_allclose(
-        confidence[unsure], class_confidence(cloud_scores, "margin", temperature=1.5), rtol=1e-5, atol=1e-6
-    )
+    np.testing.assert_allclose(confidence[unsure], _margin(cloud_scores, 1.5), rtol=1e-5, atol=1e-6)
 
 
 def _write_self_scoring_repository(root: Path) -> Path:
@@ -250,6 +269,8 @@ async def test_router_routes_by_the_models_own_confidence_output(
     finally:
         plane.close()
     outputs = response.as_dict()
-    assert [item.decode() for item in outputs["offload_route"].data.tolist()] == ["edge", "cloud", "edge", "cloud"]
+    assert decoded(outputs["offload_route"].data) == ["edge", "cloud", "edge", "cloud"]
+    # Both sides echo their inputs (an ONNX Identity, the echo model): every row comes back as sent.
+    np.testing.assert_array_equal(outputs["out_scores"].data, scores)
     # Clipped to [0, 1]; the cloud's rows carry the cloud's own confidence output (the echo returns the same).
     np.testing.assert_allclose(outputs["offload_confidence"].data, [0.9, 0.2, 1.0, 0.0], rtol=1e-6)

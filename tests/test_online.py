@@ -15,12 +15,12 @@ from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest
 from offload.router.audit import MAX_AUDITS_IN_FLIGHT
-from offload.router.confidence import max_probability
-from offload.router.config import OutputKind
 from offload.router.core import Router
 from offload.router.models import RoutedModel
-from offload.router.upstream import CloudEndpoint
+from offload.router.pool import CloudPool
+from support import reference
 from support.held import HeldCloud
+from support.reference import assert_rows_answered_as_routed
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def _router(
 ) -> Router:
     return Router(
         models,
-        CloudEndpoint(address, 10.0, 64 << 20),
+        CloudPool(address, 10.0, 64 << 20),
         executor,
         target_offload=target_offload,
         audit_share=audit_share,
@@ -101,10 +101,10 @@ async def test_online_budget_keeps_the_offload_share_near_its_target_when_traffi
     # The snapshot says which threshold each router judges rows by now: the budget's follows the
     # traffic it saw (all of it fits the budget's window), the static one is the model's.
     model = demo_edge_models["digits"]
-    assert static.stats().thresholds == {"digits": model.routing.threshold}
+    assert static.stats().thresholds == {name: each.routing.threshold for name, each in demo_edge_models.items()}
     threshold = adaptive.stats().thresholds["digits"]
     assert threshold != model.routing.threshold
-    confidence = model.confidence(model.edge.predict({"pixels": shifted}))
+    confidence = reference.max_softmax(reference.edge_scores(shifted))
     assert float(np.mean(confidence < threshold)) == pytest.approx(target, abs=0.01)
 
 
@@ -113,7 +113,6 @@ async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_rep
     edge_executor: ThreadPoolExecutor,
     cloud_address: str,
     traffic: npt.NDArray[np.float32],
-    demo_cloud_plane: CloudDataPlane,
 ) -> None:
     pixels = traffic[:200]
     router = _router(demo_edge_models, edge_executor, cloud_address, audit_share=1.0)
@@ -122,10 +121,9 @@ async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_rep
         await router.wait_for_audits()
     finally:
         await router.close()
-    model = demo_edge_models["digits"]
-    edge_scores = model.edge.predict({"pixels": pixels})["scores"]
-    confident = max_probability(edge_scores, OutputKind.LOGITS) >= model.routing.threshold
-    cloud_scores = demo_cloud_plane.registry.model("digits", "").predict({"pixels": pixels[confident]})["scores"]
+    edge_scores = reference.edge_scores(pixels)
+    confident = ~reference.cloud_bound(pixels)
+    cloud_scores = reference.cloud_scores(pixels[confident])
     expected = int(np.sum(edge_scores[confident].argmax(axis=1) == cloud_scores.argmax(axis=1)))
     # Every confident row was audited; the audit does not change the answer's routing.
     audit = router.stats().audit
@@ -134,6 +132,8 @@ async def test_audit_sends_confident_rows_to_the_cloud_in_the_background_and_rep
     assert audit.agreement is not None
     assert 0.9 < audit.agreement <= 1.0
     assert response.parameters["offload_offloaded_rows"] == int((~confident).sum())
+    routes = ["edge" if sure else "cloud" for sure in confident]
+    assert_rows_answered_as_routed(response.as_dict()["scores"].data, routes, pixels)
 
 
 async def test_audits_waiting_on_a_slow_cloud_are_capped_and_the_rest_skipped(

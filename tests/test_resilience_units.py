@@ -1,4 +1,4 @@
-"""The resilience policies on their own: retry budget, circuit breaker, and CloudEndpoint's retry decisions.
+"""The resilience policies on their own: retry budget, circuit breaker, and a pool of one replica's retry decisions.
 
 Time is injected: the breaker reads a fake clock and the endpoint's backoffs go to a
 fake `sleep` that records them (and moves the fake clock) instead of waiting. The
@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -22,15 +22,15 @@ import pytest
 from pydantic import ValidationError
 
 from offload.edge.settings import EdgeSettings
-from offload.oip.errors import PUSHBACK_DO_NOT_RETRY, NotFound, parse_pushback
-from offload.oip.repository import TensorSpec
+from offload.oip.errors import PUSHBACK_DO_NOT_RETRY, parse_pushback
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
-from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ServerMetadata
-from offload.router import upstream as cloud_module
+from offload.oip.types import InferRequest
+from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker, RetryBudget, RetryThrottle
-from offload.router.upstream import CloudEndpoint, CloudFailure, RetryPolicy
+from offload.router.upstream import CloudFailure, RetryPolicy
 from support.chaos import ChaosProxy, eventually
+from support.echo_plane import EchoPlane
 
 Code = grpc.StatusCode
 
@@ -221,39 +221,7 @@ def test_closing_forgets_the_failures_before() -> None:
     assert state(breaker) is BreakerState.CLOSED
 
 
-# --- CloudEndpoint's retry decisions, against a real proxy ---
-
-
-class EchoPlane:
-    """A minimal OIP data plane: model "echo" returns its input x as y (no ML framework needed)."""
-
-    spec = TensorSpec.model_construct(name="x", datatype="FP32", shape=(-1, 1))
-    out = TensorSpec.model_construct(name="y", datatype="FP32", shape=(-1, 1))
-
-    def live(self) -> bool:
-        return True
-
-    def ready(self) -> bool:
-        return True
-
-    def model_ready(self, name: str, version: str) -> bool:
-        return name == "echo"
-
-    def server_metadata(self) -> ServerMetadata:
-        return ServerMetadata("echo", "1")
-
-    def model_metadata(self, name: str, version: str) -> ModelMetadata:
-        if name != "echo":
-            raise NotFound(name)
-        return ModelMetadata("echo", ("1",), "echo", (self.spec,), (self.out,))
-
-    def health_details(self) -> Mapping[str, str]:
-        return {}
-
-    async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        if request.model_name != "echo":
-            raise NotFound(request.model_name)
-        return InferResponse("echo", [Tensor("y", "FP32", request.inputs[0].data)], "1", request.id)
+# --- A pool of one replica: its retry decisions, against a real proxy ---
 
 
 @dataclass
@@ -280,8 +248,9 @@ def _endpoint(
     breaker: BreakerPolicy | None = None,
     hedge_delay_seconds: float | None = None,
     fake_clock: bool = True,
-) -> CloudEndpoint:
-    return CloudEndpoint(
+    rng: random.Random | None = None,
+) -> CloudPool:
+    return CloudPool(
         rig.proxy.address,
         10.0,
         1 << 20,
@@ -291,24 +260,24 @@ def _endpoint(
         hedge_delay_seconds=hedge_delay_seconds,
         clock=rig.fake if fake_clock else time.monotonic,
         sleep=rig.fake.sleep,
+        rng=rng,
     )
+
+
+def only_breaker(pool: CloudPool) -> CircuitBreaker:
+    """The breaker of a pool of one."""
+    (replica,) = pool.replicas
+    return replica.breaker
 
 
 def _request(request_id: str = "") -> InferRequest:
     return InferRequest("echo", [Tensor.of("x", np.array([[1.0]], dtype=np.float32))], id=request_id)
 
 
-@pytest.fixture
-def seeded_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The endpoint's jitter from a seeded generator: the same backoffs on every run."""
-    monkeypatch.setattr(cloud_module, "random", random.Random(11))
-
-
-@pytest.mark.usefixtures("seeded_jitter")
 async def test_retries_back_off_with_full_jitter_under_the_ceiling_and_keep_the_request_id(rig: Rig) -> None:
     rig.proxy.fail_rate = 1.0
     policy = RetryPolicy(max_attempts=5, initial_backoff_seconds=0.05, max_backoff_seconds=0.15, multiplier=2.0)
-    endpoint = _endpoint(rig, retry=policy)
+    endpoint = _endpoint(rig, retry=policy, rng=random.Random(11))  # seeded: the same backoffs on every run
     request = _request("req-7")
     with pytest.raises(CloudFailure) as failure:
         await endpoint.infer(request, deadline=None)
@@ -403,22 +372,20 @@ async def test_a_refused_request_does_not_count_against_the_breaker(rig: Rig) ->
     for _ in range(5):
         with pytest.raises(CloudFailure):
             await endpoint.infer(_request(), deadline=None)
-    assert state(endpoint.breaker) is BreakerState.CLOSED
+    assert state(only_breaker(endpoint)) is BreakerState.CLOSED
     assert rig.proxy.calls == 5
 
 
-async def test_retries_stop_before_the_deadline(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    class Ceiling:
+async def test_retries_stop_before_the_deadline(rig: Rig) -> None:
+    class Ceiling(random.Random):
         """Jitter at its worst: always the ceiling."""
 
-        @staticmethod
-        def uniform(low: float, high: float) -> float:
-            return high
+        def uniform(self, a: float, b: float) -> float:
+            return b
 
-    monkeypatch.setattr(cloud_module, "random", Ceiling())
     rig.proxy.fail_rate = 1.0
     policy = RetryPolicy(max_attempts=20, initial_backoff_seconds=0.1, max_backoff_seconds=0.1)
-    endpoint = _endpoint(rig, retry=policy)
+    endpoint = _endpoint(rig, retry=policy, rng=Ceiling())
     start = rig.fake.now
     deadline = start + 0.3
     with pytest.raises(CloudFailure):
@@ -465,7 +432,7 @@ async def test_the_open_breaker_keeps_calls_off_the_wire_until_a_probe_closes_it
     for _ in range(2):
         with pytest.raises(CloudFailure):
             await endpoint.infer(_request(), deadline=None)
-    assert state(endpoint.breaker) is BreakerState.OPEN
+    assert state(only_breaker(endpoint)) is BreakerState.OPEN
     with pytest.raises(CloudFailure, match="circuit"):
         await endpoint.infer(_request(), deadline=None)
     assert rig.proxy.calls == 2
@@ -473,18 +440,18 @@ async def test_the_open_breaker_keeps_calls_off_the_wire_until_a_probe_closes_it
     rig.proxy.heal()
     rig.fake.now += 5.0
     await endpoint.infer(_request(), deadline=None)  # the probe
-    assert state(endpoint.breaker) is BreakerState.CLOSED
+    assert state(only_breaker(endpoint)) is BreakerState.CLOSED
     assert rig.proxy.calls == 3
 
 
-async def _open_then_cool_down(rig: Rig, endpoint: CloudEndpoint) -> None:
+async def _open_then_cool_down(rig: Rig, endpoint: CloudPool) -> None:
     rig.proxy.fail_rate = 1.0
-    for _ in range(endpoint.breaker.policy.consecutive_failures):
+    for _ in range(only_breaker(endpoint).policy.consecutive_failures):
         with pytest.raises(CloudFailure):
             await endpoint.infer(_request(), deadline=None)
-    assert state(endpoint.breaker) is BreakerState.OPEN
+    assert state(only_breaker(endpoint)) is BreakerState.OPEN
     rig.proxy.heal()
-    rig.fake.now += endpoint.breaker.policy.cooldown_seconds
+    rig.fake.now += only_breaker(endpoint).policy.cooldown_seconds
 
 
 async def test_a_probe_that_gives_up_before_sending_does_not_wedge_the_breaker(rig: Rig) -> None:
@@ -497,7 +464,7 @@ async def test_a_probe_that_gives_up_before_sending_does_not_wedge_the_breaker(r
         await endpoint.infer(_request(), deadline=rig.fake.now)
     assert rig.proxy.calls == sent
     await endpoint.infer(_request(), deadline=None)  # the next call may probe
-    assert state(endpoint.breaker) is BreakerState.CLOSED
+    assert state(only_breaker(endpoint)) is BreakerState.CLOSED
 
 
 async def test_a_cancelled_probe_does_not_wedge_the_breaker(rig: Rig) -> None:
@@ -516,7 +483,7 @@ async def test_a_cancelled_probe_does_not_wedge_the_breaker(rig: Rig) -> None:
         await probe
     rig.proxy.heal()
     await endpoint.infer(_request(), deadline=None)
-    assert state(endpoint.breaker) is BreakerState.CLOSED
+    assert state(only_breaker(endpoint)) is BreakerState.CLOSED
 
 
 async def test_a_hedge_answers_for_a_straggler_and_the_straggler_is_cancelled(rig: Rig) -> None:
@@ -561,7 +528,7 @@ async def test_a_call_cancelled_during_the_hedge_delay_cancels_its_attempt(rig: 
     assert rig.proxy.answered == set()
     assert endpoint.stats().by_outcome == {}, "a cancelled attempt records no outcome"
     assert endpoint.throttle.tokens == endpoint.throttle.max_tokens
-    assert state(endpoint.breaker) is BreakerState.CLOSED
+    assert state(only_breaker(endpoint)) is BreakerState.CLOSED
     assert endpoint.stats().hedges == 0
 
 
@@ -602,7 +569,7 @@ async def test_the_half_open_probe_is_never_hedged(rig: Rig) -> None:
     # The probe's answer takes longer than the hedge delay: a hedge would go out if the probe could hedge.
     rig.proxy.delay_first_attempt_seconds = 0.2
     await endpoint.infer(_request("probe"), deadline=None)
-    assert state(endpoint.breaker) is BreakerState.CLOSED
+    assert state(only_breaker(endpoint)) is BreakerState.CLOSED
     assert rig.proxy.request_ids.count("probe") == 1, "one probe, one RPC"
     assert endpoint.stats().hedges == hedges
 
@@ -636,7 +603,7 @@ async def test_resource_exhausted_without_pushback_leaves_the_tokens_but_counts_
             await endpoint.infer(_request(), deadline=None)
     assert rig.proxy.calls == 2, "not retried: the server did not say when to come back"
     assert endpoint.throttle.tokens == 6.0
-    assert state(endpoint.breaker) is BreakerState.OPEN, "an overloaded cloud is an unwell one"
+    assert state(only_breaker(endpoint)) is BreakerState.OPEN, "an overloaded cloud is an unwell one"
 
 
 async def test_resource_exhausted_with_pushback_is_a_retryable_failure_and_takes_tokens(rig: Rig) -> None:

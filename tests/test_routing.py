@@ -1,43 +1,43 @@
-"""Per-row routing on the demo models, through the edge agent's gRPC API and in-process."""
+"""Per-row routing on the demo models, through the edge agent's gRPC API and in-process.
+
+Answers are checked row by row against the bare model files (support.reference): each row is
+bare ONNX Runtime's answer where its route says edge, bare torch's where it says cloud, and its
+confidence the NumPy max softmax of that answer.
+"""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from conftest import Stack
-from offload.cloud.dataplane import CloudDataPlane
-from offload.models import DEMO_REPOSITORY
 from offload.oip.client import OipClient
 from offload.oip.errors import NotFound
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
-from offload.router.confidence import max_probability
-from offload.router.config import OutputKind
 from offload.router.core import Router
 from offload.router.models import RoutedModel
+from support import reference
+from support.reference import assert_confidence_of_routed_rows, assert_rows_answered_as_routed, decoded
 
 THRESHOLD = 0.9
 
 
 @pytest.fixture(scope="module")
 def test_set() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
-        return data["inputs"].astype(np.float32), data["labels"].astype(np.int64)
+    return reference.demo_split("test")
 
 
 @pytest.fixture(scope="module")
 def mixed_batch(
-    test_set: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]], demo_edge_models: dict[str, RoutedModel]
+    test_set: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-    """Twelve rows, confident and unsure ones interleaved, and which rows are unsure."""
+    """Twelve rows, confident and unsure ones interleaved, and which rows are unsure (by the bare edge model)."""
     inputs, _ = test_set
-    scores = demo_edge_models["digits"].edge.predict({"pixels": inputs})["scores"]
-    confidence = max_probability(scores, OutputKind.LOGITS)
+    confidence = reference.max_softmax(reference.edge_scores(inputs))
     unsure, sure = np.flatnonzero(confidence < THRESHOLD)[:5], np.flatnonzero(confidence >= THRESHOLD)[:7]
     assert unsure.size == 5, "the demo test set should hold unsure rows"
     assert sure.size == 7, "the demo test set should hold confident rows"
@@ -69,39 +69,31 @@ async def _infer(stack: Stack, request: InferRequest) -> InferResponse:
         return await client.infer(request)
 
 
-def _edge_scores(models: dict[str, RoutedModel], pixels: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
-    return models["digits"].edge.predict({"pixels": pixels})["scores"]
-
-
-def _cloud_scores(plane: CloudDataPlane, pixels: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
-    return plane.registry.model("digits", "").predict({"pixels": pixels})["scores"]
+def _routes(response: InferResponse) -> list[str]:
+    return decoded(response.as_dict()["offload_route"].data)
 
 
 async def test_mixed_batch_sends_only_unsure_rows_and_merges_them_in_order(
     demo_stack: Stack,
     mixed_batch: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]],
-    demo_edge_models: dict[str, RoutedModel],
-    demo_cloud_plane: CloudDataPlane,
 ) -> None:
     pixels, unsure = mixed_batch
     response = await _infer(demo_stack, _request(pixels, offload_threshold=THRESHOLD, offload_details=True))
 
     outputs = response.as_dict()
-    routes = [item.decode() for item in outputs["offload_route"].data.tolist()]
+    routes = _routes(response)
     assert routes == ["cloud" if flag else "edge" for flag in unsure]
     assert response.parameters["offload_route"] == "mixed"
     assert response.parameters["offload_offloaded_rows"] == int(unsure.sum())
     assert response.id == "req-1"
 
-    scores = outputs["scores"].data
-    np.testing.assert_allclose(scores[~unsure], _edge_scores(demo_edge_models, pixels[~unsure]), rtol=1e-5)
-    np.testing.assert_allclose(scores[unsure], _cloud_scores(demo_cloud_plane, pixels[unsure]), rtol=1e-4, atol=1e-5)
-
+    # Row by row: bare ONNX Runtime's answer on the edge rows, bare torch's on the cloud rows, in order.
+    assert_rows_answered_as_routed(outputs["scores"].data, routes, pixels)
     # Per-row confidence: the edge's where it answered, the cloud's where the cloud did.
     confidence = outputs["offload_confidence"].data
     assert outputs["offload_confidence"].datatype == "FP32"
-    expected = max_probability(scores, OutputKind.LOGITS)
-    np.testing.assert_allclose(confidence, expected, rtol=1e-5)
+    assert_confidence_of_routed_rows(confidence, routes, pixels)
+    expected = reference.max_softmax(reference.expected_scores(pixels, routes))
     assert response.parameters["offload_confidence"] == pytest.approx(float(expected.min()), rel=1e-5)
 
 
@@ -109,17 +101,15 @@ async def test_mixed_batch_sends_only_unsure_rows_and_merges_them_in_order(
 async def test_forced_route_answers_every_row_there(
     demo_stack: Stack,
     mixed_batch: tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]],
-    demo_edge_models: dict[str, RoutedModel],
-    demo_cloud_plane: CloudDataPlane,
     route: str,
 ) -> None:
     pixels, _ = mixed_batch
     response = await _infer(demo_stack, _request(pixels, offload_route=route, offload_details=True))
     assert response.parameters["offload_route"] == route
     assert response.parameters["offload_offloaded_rows"] == (len(pixels) if route == "cloud" else 0)
-    assert {item.decode() for item in response.as_dict()["offload_route"].data.tolist()} == {route}
-    expected = _edge_scores(demo_edge_models, pixels) if route == "edge" else _cloud_scores(demo_cloud_plane, pixels)
-    np.testing.assert_allclose(response.as_dict()["scores"].data, expected, rtol=1e-4, atol=1e-5)
+    assert set(_routes(response)) == {route}
+    assert_rows_answered_as_routed(response.as_dict()["scores"].data, [route] * len(pixels), pixels)
+    assert_confidence_of_routed_rows(response.as_dict()["offload_confidence"].data, [route] * len(pixels), pixels)
 
 
 async def test_threshold_override_changes_routing(
@@ -138,15 +128,15 @@ async def test_threshold_override_changes_routing(
 
 
 async def test_model_threshold_applies_without_override(
-    demo_stack: Stack,
-    test_set: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
-    demo_edge_models: dict[str, RoutedModel],
+    demo_stack: Stack, test_set: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 ) -> None:
     inputs, _ = test_set
-    model = demo_edge_models["digits"]
-    confidence = max_probability(_edge_scores(demo_edge_models, inputs), OutputKind.LOGITS)
+    # The model.toml threshold, with the edge's confidence from the bare model.
+    unsure = reference.cloud_bound(inputs, reference.THRESHOLD)
     response = await _infer(demo_stack, _request(inputs))
-    assert response.parameters["offload_offloaded_rows"] == int(np.sum(confidence < model.routing.threshold))
+    assert response.parameters["offload_offloaded_rows"] == int(unsure.sum())
+    routes = ["cloud" if flag else "edge" for flag in unsure]
+    assert_rows_answered_as_routed(response.as_dict()["scores"].data, routes, inputs)
     # Without offload_details the answer carries only the model's outputs.
     assert [tensor.name for tensor in response.outputs] == ["scores"]
 
@@ -162,6 +152,8 @@ async def test_in_process_router_gives_the_same_answers_as_grpc(
     assert in_process.parameters == pytest.approx(over_grpc.parameters)
     for name in ("scores", "offload_route", "offload_confidence"):
         np.testing.assert_array_equal(in_process.as_dict()[name].data, over_grpc.as_dict()[name].data)
+    # And the same answers are the right ones.
+    assert_rows_answered_as_routed(in_process.as_dict()["scores"].data, _routes(in_process), pixels)
 
 
 async def test_edge_only_router_answers_unsure_rows_on_the_edge(
@@ -174,6 +166,7 @@ async def test_edge_only_router_answers_unsure_rows_on_the_edge(
     response = await router.infer(_request(pixels, offload_threshold=THRESHOLD))
     assert response.parameters["offload_route"] == "edge"
     assert response.parameters["offload_offloaded_rows"] == 0
+    assert_rows_answered_as_routed(response.as_dict()["scores"].data, ["edge"] * len(pixels), pixels)
 
 
 async def test_empty_batch_is_answered(demo_stack: Stack) -> None:
@@ -183,10 +176,12 @@ async def test_empty_batch_is_answered(demo_stack: Stack) -> None:
 
 
 async def test_requested_outputs_are_the_only_ones_returned(demo_stack: Stack) -> None:
-    request = _request(np.zeros((2, 64), dtype=np.float32), offload_route="cloud")
+    pixels = np.zeros((2, 64), dtype=np.float32)
+    request = _request(pixels, offload_route="cloud")
     request.outputs = ["scores"]
     response = await _infer(demo_stack, request)
     assert [tensor.name for tensor in response.outputs] == ["scores"]
+    assert_rows_answered_as_routed(response.as_dict()["scores"].data, ["cloud", "cloud"], pixels)
 
 
 ROUTING_OUTPUTS = ["offload_route", "offload_confidence", "offload_degraded"]
@@ -242,5 +237,5 @@ async def test_the_router_counts_what_in_process_callers_asked_too(
     assert (stats.requests, stats.degraded, stats.errors) == (3, 1, 1)
     assert stats.cloud is None
     assert stats.cache is None
-    assert stats.thresholds == {"digits": demo_edge_models["digits"].routing.threshold}
+    assert stats.thresholds == {name: model.routing.threshold for name, model in demo_edge_models.items()}
     assert stats.audit.rows == 0

@@ -2,6 +2,10 @@
 
 tritonclient brings its own generated protobuf code (in the default descriptor pool; ours
 lives in a private one), so passing these tests means the wire format is the standard's.
+Besides accuracy floors, every answer is checked row by row against the bare model files
+(support.reference): the cloud's rows are bare torch's answer, the edge agent's rows bare
+ONNX Runtime's where the bare edge model is sure at the model's threshold and bare torch's
+where it is not.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from conftest import Processes
-from offload.models import DEMO_REPOSITORY
+from support import reference
+from support.reference import assert_confidence_of_routed_rows, assert_rows_answered_as_routed, decoded
 
 ROWS = 50
 SERVER_NAMES = {"edge": "offload-edge", "cloud": "offload-cloud"}
@@ -34,8 +39,8 @@ TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 
 @pytest.fixture(scope="module")
 def test_set() -> TestSet:
-    with np.load(DEMO_REPOSITORY / "digits" / "test.npz") as data:
-        return data["inputs"][:ROWS].astype(np.float32), data["labels"][:ROWS].astype(np.int64)
+    pixels, labels = reference.demo_split("test")
+    return pixels[:ROWS], labels[:ROWS]
 
 
 @pytest.fixture(params=["edge", "cloud"])
@@ -63,6 +68,18 @@ def _inputs(pixels: npt.NDArray[np.float32]) -> list[Any]:
 def _accuracy(scores: npt.NDArray[Any], labels: npt.NDArray[np.int64]) -> float:
     assert scores.shape == (labels.size, 10)
     return float(np.mean(np.argmax(scores, axis=1) == labels))
+
+
+def _expected_routes(pixels: npt.NDArray[np.float32], server: str) -> list[str]:
+    """Where each row is answered: the cloud service answers all; the edge agent sends the rows the bare
+    edge model is unsure of at the model's threshold (the cloud's answer, fresh or from the row cache)."""
+    if server == "cloud":
+        return ["cloud"] * len(pixels)
+    return ["cloud" if unsure else "edge" for unsure in reference.cloud_bound(pixels)]
+
+
+def _assert_answers(scores: npt.NDArray[Any], pixels: npt.NDArray[np.float32], server: str) -> None:
+    assert_rows_answered_as_routed(scores, _expected_routes(pixels, server), pixels)
 
 
 def test_health_and_metadata(client: Any, server: str) -> None:
@@ -100,6 +117,7 @@ def test_raw_infer_is_accurate(client: Any, server: str, test_set: TestSet) -> N
     scores = result.as_numpy("scores")
     assert scores.dtype == np.float32
     assert _accuracy(scores, labels) >= MIN_ACCURACY[server]
+    _assert_answers(scores, pixels, server)
     response = result.get_response()
     assert response.model_name == "digits"
     assert response.id == "r-1"
@@ -108,7 +126,8 @@ def test_raw_infer_is_accurate(client: Any, server: str, test_set: TestSet) -> N
         parameters = response.parameters
         assert parameters["offload_route"].string_param in {"edge", "cloud", "mixed"}
         offloaded = parameters["offload_offloaded_rows"].int64_param
-        assert 0 <= offloaded <= ROWS
+        # At most the unsure rows travel (fewer when an earlier test's request left some in the row cache).
+        assert 0 <= offloaded <= int(reference.cloud_bound(pixels).sum())
         assert parameters["offload_route"].string_param == ("edge" if offloaded == 0 else "mixed")
         assert 0.0 <= parameters["offload_confidence"].double_param <= 1.0
 
@@ -129,6 +148,7 @@ def test_routing_parameters_from_tritonclient(demo_processes: Processes, test_se
     assert routes.shape == (ROWS,)
     # Every row is the cloud model's answer: fresh, or cached by an earlier test's request.
     assert set(routes.tolist()) <= {b"cloud", b"cache"}
+    assert_rows_answered_as_routed(result.as_numpy("scores"), decoded(routes), pixels)
     assert parameters["offload_offloaded_rows"].int64_param == routes.tolist().count(b"cloud")
     expected_route = {b"cloud": "cloud", b"cache": "cache"}[routes[0]] if len(set(routes.tolist())) == 1 else "mixed"
     assert parameters["offload_route"].string_param == expected_route
@@ -136,6 +156,7 @@ def test_routing_parameters_from_tritonclient(demo_processes: Processes, test_se
     assert confidence.dtype == np.float32
     assert confidence.shape == (ROWS,)
     assert np.all((confidence >= 0.0) & (confidence <= 1.0))
+    assert_confidence_of_routed_rows(confidence, decoded(routes), pixels)
     assert parameters["offload_confidence"].double_param == pytest.approx(float(confidence.min()), rel=1e-6)
 
 
@@ -199,6 +220,7 @@ def test_typed_contents_get_a_typed_answer(
     assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [("scores", "FP32", [ROWS, 10])]
     typed = np.array(response.outputs[0].contents.fp32_contents, dtype=np.float32).reshape(ROWS, 10)
     assert _accuracy(typed, labels) >= MIN_ACCURACY[server]
+    _assert_answers(typed, pixels, server)
     # Typed and raw requests get the same answer.
     raw = client.infer("digits", _inputs(pixels), client_timeout=TIMEOUT).as_numpy("scores")
     np.testing.assert_array_equal(typed, raw)
@@ -223,6 +245,8 @@ async def test_concurrent_infers_through_the_aio_client(demo_processes: Processe
         assert response.parameters["offload_route"].string_param in {"edge", "cloud", "mixed"}
         scores = result.as_numpy("scores")
         assert scores.shape == (5, 10)
+        # Each answer is its own request's rows, in order, however the 20 interleaved.
+        _assert_answers(scores, pixels[starts[k] : starts[k] + 5], "edge")
         predictions.append(np.argmax(scores, axis=1))
     expected = np.concatenate([labels[start : start + 5] for start in starts])
     assert float(np.mean(np.concatenate(predictions) == expected)) >= MIN_ACCURACY["edge"]
@@ -249,13 +273,18 @@ def test_a_routing_output_named_in_outputs_comes_back_with_the_others_named(
         ("scores", "FP32", [ROWS, 10]),
     ]
     assert _accuracy(result.as_numpy("scores"), labels) >= MIN_ACCURACY["edge"]
+    _assert_answers(result.as_numpy("scores"), pixels, "edge")
     values = result.as_numpy(name)
     parameters = response.parameters
     if name == "offload_route":
         assert set(values.tolist()) <= {b"edge", b"cloud", b"cache"}
         assert values.tolist().count(b"cloud") == parameters["offload_offloaded_rows"].int64_param
+        assert [route in reference.FROM_THE_CLOUD for route in decoded(values)] == reference.cloud_bound(
+            pixels
+        ).tolist()
     elif name == "offload_confidence":
         assert values.dtype == np.float32
+        assert_confidence_of_routed_rows(values, _expected_routes(pixels, "edge"), pixels)
         assert parameters["offload_confidence"].double_param == pytest.approx(float(values.min()), rel=1e-6)
     else:
         assert values.dtype == np.bool_

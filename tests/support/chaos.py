@@ -15,11 +15,17 @@ with a raw stub. Faults are switched at run time, between or during bursts:
   sent as it is, to try malformed values).
 - `corruption`: forward, then break the answer (wrong shape, wrong row count, wrong
   datatype, raw bytes of the wrong size).
+- `break_streams`: that many of the next ModelStreamInfer streams fail UNAVAILABLE as
+  their first request arrives (it is never forwarded: a stream broken mid-call).
+
+ModelStreamInfer streams are forwarded as streams, request by request and answer by
+answer, with no other fault; the proxy counts the streams and the requests on them
+apart from unary calls, so a test can tell which way a client's requests went.
 
 The proxy counts what it received: calls, the x-request-id of each (so retries and
-hedges of one request can be told from new work), the time each had left before its
-gRPC deadline as it arrived, which ids got a good answer, and how many calls were
-cancelled by the client.
+hedges of one request can be told from new work), the parameters of each as they came
+over the wire, the time each had left before its gRPC deadline as it arrived, which ids
+got a good answer, and how many calls were cancelled by the client.
 
 The rest is what the fault tests and the fault benchmark share: an edge router on
 a real gRPC port configured like the agent (`edge_under_test`), bounded concurrent
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import random
 import statistics
 import time
@@ -47,15 +54,16 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offload.edge.agent import CLOUD_HEALTH_SERVICE, build_cloud_endpoint
+from offload.edge.agent import CLOUD_HEALTH_SERVICE, build_cloud_pool
 from offload.edge.dataplane import RouterDataPlane
 from offload.edge.settings import EdgeSettings
+from offload.models import DEMO_REPOSITORY
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import PUSHBACK_KEY, UpstreamError
 from offload.oip.limits import MAX_MESSAGE_BYTES, channel_options
-from offload.oip.messages import response_from_pb, response_to_pb
+from offload.oip.messages import request_to_pb, response_from_pb, response_to_pb
 from offload.oip.server import OipServer
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
@@ -69,9 +77,11 @@ from offload.router.options import (
     RESPONSE_ROUTE,
     THRESHOLD,
 )
+from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerState
 from offload.router.stats import UpstreamStats
-from offload.router.upstream import CloudEndpoint, Sleep
+from offload.router.upstream import Sleep
+from support import reference as bare_models
 
 if TYPE_CHECKING:
     from offload.oip.grpc_service_pb2_grpc import GRPCInferenceServiceAsyncStub
@@ -113,6 +123,12 @@ def corrupt(reply: pb.ModelInferResponse, kind: Corruption) -> pb.ModelInferResp
     return response_to_pb(response, raw=True)
 
 
+def wire_value(parameter: pb.InferParameter) -> tuple[str, object]:
+    """A parameter as it travels: which field of the oneof is set (bool_param, int64_param, ...) and its value."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return (kind, getattr(parameter, kind)) if kind else ("", None)
+
+
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, proxy: ChaosProxy) -> None:
         self._proxy = proxy
@@ -135,6 +151,17 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return await self._proxy.model_infer(request, context)
 
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # An async generator function, as gRPC needs to tell a streaming handler from a blocking one.
+        async for reply in self._proxy.model_stream_infer(request_iterator, context):
+            yield reply
+
+
+# W3C trace context metadata (offload.oip.tracing sends it with every call).
+TRACE_KEYS = ("traceparent", "tracestate")
+
 
 class ChaosProxy:
     """A fault-injecting OIP proxy in front of one upstream server. Use `async with` or start()/stop()."""
@@ -151,10 +178,15 @@ class ChaosProxy:
         self.exhausted = False
         self.pushback_ms: int | str | None = None
         self.corruption: Corruption | None = None
+        self.break_streams = 0
         # What arrived.
-        self.calls = 0
+        self.calls = 0  # unary ModelInfer calls
+        self.streams = 0  # ModelStreamInfer streams opened
+        self.stream_request_ids: list[str] = []  # the OIP request id of each request on a stream, in arrival order
         self.request_ids: list[str] = []  # x-request-id of each ModelInfer call, in arrival order
         self.message_ids: list[str] = []  # the OIP request id of each call, in arrival order
+        # The request parameters of each call, as they came over the wire: name -> (the oneof field set, its value).
+        self.parameters: list[dict[str, tuple[str, object]]] = []
         # Seconds each call had left before its deadline (its grpc-timeout) as it arrived; None: no deadline.
         self.time_left: list[float | None] = []
         self.answered: set[str] = set()  # ids that got a good answer from upstream through the proxy
@@ -183,11 +215,15 @@ class ChaosProxy:
         self.exhausted = False
         self.pushback_ms = None
         self.corruption = None
+        self.break_streams = 0
 
     def reset_counts(self) -> None:
         self.calls = 0
+        self.streams = 0
+        self.stream_request_ids.clear()
         self.request_ids.clear()
         self.message_ids.clear()
+        self.parameters.clear()
         self.time_left.clear()
         self.answered.clear()
         self.injected = 0
@@ -233,6 +269,7 @@ class ChaosProxy:
         self.calls += 1
         self.request_ids.append(request_id)
         self.message_ids.append(request.id)
+        self.parameters.append({name: wire_value(value) for name, value in request.parameters.items()})
         self.time_left.append(context.time_remaining())
         self._attempts[request_id] += 1
         attempt = self._attempts[request_id]
@@ -248,7 +285,11 @@ class ChaosProxy:
                 self.injected += 1
                 self._set_pushback(context)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "chaos proxy: injected RESOURCE_EXHAUSTED")
-            reply = await self._upstream_call(self.stub.ModelInfer, request, context, (("x-request-id", request_id),))
+            # The trace context goes on too, as a tracing-aware proxy passes it: the cloud's spans stay in the trace.
+            trace = tuple((k, v) for k, v in metadata.items() if k in TRACE_KEYS and isinstance(v, str))
+            reply = await self._upstream_call(
+                self.stub.ModelInfer, request, context, (("x-request-id", request_id), *trace)
+            )
             corruption = self.corruption
             if corruption is not None:
                 return corrupt(reply, corruption)
@@ -257,6 +298,36 @@ class ChaosProxy:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self.streams += 1
+        if self.break_streams > 0:
+            self.break_streams -= 1
+            async for request in requests:  # the first request: now a call is in flight on the stream
+                self.stream_request_ids.append(request.id)
+                self.injected += 1
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "chaos proxy: injected a broken stream")
+            return
+        upstream = self.stub.ModelStreamInfer()
+
+        async def forward_requests() -> None:
+            async for request in requests:
+                self.stream_request_ids.append(request.id)
+                await upstream.write(request)
+            await upstream.done_writing()
+
+        forwarding = asyncio.create_task(forward_requests())
+        try:
+            async for reply in upstream:
+                yield reply
+            await forwarding
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+        finally:
+            forwarding.cancel()
+            upstream.cancel()
 
     def _set_pushback(self, context: Context) -> None:
         if self.pushback_ms is not None:
@@ -307,7 +378,7 @@ class Edge:
 
     server: OipServer
     router: Router
-    endpoint: CloudEndpoint  # the router's upstream
+    endpoint: CloudPool  # the router's upstream: the pool of cloud replicas
     client: OipClient
     settings: EdgeSettings
 
@@ -348,7 +419,7 @@ async def edge_under_test(
         if server is not None:
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
-    endpoint = build_cloud_endpoint(settings, breaker_changed, sleep=sleep)
+    endpoint = build_cloud_pool(settings, breaker_changed, sleep=sleep)
     assert endpoint is not None
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     router = Router(
@@ -382,10 +453,29 @@ class Reference:
     cloud_scores: npt.NDArray[np.float32]
 
     @classmethod
+    def of_demo(cls, cloud: str, model: RoutedModel) -> Reference:
+        """The demo test set, with the answers of `model`'s edge and of the cloud at `cloud`."""
+        with np.load(DEMO_REPOSITORY / MODEL / "test.npz") as data:
+            pixels = data["inputs"].astype(np.float32)
+        request = request_to_pb(InferRequest(MODEL, [Tensor.of("pixels", pixels)]))
+        with grpc.insecure_channel(cloud, options=channel_options(MAX_MESSAGE_BYTES)) as channel:
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+        scores = response_from_pb(reply).output("scores")
+        assert scores is not None
+        return cls.build(model, pixels, scores.data)
+
+    @classmethod
     def build(cls, model: RoutedModel, pixels: npt.NDArray[np.float32], cloud_scores: npt.NDArray[Any]) -> Reference:
+        """From the edge model as the router runs it and a cloud's answers (the benchmark: that cloud may be a GPU)."""
         edge = model.edge.predict({"pixels": pixels})
         confidence = row_confidence(edge, model.routing, model.score_output)
         return cls(pixels, edge["scores"], confidence, np.asarray(cloud_scores, dtype=np.float32))
+
+    @classmethod
+    def bare(cls, pixels: npt.NDArray[np.float32]) -> Reference:
+        """From the model files run bare and a NumPy softmax (support.reference), independent of Offload (tests)."""
+        edge = bare_models.edge_scores(pixels)
+        return cls(pixels, edge, bare_models.max_softmax(edge), bare_models.cloud_scores(pixels))
 
     def rows(self, index: int) -> npt.NDArray[np.intp]:
         """The test-set rows of request number `index` (deterministic)."""
@@ -399,13 +489,19 @@ def cloud_bound(reference: Reference, rows: npt.NDArray[np.intp], threshold: flo
 
 @dataclass
 class Call:
-    """One app request and what came of it."""
+    """One app request and what came of it.
+
+    Its clock starts at `due_at`, when the app would have sent it (its scheduled send time, or
+    the moment it began to wait for a concurrency slot): time spent waiting for a slot is part
+    of `seconds`, as it is of what the app sees. `sent_at` is when it got a slot and went out.
+    """
 
     id: str
     index: int
     rows: npt.NDArray[np.intp]
-    sent_at: float
-    seconds: float = 0.0
+    due_at: float
+    sent_at: float = math.nan
+    seconds: float = 0.0  # from due_at to the answer or the error
     response: InferResponse | None = None
     error: UpstreamError | None = None
     order: int = -1  # completion order within its burst
@@ -416,6 +512,15 @@ class Call:
         tensor = self.response.output(name)
         assert tensor is not None, f"{self.id}: the answer lacks {name!r}"
         return tensor.data
+
+    @property
+    def queued(self) -> float:
+        """Seconds it waited for a concurrency slot."""
+        return self.sent_at - self.due_at
+
+    @property
+    def answered_at(self) -> float:
+        return self.due_at + self.seconds
 
     @property
     def degraded_rows(self) -> npt.NDArray[np.bool_]:
@@ -449,13 +554,18 @@ async def burst(
     on_done: Callable[[Call, int], None] | None = None,
     on_send: Callable[[Call], None] | None = None,
     rate: float | None = None,
+    deadline_from_due: bool = False,
 ) -> list[Call]:
     """Send `count` requests, at most `concurrency` at a time, each with a gRPC deadline of `timeout` seconds.
 
-    `on_send(call)` runs as each request goes out, `on_done(call, completed)` as each
-    one ends (completed counts the ends so far): hooks to break things on a condition.
-    With `rate`, request i is not sent before i / rate seconds from the start (an open
-    loop, for the benchmark); without, each goes as soon as a slot is free.
+    `on_send(call)` runs as each request goes out (once it has a slot), `on_done(call,
+    completed)` as each one ends (completed counts the ends so far): hooks to break things
+    on a condition. With `rate`, request i is due i / rate seconds from the start (an open
+    loop, for the benchmark); without, every request is due at once. Each call's clock
+    starts when it is due, before it waits for a slot (see `Call`). With
+    `deadline_from_due`, the deadline runs from then too, as an app's deadline does: the
+    gRPC deadline sent is what is left of `timeout` after the wait for a slot, and a request
+    whose deadline passed while it waited is not sent and fails DEADLINE_EXCEEDED.
     """
     gate = asyncio.Semaphore(concurrency)
     calls: list[Call] = []
@@ -466,20 +576,30 @@ async def burst(
     async def one(index: int) -> None:
         nonlocal completed
         rows = reference.rows(index)
+        due = time.monotonic()
         if rate is not None:
-            await asyncio.sleep(max(0.0, start + (index - first_index) / rate - time.monotonic()))  # load pacing
+            due = start + (index - first_index) / rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))  # load pacing
+        call = Call(f"{tag}-{index}", index, rows, due)
         async with gate:
-            call = Call(f"{tag}-{index}", index, rows, time.monotonic())
+            call.sent_at = time.monotonic()
             if on_send is not None:
                 on_send(call)
             request = InferRequest(
                 MODEL, [Tensor.of("pixels", reference.pixels[rows])], id=call.id, parameters=dict(parameters)
             )
-            try:
-                call.response = await client.infer(request, timeout=timeout)
-            except UpstreamError as exc:
-                call.error = exc
-            call.seconds = time.monotonic() - call.sent_at
+            left = timeout - call.queued if deadline_from_due else timeout
+            if left > 0:
+                try:
+                    call.response = await client.infer(request, timeout=left)
+                except UpstreamError as exc:
+                    call.error = exc
+            else:
+                call.error = UpstreamError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"{call.id}: the app's {timeout}s deadline passed while it waited {call.queued:.3f}s for a slot",
+                )
+            call.seconds = time.monotonic() - call.due_at
             call.order = completed
             completed += 1
             calls.append(call)
@@ -506,7 +626,8 @@ def check(
     (and carries the cloud's answer) xor is flagged degraded (and carries the edge's
     answer); other rows are the edge's, never degraded. Per request: the response's
     degraded parameter agrees with its rows. With `deadline` and `margin` (the fault
-    benchmark), also: it came within the deadline plus the margin. Tests leave that
+    benchmark), also: it came within the deadline plus the margin, counted from when it was
+    due (time waiting for a concurrency slot included, see `Call`). Tests leave that
     out: a timing depends on the machine's load, and the benchmark reports it.
     """
     problems: list[str] = []
@@ -541,7 +662,7 @@ def check(
     return problems
 
 
-def retry_bound(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> float:
+def retry_bound(endpoint: CloudPool, since: UpstreamStats | None = None) -> float:
     """The most retries and hedges together the budget allows (gRPC A6): half the bucket, plus what
     successes paid back, plus one. Each retry follows a failure that took a token, each hedge takes
     one when sent, and neither goes out unless more than half the bucket is left. With `since`,
@@ -549,6 +670,15 @@ def retry_bound(endpoint: CloudEndpoint, since: UpstreamStats | None = None) -> 
     throttle = endpoint.throttle
     successes = endpoint.stats().by_outcome.get("OK", 0) - (since.by_outcome.get("OK", 0) if since else 0)
     return throttle.max_tokens / 2 + 1 + throttle.token_ratio * successes
+
+
+def within_retry_budget(endpoint: CloudPool, since: UpstreamStats | None = None) -> bool:
+    """The retries and hedges sent (since that snapshot), together, are within `retry_bound`: both take
+    the budget's tokens."""
+    stats = endpoint.stats()
+    retries = stats.retries - (since.retries if since else 0)
+    hedges = stats.hedges - (since.hedges if since else 0)
+    return retries + hedges <= retry_bound(endpoint, since)
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def write_repository(root: Path, edge: bool = False, width: int = 1) -> Path:
         '[cloud]\nfactory = "support.gate:make"\nwarmup_rows = 0\n'
     )
     if edge:
-        _write_identity_onnx(folder / "edge.onnx")
+        write_identity_onnx(folder / "edge.onnx")
         config += (
             '[edge]\nartifact = "edge.onnx"\n[routing]\noutput = "y"\noutput_kind = "probabilities"\nthreshold = 0.5\n'
         )
@@ -135,7 +135,7 @@ def write_digits_repository(root: Path) -> Path:
     return root
 
 
-def _write_identity_onnx(path: Path) -> None:
+def write_identity_onnx(path: Path) -> None:
     from onnx import TensorProto, checker, helper, save
 
     graph = helper.make_graph(

@@ -18,6 +18,7 @@ Not thread-safe on its own: the scheduler calls it under its lock.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -49,6 +50,8 @@ class Pending:
     signature: Signature
     future: asyncio.Future[Arrays]  # the caller's, on its event loop
     arrived: float = field(default_factory=time.monotonic)
+    # Its caller's context (made on the event loop): the model call's span joins its trace, its log lines carry its id.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
     immediate: bool = False  # found an instance idle and nothing queued: its batch is due at once
     taken: int = 0  # rows handed to batches so far
     running: int = 0  # its pieces in batches that are running now

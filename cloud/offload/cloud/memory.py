@@ -7,23 +7,21 @@ pod's memory limit).
 After a burst of large requests, glibc keeps much of the freed memory in its heaps (one per
 thread that allocated, up to 8 per core: gRPC's threads read the bodies, the event loop
 decodes them, the model threads run them) instead of returning it, so a server that peaked
-at gigabytes would stay there. `Trimmer` asks glibc to give it back (`malloc_trim`) as large
-requests are let go, in a thread of its own. Elsewhere (musl, macOS) it does nothing.
+at gigabytes would stay there. `Trimmer` gives it back (offload.oip.memory, the servers' one
+mechanism for it) as large requests are let go, in a thread of its own.
 `freeze_startup_objects` makes the full garbage collections it runs cheap.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+
+from offload.oip.memory import give_back_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +81,6 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where the C library has none."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return cast(Callable[[int], int], trim)
-
-
 class Trimmer:
     """Returns freed memory to the system after large requests are let go (answered, failed, dropped
     or refused): once `after_bytes` of them have been (a megabyte, when nothing is in flight any more),
@@ -102,7 +89,6 @@ class Trimmer:
     seconds, so that neither the event loop nor a model instance waits for it."""
 
     def __init__(self, after_bytes: int = TRIM_AFTER_BYTES, interval: float = TRIM_INTERVAL_SECONDS) -> None:
-        self._trim = _malloc_trim()
         self._after_bytes = after_bytes
         self._interval = interval
         self._freed = 0
@@ -116,8 +102,6 @@ class Trimmer:
         """`nbytes` of request data were let go; `idle`: nothing is in flight any more, so what was freed
         since the last trim is given back now, however little (a burst's tail), and once more a moment
         later, after the last answers have been sent."""
-        if self._trim is None:
-            return
         with self._lock:
             self._freed += nbytes
             if self._freed < (min(self._after_bytes, IDLE_TRIM_BYTES) if idle else self._after_bytes):
@@ -142,8 +126,7 @@ class Trimmer:
                 self._give_back()
 
     def _give_back(self) -> None:
-        assert self._trim is not None
         gc.collect()
-        self._trim(0)
+        give_back_freed_memory()
         self.trims += 1
         log.debug("returned freed memory to the system (trim %d)", self.trims)

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -26,8 +27,9 @@ import numpy.typing as npt
 import torch
 
 from offload.cloud.config import CloudSection, ModelDefaults
+from offload.oip.chunks import batch_rows, predict_in_chunks
 from offload.oip.datatypes import DATATYPES
-from offload.oip.errors import ConfigurationError, Internal
+from offload.oip.errors import ConfigurationError, Internal, one_line
 from offload.oip.repository import ModelEntry, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -71,18 +73,18 @@ class CloudModel:
         self.program_rows: int | None = None
         if section.factory is not None:
             self.platform = "python"
-            loaded = _call_factory(section.factory)
+            loaded = call_factory(section.factory)
         else:
             assert section.artifact is not None
             path = entry.artifact_path(section.artifact)
             if path.suffix == ".pt2":
                 self.platform = "pytorch_torchexport"
-                program = torch.export.load(str(path))
+                program = _load_program(path)
                 self.program_rows = _program_max_rows(program)
                 loaded = program.module()
             else:
                 self.platform = "pytorch_libtorch"
-                loaded = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+                loaded = _load_torchscript(path, device)
         self.options = (defaults or ModelDefaults()).resolve(section, self.program_rows)
         # The most rows one call runs: the batcher never hands the model more.
         self.max_batch_rows = self.options.max_batch_rows
@@ -123,36 +125,33 @@ class CloudModel:
         if largest and largest not in sizes:
             sizes.append(largest)
         for rows in sizes:
+            inputs: Arrays = {spec.name: spec.zero_rows(rows) for spec in self.inputs}
             started = time.perf_counter()
-            self.predict(self._zeros(rows))
+            try:
+                self.predict(inputs)
+            except Exception as exc:
+                log.debug("the warm-up batch of %r failed", self.name, exc_info=True)
+                raise ConfigurationError(
+                    f"model {self.name!r}: the warm-up batch ({rows} rows of zeros shaped as model.toml "
+                    f"declares the inputs) failed ({one_line(exc)}); check that model.toml's inputs and outputs are "
+                    "what the model takes and gives (warmup_rows = 0 skips the warm-up)"
+                ) from exc
             self.warmup_cost = (rows, time.perf_counter() - started)
 
-    def _zeros(self, rows: int) -> Arrays:
-        inputs: Arrays = {}
-        for spec in self.inputs:
-            shape = (rows, *(dim if dim > 0 else 1 for dim in spec.shape[1:]))
-            dtype = DATATYPES[spec.datatype].dtype
-            inputs[spec.name] = np.zeros(shape, dtype=dtype if spec.datatype == "BYTES" else dtype.newbyteorder("="))
-        return inputs
-
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
-        """The outputs for `inputs`, in calls of at most `max_batch_rows` rows joined in order: for
+        """The outputs for `inputs`, in calls of at most `max_batch_rows` rows written in place: for
         callers outside the scheduler (calibration, benchmarks), which hands out such calls itself."""
-        rows, limit = _rows(inputs), self.max_batch_rows
-        if rows <= limit:
-            return self.run_batch([inputs])
-        chunks = [
-            self.run_batch([{name: array[start : start + limit] for name, array in inputs.items()}])
-            for start in range(0, rows, limit)
-        ]
-        return {spec.name: np.concatenate([chunk[spec.name] for chunk in chunks]) for spec in self.outputs}
+        return predict_in_chunks(self._run_one, inputs, self.max_batch_rows, [spec.name for spec in self.outputs])
+
+    def _run_one(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
+        return self.run_batch([inputs])
 
     def run_batch(self, parts: Sequence[Mapping[str, npt.NDArray[Any]]]) -> Arrays:
         """One model call on the rows of `parts` joined in order; every output has one row per row in.
 
         The parts share each input's datatype and trailing dimensions (the batcher sees to it).
         """
-        rows = sum(_rows(part) for part in parts)
+        rows = sum(batch_rows(part) for part in parts)
         if self._array_model is not None:
             joined = parts[0] if len(parts) == 1 else {spec.name: _join(parts, spec.name) for spec in self.inputs}
             produced = dict(self._array_model.predict(joined))
@@ -224,10 +223,6 @@ def _powers_of_two(limit: int) -> Iterator[int]:
         rows *= 2
 
 
-def _rows(inputs: Mapping[str, npt.NDArray[Any]]) -> int:
-    return int(next(iter(inputs.values())).shape[0]) if inputs else 0
-
-
 def _join(parts: Sequence[Mapping[str, npt.NDArray[Any]]], name: str) -> npt.NDArray[Any]:
     return np.concatenate([part[name] for part in parts])
 
@@ -256,13 +251,90 @@ def _program_max_rows(program: torch.export.ExportedProgram) -> int | None:
     return min(bounds) if bounds else None
 
 
-def _call_factory(reference: str) -> Any:
+# Every artifact that fails to load stops the server with one line: the file (or factory), what
+# failed, and what to do. The library's traceback goes to the DEBUG log, for whoever needs it.
+_DEBUG_HINT = "(--log-level DEBUG shows the traceback)"
+
+
+class _Swallowed(logging.Filter):
+    """Keeps a logger's records that carry an exception from being written, and keeps the exception."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _swallowing(logger_name: str) -> Iterator[_Swallowed]:
+    swallowed = _Swallowed()
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(swallowed)
+    try:
+        yield swallowed
+    finally:
+        logger.removeFilter(swallowed)
+
+
+def _load_program(path: Path) -> torch.export.ExportedProgram:
+    # torch.export.load logs the archive reader's error with its traceback at WARNING, then tries
+    # an older format and fails again: that first error is the one that says what is wrong.
+    with _swallowing("torch.export") as swallowed:
+        try:
+            return torch.export.load(str(path))
+        except Exception as exc:
+            cause = swallowed.errors[0] if swallowed.errors else exc
+            log.debug("torch.export could not load %s", path, exc_info=True)
+            raise ConfigurationError(
+                f"{path}: torch.export.load cannot read the program ({one_line(cause)}); check that the file is "
+                f"a whole .pt2 saved by torch.export.save with torch {torch.__version__} or older (save it again "
+                f"if it was cut short or corrupted) {_DEBUG_HINT}"
+            ) from exc
+
+
+def _load_torchscript(path: Path, device: torch.device) -> Any:
+    try:
+        return torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        log.debug("torch.jit could not load %s", path, exc_info=True)
+        raise ConfigurationError(
+            f"{path}: torch.jit.load cannot read the TorchScript model ({one_line(exc)}); check that the file is "
+            f"a whole TorchScript archive saved by torch.jit.save (save it again if it was cut short or corrupted; "
+            f"a torch.export program must end in .pt2) {_DEBUG_HINT}"
+        ) from exc
+
+
+def call_factory(reference: str) -> Any:
+    """What the factory 'package.module:function' returns when called with no arguments (also `offload distill`'s
+    edge architectures); ConfigurationError with one actionable line when it cannot be imported or raises."""
     module_name, _, function_name = reference.partition(":")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(f"factory {reference!r} cannot be imported: {exc}") from exc
-    return function()
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises as it runs
+        log.debug("factory module %s failed to import", module_name, exc_info=True)
+        raise ConfigurationError(
+            f"factory {reference!r}: module {module_name!r} cannot be imported ({one_line(exc)}); check that it is "
+            f"installed or on PYTHONPATH and that `python -c 'import {module_name}'` works {_DEBUG_HINT}"
+        ) from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigurationError(
+            f"factory {reference!r}: module {module_name!r} has no function {function_name!r}; "
+            "write the factory as 'package.module:function'"
+        )
+    try:
+        return function()
+    except Exception as exc:
+        log.debug("factory %s raised", reference, exc_info=True)
+        raise ConfigurationError(
+            f"factory {reference!r} raised {one_line(exc)} when called; fix the factory (it is called with no "
+            f"arguments and returns the model) {_DEBUG_HINT}"
+        ) from exc
 
 
 def _check_torch_datatypes(name: str, specs: tuple[TensorSpec, ...]) -> None:

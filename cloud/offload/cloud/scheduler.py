@@ -30,25 +30,28 @@ from dataclasses import dataclass
 from offload.cloud.batching import ModelQueue, Pending, Piece, signature_of, split
 from offload.cloud.memory import Trimmer
 from offload.cloud.runtime import Arrays, CloudModel
+from offload.oip import tracing
 from offload.oip.datatypes import payload_bytes
 from offload.oip.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-
-# Batches are counted by rows in (bound / 2, bound] for these bounds; the last takes the rest.
-HISTOGRAM_BOUNDS = tuple(1 << power for power in range(17))
+from offload.oip.stats import ROWS_BUCKETS, SECONDS_BUCKETS, Histogram, HistogramSnapshot
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerStats:
     """The scheduler's counters at one moment."""
 
+    instances: int  # model calls that may run at once for one model (its instance threads)
     max_rows: int  # rows that may be admitted at once (queued or running)
     max_bytes: int  # bytes of request inputs that may be admitted at once
     admitted_rows: int  # admitted now
     admitted_bytes: int
+    queued_rows: int  # admitted rows not yet taken into a batch
     peak_rows: int  # the most ever admitted at once: above max_rows only for a request that ran alone
     peak_bytes: int
     requests: int  # requests admitted, in all
+    admitted_rows_total: int  # rows of every request admitted
     rejected: int  # refused at capacity (rows or bytes)
+    rejected_rows: int  # rows of every request refused (at capacity or late)
     rejected_late: int  # refused because they could not start before their deadline
     started: int  # requests whose rows began to run
     dropped: int  # admitted but never run: the caller left, or the deadline passed, while queued
@@ -60,8 +63,9 @@ class SchedulerStats:
     most_requests: int  # the most requests in one model call
     reruns: int  # failed batches rerun one request at a time
     running: int  # model calls running now
-    # (bound, batches whose rows were in (bound / 2, bound]), for HISTOGRAM_BOUNDS; the last is open.
-    rows_histogram: tuple[tuple[int, int], ...]
+    peak_running: int  # the most model calls ever running at once
+    queue_seconds: HistogramSnapshot  # how long each request begun had waited since admission for its first batch
+    batch_rows: HistogramSnapshot  # rows per model call begun
 
 
 class RowCost:
@@ -148,7 +152,12 @@ class Scheduler:
         self._most_requests = 0
         self._reruns = 0
         self._running = 0
-        self._histogram = [0] * len(HISTOGRAM_BOUNDS)
+        self._peak_running = 0
+        self._queued_rows = 0
+        self._admitted_rows_total = 0
+        self._rejected_rows = 0
+        self._queue_seconds = Histogram(SECONDS_BUCKETS)
+        self._batch_rows = Histogram(ROWS_BUCKETS)
 
     @property
     def closed(self) -> bool:
@@ -157,14 +166,18 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         with self._lock:
             return SchedulerStats(
+                instances=self.instances,
                 max_rows=self.max_rows,
                 max_bytes=self.max_bytes,
                 admitted_rows=self._admitted_rows,
                 admitted_bytes=self._admitted_bytes,
+                queued_rows=self._queued_rows,
                 peak_rows=self._peak_rows,
                 peak_bytes=self._peak_bytes,
                 requests=self._requests,
+                admitted_rows_total=self._admitted_rows_total,
                 rejected=self._rejected,
+                rejected_rows=self._rejected_rows,
                 rejected_late=self._rejected_late,
                 started=self._started,
                 dropped=self._dropped,
@@ -176,7 +189,9 @@ class Scheduler:
                 most_requests=self._most_requests,
                 reruns=self._reruns,
                 running=self._running,
-                rows_histogram=tuple(zip(HISTOGRAM_BOUNDS, self._histogram, strict=True)),
+                peak_running=self._peak_running,
+                queue_seconds=self._queue_seconds.snapshot(),
+                batch_rows=self._batch_rows.snapshot(),
             )
 
     async def run(self, model: CloudModel, arrays: Arrays, deadline: float | None) -> Arrays:
@@ -264,6 +279,8 @@ class Scheduler:
                 pushback_ms=pushback,
             )
         self._requests += 1
+        self._admitted_rows_total += request.rows
+        self._queued_rows += request.rows
         self._admitted_rows += request.rows
         self._admitted_bytes += request.nbytes
         self._peak_rows = max(self._peak_rows, self._admitted_rows)
@@ -276,6 +293,7 @@ class Scheduler:
             self._rejected_late += 1
         else:
             self._rejected += 1
+        self._rejected_rows += request.rows
         if self._trimmer is not None:
             self._trimmer.freed(request.nbytes, idle=self._admitted_bytes == 0)
 
@@ -303,7 +321,8 @@ class Scheduler:
             self._deliver(deliveries)
             if not pieces:
                 continue
-            results, seconds = _execute(lane.model, pieces)
+            # In the first request's context (a copy: another instance may be running a piece of it).
+            results, seconds = pieces[0].request.context.copy().run(_traced_execute, lane.model, pieces)
             with self._lock:
                 deliveries = self._complete(lane, pieces, results, seconds)
             self._deliver(deliveries)
@@ -326,7 +345,14 @@ class Scheduler:
             if pieces:
                 lane.queue.busy += 1
                 self._running += 1
-                self._started += sum(1 for piece in pieces if piece.start == 0)
+                self._peak_running = max(self._peak_running, self._running)
+                now = time.monotonic()
+                for piece in pieces:
+                    self._queued_rows -= piece.rows
+                    if piece.start == 0:
+                        self._started += 1
+                        self._queue_seconds.observe(now - piece.request.arrived)
+                self._batch_rows.observe(sum(piece.rows for piece in pieces))
             return pieces, deliveries
         return None
 
@@ -342,7 +368,6 @@ class Scheduler:
         self._batched_rows += rows
         self._largest_batch = max(self._largest_batch, rows)
         self._most_requests = max(self._most_requests, len(pieces))
-        self._histogram[_bucket(rows)] += 1
         if seconds is not None and rows:
             lane.cost.add(rows, seconds)
         elif seconds is None and len(pieces) > 1:
@@ -368,6 +393,7 @@ class Scheduler:
     def _finish(self, lane: _Lane, request: Pending) -> _Delivery:
         """Release what a request holds; its outcome is delivered outside the lock (under the lock)."""
         request.finished = True
+        self._queued_rows -= request.rows - request.taken  # its rows never taken into a batch
         self._admitted_rows -= request.rows
         self._admitted_bytes -= request.nbytes
         lane.pending_rows -= request.rows - request.done_rows  # its rows that never ran
@@ -406,6 +432,14 @@ def _settle(outcomes: list[_Outcome]) -> None:
             future.set_result(outcome)
 
 
+def _traced_execute(model: CloudModel, pieces: list[Piece]) -> tuple[list[Arrays | BaseException], float | None]:
+    rows = sum(piece.rows for piece in pieces)
+    with tracing.span(
+        "offload.cloud_model", {"offload.model": model.name, "offload.rows": rows, "offload.requests": len(pieces)}
+    ):
+        return _execute(model, pieces)
+
+
 def _execute(model: CloudModel, pieces: list[Piece]) -> tuple[list[Arrays | BaseException], float | None]:
     """Run a batch: each piece's outputs or error, and the seconds it took when it was answered by one
     call. A batch that fails is rerun one piece at a time, so that only a request that breaks the
@@ -426,13 +460,6 @@ def _execute(model: CloudModel, pieces: list[Piece]) -> tuple[list[Arrays | Base
         except Exception as exc:
             results.append(exc)
     return results, None
-
-
-def _bucket(rows: int) -> int:
-    for index, bound in enumerate(HISTOGRAM_BOUNDS):
-        if rows <= bound:
-            return index
-    return len(HISTOGRAM_BOUNDS) - 1
 
 
 def _mib(nbytes: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -10,8 +11,11 @@ import torch
 
 from offload.cloud.dataplane import SERVER_NAME, CloudDataPlane
 from offload.cloud.memory import freeze_startup_objects
+from offload.cloud.metrics import CloudCollector
 from offload.cloud.runtime import pick_device
 from offload.cloud.settings import CloudSettings
+from offload.oip.metrics import on_loop
+from offload.oip.operations import Operations
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 
@@ -38,10 +42,12 @@ def size_torch_threads(settings: CloudSettings, device: torch.device) -> None:
 
 
 async def build_server(settings: CloudSettings) -> tuple[OipServer, CloudDataPlane]:
+    # Certificates and tokens are checked before the models load: a wrong file stops start-up at once.
+    security = settings.security()
     device = pick_device(settings.device)
     size_torch_threads(settings, device)
     plane = CloudDataPlane.load(load_repository(settings.model_repository), settings, device)
-    return OipServer(plane, SERVER_NAME, settings.limits), plane
+    return OipServer(plane, SERVER_NAME, settings.limits, security), plane
 
 
 async def run(settings: CloudSettings) -> None:
@@ -50,15 +56,25 @@ async def run(settings: CloudSettings) -> None:
     The process exits within the grace period even when a model call is stuck: see
     `_exit_abandoning`.
     """
+    # Tracing first: a missing extra or a wrong OTEL_* value stops start-up before the models load.
+    operations = Operations(settings, SERVER_NAME)
     server, plane = await build_server(settings)
     freeze_startup_objects()
     port = await server.start(settings.host, settings.grpc_port)
-    # One line that scripts (the demo, the tests) read to learn the port.
-    print(f"offload-cloud listening on {settings.host}:{port}", flush=True)
+    for line in await operations.start(server, CloudCollector(on_loop(asyncio.get_running_loop(), plane.stats))):
+        print(line, flush=True)
     try:
-        await serve_until_signalled(server, settings.grace_seconds)
+        await serve_until_signalled(
+            server,
+            settings.grace_seconds,
+            # One line that scripts (the demo, the tests) read to learn the port.
+            announce=lambda: print(
+                f"offload-cloud listening on {settings.host}:{port} ({server.security.description})", flush=True
+            ),
+        )
     finally:
         running = plane.close()
+        await operations.stop()
     if running:
         _exit_abandoning(running, settings.grace_seconds)
 

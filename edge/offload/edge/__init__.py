@@ -1,4 +1,5 @@
-"""Everything that runs on the device: the small model under ONNX Runtime and the edge agent.
+"""Everything that runs on the device: the small model under ONNX Runtime, the edge agent, and models
+rolled out to it over HTTP (offload.edge.rollout).
 
 Never imports torch or offload.cloud. In-process use, with no server in between:
 

@@ -4,7 +4,9 @@ Circuit transitions are logged the moment they happen (offload.router.resilience
 this line is the steady picture between them, for an operator reading the log of
 a device: the circuit's state, the retry tokens left, and since the previous line
 the requests, degraded answers and errors, the cloud calls and how many failed or
-were kept off the wire, the cache's hit rate and the audit's agreement. It is
+were kept off the wire, the cache's hit rate and the audit's agreement, and, when recording is on, the
+rows recorded, dropped and written and the recording's size on disk. With several cloud replicas it adds
+each one's circuit, calls and failed calls, and calls in flight. It is
 written only when something happened since the previous one, so an idle device
 does not fill its log.
 """
@@ -14,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 
-from offload.router.stats import RouterStats
+from offload.edge.recording import RecordingStats
+from offload.router.stats import ReplicaStats, RouterStats
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,13 @@ class _Counts:
     cache_hits: int = 0
     cache_misses: int = 0
     audit_rows: int = 0
+    recorded: int = 0
+    record_dropped: int = 0
+    record_written: int = 0
+    record_bytes: int = 0
 
     @classmethod
-    def of(cls, stats: RouterStats) -> _Counts:
+    def of(cls, stats: RouterStats, recording: RecordingStats | None) -> _Counts:
         cloud, cache = stats.cloud, stats.cache
         return cls(
             requests=stats.requests,
@@ -55,6 +62,10 @@ class _Counts:
             cache_hits=cache.hits if cache else 0,
             cache_misses=cache.misses if cache else 0,
             audit_rows=stats.audit.rows,
+            recorded=recording.rows if recording else 0,
+            record_dropped=recording.dropped if recording else 0,
+            record_written=recording.rows_written if recording else 0,
+            record_bytes=recording.bytes_written if recording else 0,
         )
 
     def minus(self, other: _Counts) -> _Counts:
@@ -62,8 +73,8 @@ class _Counts:
 
 
 class StatusLog:
-    """Writes the agent's status line every `interval_seconds` from the router's `stats` snapshots
-    (clock and sleep injectable for tests)."""
+    """Writes the agent's status line every `interval_seconds` from the router's `stats` snapshots and,
+    when recording is on, the recorder's `recording` ones (clock and sleep injectable for tests)."""
 
     def __init__(
         self,
@@ -71,19 +82,26 @@ class StatusLog:
         interval_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        recording: Callable[[], RecordingStats] | None = None,
     ) -> None:
         self.stats = stats
+        self.recording = recording
         self.interval_seconds = interval_seconds
         self._clock = clock
         self._sleep = sleep
-        self._last = _Counts.of(stats())
+        first = stats()
+        self._last = _Counts.of(first, recording() if recording else None)
         self._last_at = clock()
+        # Each replica's calls and failures at the previous line, by target.
+        replicas = first.cloud.replicas if first.cloud is not None else ()
+        self._last_replicas = {replica.target: (replica.calls, replica.failures) for replica in replicas}
 
     def line(self) -> str | None:
         """The status since the previous line, or None if nothing happened since (then the
         next line still covers the time from the previous one)."""
         stats = self.stats()
-        now = _Counts.of(stats)
+        recording = self.recording() if self.recording else None
+        now = _Counts.of(stats, recording)
         if now == self._last:
             return None
         change = now.minus(self._last)
@@ -104,6 +122,8 @@ class StatusLog:
                 f"{change.cloud_calls} calls ({change.cloud_failures} failed, {change.short_circuited} "
                 f"short-circuited, {change.retries} retries, {change.hedges} hedges)"
             )
+            if [replica.target for replica in cloud.replicas] != [cloud.target]:
+                parts.append(self._replicas_part(cloud.replicas))
         if stats.cache is not None:
             lookups = change.cache_hits + change.cache_misses
             if lookups:
@@ -115,7 +135,26 @@ class StatusLog:
         audit = stats.audit
         if audit.agreement is not None:
             parts.append(f"audit agreement {100 * audit.agreement:.1f}% over {audit.rows} rows")
+        if recording is not None:
+            parts.append(
+                f"recording: {change.recorded} rows ({change.record_dropped} dropped), {change.record_written} "
+                f"written ({change.record_bytes:,} bytes), {recording.bytes_on_disk:,} bytes on disk"
+            )
         return "; ".join(parts)
+
+    def _replicas_part(self, replicas: Sequence[ReplicaStats]) -> str:
+        """Each replica's circuit, calls and failed calls since the previous line (RPCs, retries and
+        hedges included), calls in flight now, and whether its channel can connect."""
+        described = []
+        for replica in replicas:
+            calls, failures = self._last_replicas.get(replica.target, (0, 0))
+            reach = "" if replica.reachable else " unreachable"
+            described.append(
+                f"{replica.target} {replica.circuit} "
+                f"{replica.calls - calls}/{replica.failures - failures}/{replica.outstanding}{reach}"
+            )
+        self._last_replicas = {replica.target: (replica.calls, replica.failures) for replica in replicas}
+        return f"replicas (calls/failed/in flight): {', '.join(described) or 'none known'}"
 
     def log(self) -> None:
         """Write the line, if anything happened since the previous one."""

@@ -1,8 +1,11 @@
-"""Bundled demo models: a model repository the demo and the servers use by default."""
+"""Bundled models: the demo's model repository the demo and the servers use by default, and a benchmark one."""
 
 from pathlib import Path
 
 DEMO_REPOSITORY = Path(__file__).resolve().parent / "repository"
 """The bundled model repository (one folder per model)."""
 
-__all__ = ["DEMO_REPOSITORY"]
+BENCHMARK_REPOSITORY = Path(__file__).resolve().parent / "benchmarks"
+"""Models the benchmarks use beside the demo's (models/train_digits_cnn.py), kept out of the demo repository."""
+
+__all__ = ["BENCHMARK_REPOSITORY", "DEMO_REPOSITORY"]

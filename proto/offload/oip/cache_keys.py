@@ -19,8 +19,9 @@ class KeyHasher:
     so one hasher gives the keys of many rows cheaply.
     """
 
-    def __init__(self, scope: str, parameters: Mapping[str, ParameterValue]) -> None:
-        self._prefix = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    def __init__(self, scope: str, parameters: Mapping[str, ParameterValue], digest_bytes: int = DIGEST_BYTES) -> None:
+        """`digest_bytes`: the length of a key (blake2b's digest size, 1 to 64)."""
+        self._prefix = hashlib.blake2b(digest_size=digest_bytes)
         self._prefix.update(f"{scope}\0".encode())
         for name, value in sorted(parameters.items()):
             # The type too: 1, 1.0, True and "1" are different parameters.

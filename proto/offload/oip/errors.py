@@ -8,6 +8,7 @@ for the caller: they name the field, what was expected and what was given.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from typing import ClassVar
 
 import grpc
@@ -53,6 +54,12 @@ class Unimplemented(OffloadError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unauthenticated(OffloadError):
+    """A call without an accepted bearer token (the message never repeats what was sent)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class Internal(OffloadError):
     code = grpc.StatusCode.INTERNAL
 
@@ -79,6 +86,12 @@ class ConfigurationError(OffloadError):
     """Bad settings or model repository, found at start-up."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line, its type first: for messages that wrap a library's error."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -111,10 +124,109 @@ def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and message a server answers with for an exception."""
+    """The status and message a server answers with for an exception (the message clipped to fit a trailer)."""
     if isinstance(exc, UpstreamError):
-        return exc.status, str(exc)
+        return exc.status, clip_message(str(exc))
     if isinstance(exc, OffloadError):
-        return exc.code, str(exc)
+        return exc.code, clip_message(str(exc))
     # Anything else is a bug on our side: say so without leaking internals.
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def upstream_error(exc: grpc.aio.AioRpcError, target: str) -> UpstreamError:
+    """A peer's failed call as UpstreamError: its status, its message (escaped) and its retry pushback."""
+    pushback = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == PUSHBACK_KEY:
+            # A negative or garbled value is kept as "do not retry" (gRPC A6), not dropped.
+            pushback = parse_pushback(value)
+    # The peer's message is its own free text: escaped, so that it cannot break a log line of ours.
+    return UpstreamError(exc.code(), f"{target}: {exc.code().name}: {printable(exc.details() or '')}", pushback)
+
+
+# On ModelStreamInfer a failed request is answered with a message, not a status: the stream goes on
+# (Triton's ModelStreamInferResponse.error_message). Our servers send the status and its trailers
+# beside the message, as parameters of the answer named as gRPC names them on the wire, so that our
+# client sees the same status on the stream as on a unary call (UNAVAILABLE while a server drains,
+# RESOURCE_EXHAUSTED with its pushback); other clients (tritonclient) read the message and ignore them.
+STATUS_PARAMETER = "grpc-status"
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+# Triton puts no status in its stream error messages. The one that matters to a caller is the refusal of a
+# server going down, which is UNAVAILABLE on a unary call and worth a retry elsewhere; Triton's gRPC server
+# says "GRPC server is shutting down and has stopped accepting new requests." (as ours says "shutting down").
+_SHUTTING_DOWN = "shutting down"
+
+
+def status_parameters(code: grpc.StatusCode, trailers: Iterable[tuple[str, str]]) -> dict[str, int | str]:
+    """The parameters that carry a status and its trailers beside a stream answer's error_message."""
+    return {STATUS_PARAMETER: code.value[0], **dict(trailers)}
+
+
+def stream_error(message: str, parameters: Mapping[str, object], target: str) -> UpstreamError:
+    """The UpstreamError for a stream answer whose error_message is `message`.
+
+    The status is the one our servers send beside the message (`status_parameters`). A server that
+    sends none (Triton) gets UNAVAILABLE when the message says it is shutting down, and INTERNAL
+    otherwise: the message alone does not say whose fault the failure is, and INTERNAL neither
+    blames the caller's request nor asks for a retry (the router counts it against the cloud).
+    """
+    sent = parameters.get(STATUS_PARAMETER)
+    code = _CODES.get(sent) if isinstance(sent, int) and not isinstance(sent, bool) else None
+    if code is None or code == grpc.StatusCode.OK:
+        code = grpc.StatusCode.UNAVAILABLE if _SHUTTING_DOWN in message else grpc.StatusCode.INTERNAL
+    pushback = parameters.get(PUSHBACK_KEY)
+    return UpstreamError(
+        code,
+        f"{target}: {code.name}: {printable(message)}",
+        None if pushback is None else parse_pushback(str(pushback)),
+    )
+
+
+# gRPC sends a status message percent-encoded in a trailer, and a client refuses trailers over
+# its metadata limit (8 KiB soft, 16 KiB hard by default): the caller then gets RESOURCE_EXHAUSTED
+# "received metadata size exceeds ..." instead of our status. Messages quote what the caller sent
+# (a model name of any length, say), so they are clipped to this many bytes as sent.
+MAX_STATUS_MESSAGE_BYTES = 4096
+
+
+def clip_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """`message` cut so that, percent-encoded as gRPC sends it, it takes at most `limit` bytes.
+
+    The middle goes: a message starts with what it is about and ends with what to do, and
+    what grows without bound is the caller's string quoted in between.
+    """
+    # Each character takes at most 4 UTF-8 bytes, each at most 3 bytes percent-encoded.
+    if len(message) * 12 <= limit:
+        return message
+    # Measured from both ends and no further than needed: the message may be as large as a request.
+    half = (limit - 64) // 2  # 64: room for the note on what was cut
+    head = _fitting(message, half)
+    tail = _fitting(reversed(message), half)
+    if head + tail >= len(message):
+        return message
+    return f"{message[:head]}...[{len(message) - head - tail} characters not shown]...{message[-tail:]}"
+
+
+def _fitting(chars: Iterable[str], budget: int) -> int:
+    """How many of the leading characters fit in `budget` bytes as gRPC sends a status message
+    (percent-encoded: every byte outside ' '..'~', and '%', takes 3)."""
+    used = 0
+    count = 0
+    for char in chars:
+        used += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode("utf-8", "surrogatepass"))
+        if used > budget:
+            break
+        count += 1
+    return count
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character escaped as repr() writes it (\\n, \\x00, \\u2028).
+
+    For a peer's free text (another server's status message) on its way into our own
+    messages and log lines, where a raw newline would let the peer forge a log line.
+    Our messages quote the caller's strings with !r, which escapes the same way.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)

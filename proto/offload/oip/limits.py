@@ -14,6 +14,9 @@ MAX_ELEMENTS = 1 << 26
 # its duration. Below it the work is too small to matter: 4096 elements take about 0.25 ms typed,
 # 1.5 ms as raw BYTES, against about 0.1 ms for the hand-off itself.
 INLINE_CODEC_ELEMENTS = 1 << 12
+# Requests of one ModelStreamInfer stream a server works on at once; past it the stream is not read until
+# the oldest is answered (gRPC's flow control then holds the client back). About the cloud's own queue.
+MAX_STREAM_IN_FLIGHT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +24,8 @@ class ServerLimits:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     # Upper bound on the elements of one tensor a request may declare.
     max_elements: int = MAX_ELEMENTS
+    # Requests of one stream in flight at once (see MAX_STREAM_IN_FLIGHT).
+    max_stream_in_flight: int = MAX_STREAM_IN_FLIGHT
     # RPCs served at once (None: no limit). gRPC answers more with RESOURCE_EXHAUSTED before it
     # reads their bodies, so this times max_message_bytes bounds the request bodies a server holds.
     max_concurrent_rpcs: int | None = None

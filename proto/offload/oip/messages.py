@@ -12,6 +12,7 @@ from offload.oip.limits import MAX_ELEMENTS
 from offload.oip.repository import TensorSpec
 from offload.oip.tensors import (
     CheckedTensor,
+    RawContents,
     Tensor,
     check_wire,
     decode,
@@ -23,6 +24,9 @@ from offload.oip.tensors import (
 )
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata, ParameterValue, ServerMetadata
 from offload.oip.validation import check_declared_inputs
+from offload.oip.wire import split_field
+
+_RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 
 
 def parameters_from_pb(parameters: Mapping[str, pb.InferParameter], where: str) -> dict[str, ParameterValue]:
@@ -35,6 +39,9 @@ def parameters_from_pb(parameters: Mapping[str, pb.InferParameter], where: str) 
     return values
 
 
+INT64_MIN, INT64_MAX, UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+
+
 def parameters_to_pb(values: Mapping[str, ParameterValue], target: MutableMapping[str, pb.InferParameter]) -> None:
     for key, value in values.items():
         parameter = target[key]
@@ -42,7 +49,13 @@ def parameters_to_pb(values: Mapping[str, ParameterValue], target: MutableMappin
         if isinstance(value, bool):
             parameter.bool_param = value
         elif isinstance(value, int):
-            parameter.int64_param = value
+            # A uint64_param over int64's range (a caller's, forwarded to the cloud) stays a uint64.
+            if INT64_MIN <= value <= INT64_MAX:
+                parameter.int64_param = value
+            elif 0 <= value <= UINT64_MAX:
+                parameter.uint64_param = value
+            else:
+                raise InvalidArgument(f"parameter {key!r}: {value} fits neither int64_param nor uint64_param")
         elif isinstance(value, float):
             parameter.double_param = value
         else:
@@ -73,6 +86,31 @@ _UNSUPPORTED_WHY = {
 
 # The model's declared inputs, by model name and version; raises NotFound for a model not served.
 ModelInputs = Callable[[str, str], Sequence[TensorSpec]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedRequest:
+    """A ModelInfer request as a server received it: the message without its raw contents, and those as views
+    of the bytes received (protobuf would copy them into the message, and again out of it)."""
+
+    message: pb.ModelInferRequest
+    raw_contents: Sequence[RawContents]
+    size: int  # bytes on the wire
+
+    @classmethod
+    def of(cls, message: pb.ModelInferRequest) -> ReceivedRequest:
+        """A message already parsed (in-process callers): its raw contents are read out of it."""
+        return cls(message, list(message.raw_input_contents), message.ByteSize())
+
+
+def receive_infer_request(data: bytes) -> ReceivedRequest:
+    """A server's reader of ModelInfer requests: the raw contents stay in the bytes received. Raises
+    DecodeError, with the reason, for bytes that are no ModelInferRequest (as protobuf's parser does)."""
+    split = split_field(data, _RAW_INPUT_CONTENTS)
+    if split is None:
+        return ReceivedRequest.of(pb.ModelInferRequest.FromString(data))
+    rest, raw_contents = split
+    return ReceivedRequest(pb.ModelInferRequest.FromString(rest), raw_contents, len(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +149,7 @@ def _requested_outputs(message: pb.ModelInferRequest) -> list[str]:
 
 
 def check_request(
-    message: pb.ModelInferRequest, max_elements: int = MAX_ELEMENTS, model_inputs: ModelInputs | None = None
+    received: ReceivedRequest, max_elements: int = MAX_ELEMENTS, model_inputs: ModelInputs | None = None
 ) -> CheckedRequest:
     """Every check that needs no tensor value: the model (with `model_inputs`), parameters, each
     input's name, datatype, shape and content sizes, and the inputs against the model's.
@@ -119,12 +157,13 @@ def check_request(
     Cheap in the size of the message (it reads lengths, never values), so a wrong request is
     refused before anything in it is decoded, however large it is.
     """
+    message = received.message
     if not message.model_name:
         raise InvalidArgument("model_name is empty; name the model to run")
     specs = None if model_inputs is None else model_inputs(message.model_name, message.model_version)
     parameters = parameters_from_pb(message.parameters, "request")
     outputs = _requested_outputs(message)
-    raw_given = _raw_given(len(message.raw_input_contents), len(message.inputs), "input", "request")
+    raw_given = _raw_given(len(received.raw_contents), len(message.inputs), "input", "request")
     inputs: list[CheckedTensor] = []
     seen: set[str] = set()
     for index, wire in enumerate(message.inputs):
@@ -138,8 +177,7 @@ def check_request(
     if specs is not None:
         check_declared_inputs(message.model_name, inputs, specs)
     if raw_given:
-        # Reading raw contents out of the message copies them, so only a request that fits the model pays.
-        inputs = [with_raw(tensor, raw) for tensor, raw in zip(inputs, message.raw_input_contents, strict=True)]
+        inputs = [with_raw(tensor, raw) for tensor, raw in zip(inputs, received.raw_contents, strict=True)]
     return CheckedRequest(message, inputs, parameters, outputs, raw_given)
 
 
@@ -160,7 +198,7 @@ def decode_request(checked: CheckedRequest) -> InferRequest:
 def request_from_pb(
     message: pb.ModelInferRequest, max_elements: int = MAX_ELEMENTS, model_inputs: ModelInputs | None = None
 ) -> InferRequest:
-    return decode_request(check_request(message, max_elements, model_inputs))
+    return decode_request(check_request(ReceivedRequest.of(message), max_elements, model_inputs))
 
 
 class _WireList(Protocol):

@@ -8,7 +8,7 @@ tensors the edge model takes to the cloud model.
 This module reads the top (name, version, description, inputs, outputs) and keeps
 each section as a raw table; the wing that uses a section validates it with its own
 model (`ModelEntry.section`): [edge] offload.edge.config, [cloud] offload.cloud.config,
-[routing] offload.router.config.
+[routing] offload.router.config, [distill] offload.tools.distill.
 
     name = "digits"              # default: the folder's name
     version = "1"
@@ -28,6 +28,9 @@ model (`ModelEntry.section`): [edge] offload.edge.config, [cloud] offload.cloud.
     output_kind = "logits"       # or "probabilities"
     threshold = 0.9              # rows below go to the cloud
     cloud_model = "digits"       # the model's name on the cloud server
+
+    [distill]
+    factory = "pkg.module:fn"    # `offload distill`: returns the untrained edge nn.Module
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from offload.oip.datatypes import DATATYPES
@@ -56,8 +61,8 @@ class Section(_Strict):
 
 
 # The sections a model.toml may have, each owned by the wing that uses it: [edge] by offload.edge,
-# [cloud] by offload.cloud, [routing] by offload.router.
-SectionName = Literal["edge", "cloud", "routing"]
+# [cloud] by offload.cloud, [routing] by offload.router, [distill] by offload.tools.
+SectionName = Literal["edge", "cloud", "routing", "distill"]
 SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
@@ -82,6 +87,13 @@ class TensorSpec(_Strict):
             raise ValueError(f"shape {list(value)}: dimensions must be positive or -1")
         return value
 
+    def zero_rows(self, rows: int) -> npt.NDArray[Any]:
+        """`rows` rows of zeros (empty bytes for BYTES) shaped as declared, variable dimensions 1: a warm-up batch."""
+        shape = (rows, *(dim if dim > 0 else 1 for dim in self.shape[1:]))
+        if self.datatype == "BYTES":
+            return np.full(shape, b"", dtype=object)
+        return np.zeros(shape, dtype=DATATYPES[self.datatype].dtype.newbyteorder("="))
+
 
 class ModelConfig(_Strict):
     """What the wire needs of a model: its name, version and tensors. The wings' sections are kept
@@ -95,6 +107,7 @@ class ModelConfig(_Strict):
     edge: dict[str, Any] | None = None
     cloud: dict[str, Any] | None = None
     routing: dict[str, Any] | None = None
+    distill: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -25,6 +25,8 @@ from offload.oip.datatypes import DATATYPES, Datatype, datatype_for
 from offload.oip.errors import InvalidArgument
 
 _LENGTH = struct.Struct("<I")
+# A tensor's raw contents: bytes, or a view of the bytes a request arrived in (offload.oip.wire).
+RawContents = bytes | memoryview
 _CONTENT_FIELDS = tuple(field.name for field in pb.InferTensorContents.DESCRIPTOR.fields)
 # Integer types that share a wider typed field: values must fit the narrow type.
 _NARROW_INTS = {"INT8", "INT16", "UINT8", "UINT16"}
@@ -112,7 +114,7 @@ class CheckedTensor:
     count: int
     where: str
     raw_given: bool
-    raw: bytes | None = None
+    raw: RawContents | None = None
 
     @property
     def name(self) -> str:
@@ -157,7 +159,7 @@ def check_wire(wire: _WireTensor, raw_given: bool, where: str, max_elements: int
     return CheckedTensor(wire, spec, shape, count, where, raw_given)
 
 
-def with_raw(checked: CheckedTensor, raw: bytes) -> CheckedTensor:
+def with_raw(checked: CheckedTensor, raw: RawContents) -> CheckedTensor:
     """Attach a tensor's raw contents, checking their size against the shape for fixed-size datatypes."""
     assert checked.raw_given, "with_raw on a tensor sent with typed contents"
     expected = checked.count * checked.spec.itemsize
@@ -188,7 +190,7 @@ def decode_checked(checked: CheckedTensor) -> Tensor:
     return Tensor(checked.wire.name, spec.name, data)
 
 
-def _decode_raw(spec: Datatype, raw: bytes, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
+def _decode_raw(spec: Datatype, raw: RawContents, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
     if spec.name == "BYTES":
         return _decode_raw_bytes(raw, shape, count, where)
     array = np.frombuffer(raw, dtype=spec.dtype).reshape(shape)
@@ -197,9 +199,9 @@ def _decode_raw(spec: Datatype, raw: bytes, shape: tuple[int, ...], count: int, 
     return array
 
 
-def _decode_raw_bytes(raw: bytes, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
+def _decode_raw_bytes(raw: RawContents, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:
     # At most count + 1 trips (and at most one per 4 bytes): the checked shape bounds the work,
-    # whatever the contents claim. Slicing the bytes object copies each element once.
+    # whatever the contents claim. Each element is copied once, into a bytes object of its own.
     items: list[bytes] = []
     append, unpack, prefix = items.append, _LENGTH.unpack_from, _LENGTH.size
     end = len(raw)
@@ -215,7 +217,7 @@ def _decode_raw_bytes(raw: bytes, shape: tuple[int, ...], count: int, where: str
             raise InvalidArgument(
                 f"{where}: raw BYTES element {len(items)} declares {length} bytes but only {end - offset} remain"
             )
-        append(raw[offset : offset + length])
+        append(bytes(raw[offset : offset + length]))
         offset += length
     if len(items) != count:
         raise InvalidArgument(

@@ -6,30 +6,40 @@ row shape and row bytes, and the parameters forwarded to the cloud. Requested
 outputs are not in it because the router always asks the cloud for every
 output and filters afterwards.
 
-Entries live in a cachetools TTLCache: least recently used first out, bounded in
-bytes (each entry's size is the bytes of its arrays), expiring after a TTL. When
+Entries live in a cachetools TTLCache: least recently used first out, expiring
+after a TTL, bounded in bytes. The bound is on memory, not on payload: each
+entry is charged what it really takes (its key, the cache's links and table
+slots, its dict and arrays, their shape blocks and BYTES elements), and holds
+its own copy of its row, so it never keeps a whole cloud response alive. When
 the cloud reports a new version of a model, that model's entries are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 from cachetools import TTLCache
 
 from offload.oip.cache_keys import KeyHasher
-from offload.oip.datatypes import payload_bytes
 from offload.oip.tensors import Tensor
 from offload.oip.types import ParameterValue
 from offload.router.stats import CacheStats
 
 RowOutputs = dict[str, npt.NDArray[Any]]  # output name -> that row's values (no batch dimension)
-_ENTRY_OVERHEAD = 64
+_KEY_BYTES = 16
+# What the cache's own structures take per entry, measured with tracemalloc (CPython 3.11, cachetools 8;
+# tests/test_cache.py holds the charge to the measurement): the key (a 16-byte bytes object), the entry
+# tuple, the entry's size (an int), cachetools' LRU link and its expiry (a float), and a slot in each of
+# its hash tables (the values, the sizes and the links: an OrderedDict, which has two). Tables double
+# when full, so a slot's share swings by 2x: about 460 bytes just after a doubling, the worst case.
+_BOOKKEEPING = 480
 
 
 class FetchAbandoned(Exception):
@@ -58,11 +68,27 @@ class RowPlan:
     duplicates: dict[int, int] = field(default_factory=dict)  # position -> position of the same key in sends
 
 
+class _CountingTTLCache(TTLCache[bytes, tuple[str, RowOutputs]]):
+    """A TTLCache that counts what it drops on its own: to make room, and at the end of an entry's TTL."""
+
+    evicted = 0
+    expired = 0
+
+    def popitem(self) -> tuple[bytes, tuple[str, RowOutputs]]:
+        # TTLCache calls this (and only then) to make room for a new entry.
+        item = super().popitem()
+        self.evicted += 1
+        return item
+
+    def expire(self, time: float | None = None) -> list[tuple[bytes, tuple[str, RowOutputs]]]:
+        expired = list(super().expire(time))
+        self.expired += len(expired)
+        return expired
+
+
 class RowCache:
     def __init__(self, max_bytes: int, ttl_seconds: float, timer: Callable[[], float] = time.monotonic) -> None:
-        self._entries: TTLCache[bytes, tuple[str, RowOutputs]] = TTLCache(
-            maxsize=max_bytes, ttl=ttl_seconds, timer=timer, getsizeof=_entry_size
-        )
+        self._entries = _CountingTTLCache(maxsize=max_bytes, ttl=ttl_seconds, timer=timer, getsizeof=_entry_size)
         self._in_flight: dict[bytes, asyncio.Future[RowOutputs]] = {}
         # The cloud version last seen per (edge model, cloud model): a change drops the model's entries.
         self._cloud_versions: dict[str, str] = {}
@@ -85,6 +111,9 @@ class RowCache:
             invalidations=counts.invalidations,
             bytes=self.bytes_used,
             entries=len(self),
+            max_bytes=self.max_bytes,
+            evicted=self._entries.evicted,
+            expired=self._entries.expired,
         )
 
     def keys(
@@ -94,12 +123,10 @@ class RowCache:
         parameters: Mapping[str, ParameterValue],
     ) -> list[bytes]:
         """One key per row; `scope` names the models and their versions."""
-        hasher = KeyHasher(scope, parameters)
+        hasher = KeyHasher(scope, parameters, digest_bytes=_KEY_BYTES)
         rows = inputs[0].shape[0] if inputs else 0
-        return [
-            scope.encode() + b"\0" + hasher.key(Tensor(t.name, t.datatype, t.data[row : row + 1]) for t in inputs)
-            for row in range(rows)
-        ]
+        # The digest covers the scope, so it is the whole key: every key is the same 16 bytes.
+        return [hasher.key(Tensor(t.name, t.datatype, t.data[row : row + 1]) for t in inputs) for row in range(rows)]
 
     def plan(self, keys: list[bytes]) -> RowPlan:
         """Look every row up; claim the rows nobody is fetching, so identical ones wait for them."""
@@ -130,8 +157,9 @@ class RowCache:
         self._cloud_versions[model] = cloud_version
         for position, answer in zip(plan.sends, answers, strict=True):
             key = plan.keys[position]
-            if _entry_size((model, answer)) <= self.max_bytes:
-                self._entries[key] = (model, answer)
+            entry = (model, {name: _own_copy(values) for name, values in answer.items()})
+            if _entry_size(entry) <= self.max_bytes:
+                self._entries[key] = entry
             self._release(key, answer, None)
 
     def fail(self, plan: RowPlan, error: BaseException) -> None:
@@ -160,5 +188,33 @@ class RowCache:
         self._counts.invalidations += 1
 
 
+def _own_copy(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """A row's values in memory of their own, read-only (hits hand them out): a row of a cloud answer is
+    a view of the whole answer, and caching the view would keep the answer alive for as long as the row."""
+    copy = np.array(values, copy=True)
+    copy.flags.writeable = False
+    return copy
+
+
 def _entry_size(entry: tuple[str, RowOutputs]) -> int:
-    return _ENTRY_OVERHEAD + sum(payload_bytes(array) for array in entry[1].values())
+    """The memory an entry takes, what the byte bound counts: the cache's bookkeeping, the entry's dict, its
+    arrays. The model name is not counted: every entry of a model shares the one string."""
+    outputs = entry[1]
+    return _BOOKKEEPING + _allocated(sys.getsizeof(outputs)) + sum(_array_size(array) for array in outputs.values())
+
+
+def _array_size(array: npt.NDArray[Any]) -> int:
+    """An array that owns its data: its object, its shape and strides (one block), its data, and for
+    BYTES each element's bytes object."""
+    header = sys.getsizeof(array) - (array.nbytes if array.flags.owndata else 0)
+    size = _allocated(header) + _allocated(array.nbytes)
+    if array.ndim:
+        size += _allocated(2 * array.ndim * np.dtype(np.intp).itemsize)
+    if array.dtype == np.dtype(object):
+        size += sum(_allocated(sys.getsizeof(item)) for item in array.ravel().tolist())
+    return size
+
+
+def _allocated(requested: int) -> int:
+    """What malloc gives for a request: an 8-byte header, rounded up to 16 bytes, 32 at least."""
+    return max(32, (requested + 8 + 15) // 16 * 16)

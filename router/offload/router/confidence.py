@@ -7,6 +7,11 @@ The measure is chosen per model in `model.toml` (`[routing] confidence`):
 - `negative_entropy`: 1 - H(p) / log(K) for K classes (1: one-hot, 0: uniform).
 - `output`: an output the model computes itself (`confidence_output`), one value
   per row, used as is, clipped to [0, 1].
+- `gate`: a learned gate's score, 1 - P(the edge's answer is wrong), which the
+  edge wing adds to the edge model's answer as the output GATE_OUTPUT (the gate
+  is an ONNX file the edge runs after the model; the router never runs it).
+  Rows the cloud answered carry no edge answer to score: their confidence is the
+  cloud's max softmax probability (cloud_row_confidence).
 
 The class measures read the score output (`[routing] output`) as logits or as
 probabilities (`output_kind`). `temperature` divides the logits before the
@@ -27,13 +32,19 @@ from offload.oip.errors import Internal
 from offload.router.config import ConfidenceMeasure, OutputKind, RoutingSection
 
 Floats = npt.NDArray[np.float64]
+# Scores a class measure works on at once: its float64 temporaries (several, alive together) stay at 1 MiB
+# each however large the batch; the 200,000 rows of ten classes of a large request would make 16 MB ones.
+_BLOCK_ELEMENTS = 1 << 17
+
+# The output that carries the gate's score in the edge's answer (confidence = "gate"): a name of the
+# router's own, like the offload_* outputs, so it cannot clash with a model's. Read for the confidence,
+# never returned to the caller nor merged with the cloud's rows.
+GATE_OUTPUT = "offload_gate_confidence"
 
 
 def max_probability(scores: npt.NDArray[Any], kind: OutputKind) -> npt.NDArray[np.float64]:
     """Max softmax probability per row of a [rows, classes] array (probabilities are used as given)."""
-    # Explicit width: reshape(-1) cannot infer it for an empty batch.
-    width = int(np.prod(scores.shape[1:]))
-    values = np.asarray(scores, dtype=np.float64).reshape(scores.shape[0], width)
+    values = as_rows(scores)
     if values.shape[1] == 0:
         return np.ones(values.shape[0])
     if kind is OutputKind.PROBABILITIES:
@@ -46,7 +57,10 @@ def max_probability(scores: npt.NDArray[Any], kind: OutputKind) -> npt.NDArray[n
 def as_rows(scores: npt.NDArray[Any]) -> Floats:
     """A [rows, ...] array as float64 [rows, width] (explicit width: an empty batch cannot infer it)."""
     width = int(np.prod(scores.shape[1:]))
-    return np.asarray(scores, dtype=np.float64).reshape(scores.shape[0], width)
+    # A signalling NaN among the scores (a caller's random bytes, echoed) raises the "invalid" flag as it is
+    # widened, and NumPy would print a RuntimeWarning: here it is a NaN like any other (confidence 0).
+    with np.errstate(invalid="ignore"):
+        return np.asarray(scores, dtype=np.float64).reshape(scores.shape[0], width)
 
 
 def log_softmax(logits: npt.NDArray[Any], temperature: float = 1.0) -> Floats:
@@ -89,6 +103,20 @@ def class_confidence(
     """One of the class-score measures (`max_probability`, `margin`, `negative_entropy`) per row."""
     if measure == "output":
         raise ValueError("the 'output' measure reads the model's own confidence output; use row_confidence")
+    rows = scores.shape[0]
+    block = max(1, _BLOCK_ELEMENTS // max(1, int(np.prod(scores.shape[1:]))))
+    if rows <= block:
+        return _class_confidence(scores, measure, kind, temperature)
+    # Each row's confidence depends on that row alone, so blocks of rows give the same answer as the whole.
+    result = np.empty(rows)
+    for start in range(0, rows, block):
+        result[start : start + block] = _class_confidence(scores[start : start + block], measure, kind, temperature)
+    return result
+
+
+def _class_confidence(
+    scores: npt.NDArray[Any], measure: ConfidenceMeasure, kind: OutputKind, temperature: float
+) -> Floats:
     probs = probabilities(scores, kind, temperature)
     rows, classes = probs.shape
     if classes == 0:
@@ -147,6 +175,13 @@ def row_confidence(outputs: Mapping[str, npt.NDArray[Any]], routing: RoutingSect
     score_output: the output that holds the class scores (`[routing] output`,
     or the model's first output).
     """
+    if routing.confidence == "gate":
+        if GATE_OUTPUT not in outputs:
+            raise Internal(
+                f"the edge's answer lacks the gate's score {GATE_OUTPUT!r} (confidence = 'gate'); it has "
+                f"{sorted(outputs)}: the edge model was loaded without its gate"
+            )
+        return output_confidence(outputs[GATE_OUTPUT], GATE_OUTPUT)
     if routing.confidence == "output":
         name = routing.confidence_output
         assert name is not None  # RoutingSection guarantees it
@@ -156,3 +191,15 @@ def row_confidence(outputs: Mapping[str, npt.NDArray[Any]], routing: RoutingSect
     if score_output not in outputs:
         raise Internal(f"the model's answer lacks its score output {score_output!r}; it has {sorted(outputs)}")
     return class_confidence(outputs[score_output], routing.confidence, routing.output_kind, routing.temperature)
+
+
+def cloud_row_confidence(outputs: Mapping[str, npt.NDArray[Any]], routing: RoutingSection, score_output: str) -> Floats:
+    """Each row's confidence in the cloud's answer (rows the cloud or the row cache answered).
+
+    Under the model's measure, except for `gate`: the gate scores the edge's answer, which these
+    rows do not carry, so they get the largest softmax probability of the cloud's own scores
+    (the temperature is 1 with a gate).
+    """
+    if routing.confidence == "gate":
+        routing = routing.model_copy(update={"confidence": "max_probability", "gate": None})
+    return row_confidence(outputs, routing, score_output)

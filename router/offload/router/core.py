@@ -10,24 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 
 import numpy as np
 import numpy.typing as npt
 
+from offload.oip import tracing
 from offload.oip.errors import NotFound
 from offload.oip.types import InferRequest, InferResponse
 from offload.oip.validation import check_inputs
 from offload.router.answer import Answer
 from offload.router.audit import Auditor
 from offload.router.cache import RowCache
-from offload.router.fetch import RowFetcher
+from offload.router.fetch import CloudRowsHook, RowFetcher
 from offload.router.models import Arrays, RoutedModel
-from offload.router.options import RESPONSE_DEGRADED, Route, RoutingOptions
+from offload.router.options import RESPONSE_DEGRADED, RESPONSE_ROUTE, Route, RoutingOptions
 from offload.router.response import build_response, requested_outputs
 from offload.router.stats import RouterStats
 from offload.router.thresholds import Thresholds
+from offload.router.traffic import Traffic
 from offload.router.upstream import CloudFailure, Upstream
 
 log = logging.getLogger(__name__)
@@ -46,14 +49,17 @@ class Router:
         target_offload: float | None = None,
         audit_share: float = 0.0,
         rng: np.random.Generator | None = None,
+        on_cloud_rows: CloudRowsHook | None = None,
     ) -> None:
         self._models = dict(models)
         self._executor = executor
         # The cloud must give up early enough to leave time for an edge answer.
         self.deadline_reserve_seconds = deadline_reserve_seconds
-        self._fetcher = RowFetcher(cloud, cache)
+        # on_cloud_rows: told of every row the cloud newly answered (offload.router.fetch.CloudRowsHook).
+        self._fetcher = RowFetcher(cloud, cache, on_cloud_rows)
         self._thresholds = Thresholds(self._models, target_offload)
         self._auditor = Auditor(audit_share, self._fetcher.fetch, rng or np.random.default_rng())
+        self._traffic = Traffic(self._models)
         self._requests = 0
         self._degraded = 0
         self._errors = 0
@@ -66,6 +72,24 @@ class Router:
         """Wait for the background audit calls started so far (tests, benchmarks, shutdown)."""
         await self._auditor.wait()
 
+    def replace_models(self, models: Mapping[str, RoutedModel]) -> None:
+        """Serve `models` from now on, in one step (call it on the router's event loop).
+
+        Calls in flight finish on the model they started with (each holds its own); calls that start
+        after this get the new one, so none fails for the swap. A model kept as it was (the same object)
+        keeps its online budget and its cached cloud answers; a changed, new or removed one starts a fresh
+        budget and its cached answers are dropped. (Cache keys name the edge model's version too, so an
+        old answer could not be found under a new version anyway: dropping them frees their room.)
+        """
+        old = self._models
+        self._models = dict(models)
+        self._thresholds.replace_models(self._models)
+        cache = self._fetcher.cache
+        if cache is not None:
+            for name, model in old.items():
+                if self._models.get(name) is not model:
+                    cache.invalidate(name)
+
     def model(self, name: str, version: str = "") -> RoutedModel:
         model = self._models.get(name)
         if model is None:
@@ -73,6 +97,11 @@ class Router:
         if version and version != model.version:
             raise NotFound(f"model {name!r} has no version {version!r}; available: [{model.version!r}]")
         return model
+
+    @property
+    def upstream(self) -> Upstream | None:
+        """Where unsure rows go (None: this router answers everything on the edge)."""
+        return self._fetcher.upstream
 
     def stats(self) -> RouterStats:
         upstream, cache = self._fetcher.upstream, self._fetcher.cache
@@ -84,13 +113,15 @@ class Router:
             audit=self._auditor.stats(),
             cloud=upstream.stats() if upstream is not None else None,
             cache=cache.stats() if cache is not None else None,
+            models=self._traffic.stats(),
         )
 
     async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
         """Answer a request; `deadline` is the caller's, in time.monotonic() seconds."""
         self._requests += 1
+        started = time.perf_counter()
         try:
-            response = await self._route(request, deadline)
+            response = await self._route(request, deadline, started)
         except Exception:
             self._errors += 1
             raise
@@ -98,7 +129,7 @@ class Router:
             self._degraded += 1
         return response
 
-    async def _route(self, request: InferRequest, deadline: float | None) -> InferResponse:
+    async def _route(self, request: InferRequest, deadline: float | None, started: float) -> InferResponse:
         model = self.model(request.model_name, request.model_version)
         options = RoutingOptions.from_parameters(request.parameters)
         rows = check_inputs(request, model.edge.inputs)
@@ -119,12 +150,19 @@ class Router:
                 if unsure.size:
                     await self._offload_rows(model, request, inputs, unsure, answer, cloud_deadline, options)
                 self._auditor.sample(model, request, inputs, np.flatnonzero(confident), answer.outputs)
-        return build_response(model, request, outputs, answer, options)
+        response = build_response(model, request, outputs, answer, options)
+        route = str(response.parameters[RESPONSE_ROUTE])
+        self._traffic.answered(model.name, route, answer, time.perf_counter() - started)
+        return response
 
     async def _edge_answer(self, model: RoutedModel, inputs: Arrays) -> Answer:
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, model.edge.predict, inputs)
-        return Answer.from_edge(outputs, model.confidence(outputs))
+        rows = next(iter(inputs.values())).shape[0] if inputs else 0
+        with tracing.span("offload.edge_model", {"offload.model": model.name, "offload.rows": rows}):
+            outputs = await loop.run_in_executor(self._executor, model.edge.predict, inputs)
+        answer = Answer.from_edge(model.answer_outputs(outputs), model.confidence(outputs))
+        self._traffic.edge_ran(model.name, answer.confidence)
+        return answer
 
     async def _all_rows_to_cloud(
         self,
@@ -144,7 +182,7 @@ class Router:
             answer = await self._edge_answer(model, inputs)
             answer.degraded[:] = True
             return answer
-        return Answer.of(fetched.outputs, model.confidence(fetched.outputs), fetched.routes)
+        return Answer.of(fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)
 
     async def _offload_rows(
         self,
@@ -158,7 +196,7 @@ class Router:
     ) -> None:
         try:
             fetched = await self._fetcher.fetch(model, request, inputs, rows, deadline)
-            answer.put(rows, fetched.outputs, model.confidence(fetched.outputs), fetched.routes)
+            answer.put(rows, fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)
         except CloudFailure as failure:
             if options.require_cloud:
                 raise

@@ -1,16 +1,18 @@
 """The cloud's answer for some rows of a request: from the row cache, from an identical row's call
 already in flight (single-flight), or from a new call to the upstream.
 
-Every failure is a CloudFailure, which the router answers from the edge.
+Every failure is a CloudFailure, which the router answers from the edge. Whoever wants the cloud's new
+answers as they arrive (the edge agent's recording, for distillation) gives a CloudRowsHook.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -25,6 +27,17 @@ from offload.router.models import Arrays, RoutedModel
 from offload.router.options import AnsweredBy, forwarded
 from offload.router.upstream import CloudFailure, Upstream
 
+log = logging.getLogger(__name__)
+
+
+class CloudRowsHook(Protocol):
+    """Told of every row a cloud call answered: `inputs` as sent, `outputs` (every output of the model) as
+    the cloud answered them, and the version of the cloud model that answered. Cached rows and rows shared
+    from another request's call are not new answers and are not told. It is called on the event loop while
+    the request waits, so it must return at once (hand the rows to a thread), and keep the arrays unchanged."""
+
+    def __call__(self, model: RoutedModel, inputs: Arrays, outputs: Arrays, cloud_version: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
@@ -36,11 +49,14 @@ class Fetched:
 
 class RowFetcher:
     """Gets the cloud's rows from `upstream`, through `cache` when there is one. Without an upstream
-    every fetch is a CloudFailure (an edge-only router)."""
+    every fetch is a CloudFailure (an edge-only router). `on_cloud_rows` is told of every new answer."""
 
-    def __init__(self, upstream: Upstream | None, cache: RowCache | None = None) -> None:
+    def __init__(
+        self, upstream: Upstream | None, cache: RowCache | None = None, on_cloud_rows: CloudRowsHook | None = None
+    ) -> None:
         self.upstream = upstream
         self.cache = cache
+        self.on_cloud_rows = on_cloud_rows
 
     async def close(self) -> None:
         if self.upstream is not None:
@@ -64,9 +80,13 @@ class RowFetcher:
         ]
         parameters = forwarded(request.parameters)
         if self.cache is None or rows.size == 0:
-            outputs, _ = await _call(self.upstream, model, request.id, tensors, parameters, deadline)
+            outputs, _ = await _call(
+                self.upstream, model, request.id, tensors, parameters, deadline, self.on_cloud_rows
+            )
             return Fetched(outputs, np.full(rows.size, AnsweredBy.CLOUD, dtype=object))
-        return await _cached(self.upstream, self.cache, model, request.id, tensors, parameters, deadline)
+        return await _cached(
+            self.upstream, self.cache, model, request.id, tensors, parameters, deadline, self.on_cloud_rows
+        )
 
 
 async def _call(
@@ -76,8 +96,9 @@ async def _call(
     tensors: list[Tensor],
     parameters: dict[str, ParameterValue],
     deadline: float | None,
+    on_cloud_rows: CloudRowsHook | None,
 ) -> tuple[Arrays, str]:
-    """One upstream request for these rows: their outputs and the cloud model's version."""
+    """One upstream request for these rows: their outputs and the cloud model's version (told to on_cloud_rows)."""
     sub_request = InferRequest(
         model_name=model.cloud_model,
         model_version=model.routing.cloud_version,
@@ -92,7 +113,14 @@ async def _call(
 
     response = await upstream.infer(sub_request, deadline, validate)
     produced = response.as_dict()
-    return {spec.name: produced[spec.name].data for spec in model.edge.outputs}, response.model_version
+    outputs = {spec.name: produced[spec.name].data for spec in model.edge.outputs}
+    if on_cloud_rows is not None:
+        try:
+            on_cloud_rows(model, {tensor.name: tensor.data for tensor in tensors}, outputs, response.model_version)
+        except Exception:
+            # The answer itself is good: a failing observer must not cost the caller the cloud's rows.
+            log.exception("the on_cloud_rows hook failed; the cloud's answer is used all the same")
+    return outputs, response.model_version
 
 
 async def _cached(
@@ -103,6 +131,7 @@ async def _cached(
     tensors: list[Tensor],
     parameters: dict[str, ParameterValue],
     deadline: float | None,
+    on_cloud_rows: CloudRowsHook | None,
 ) -> Fetched:
     """The rows through the cache: hits from it, rows another request is fetching from that call,
     the rest in one call of our own, whose answers are stored and shared with whoever waits on them."""
@@ -114,7 +143,7 @@ async def _cached(
         picked = np.asarray(plan.sends)
         to_send = [Tensor(t.name, t.datatype, t.data[picked]) for t in tensors]
         try:
-            outputs, version = await _call(upstream, model, request_id, to_send, parameters, deadline)
+            outputs, version = await _call(upstream, model, request_id, to_send, parameters, deadline, on_cloud_rows)
         except BaseException as exc:
             cache.fail(plan, _shared_failure(exc))
             raise
@@ -127,7 +156,7 @@ async def _cached(
             # Their sender gave up early; fetch them under this request's own deadline.
             picked = np.asarray(refetch)
             subset = [Tensor(t.name, t.datatype, t.data[picked]) for t in tensors]
-            fetched = await _cached(upstream, cache, model, request_id, subset, parameters, deadline)
+            fetched = await _cached(upstream, cache, model, request_id, subset, parameters, deadline, on_cloud_rows)
             for i, position in enumerate(refetch):
                 answers[position] = {name: array[i] for name, array in fetched.outputs.items()}
                 routes[position] = fetched.routes[i]

@@ -30,7 +30,8 @@ class RetryBudget:
 
 
 class RetryThrottle:
-    """gRPC's retry throttling (proposal A6): one token bucket per cloud, shared by all calls.
+    """gRPC's retry throttling (proposal A6): one token bucket per cloud, shared by all calls
+    (to every replica of it: a pool of replicas is one cloud, with one budget).
 
     Each failed attempt (a retryable status, or a pushback that forbids retrying)
     takes a token, each success returns `token_ratio` of one; other statuses leave
@@ -86,10 +87,10 @@ class BreakerPolicy:
 
 
 class CircuitBreaker:
-    """Per-endpoint breaker: open on consecutive failures or a failure rate, probe after a cool-down.
+    """Per-replica breaker: open on consecutive failures or a failure rate, probe after a cool-down.
 
     Every transition is logged with its reason (WARNING when it opens, INFO otherwise),
-    followed by `describe()` when given (the endpoint adds its retry-token count).
+    followed by `describe()` when given (the pool adds its retry-token count).
     """
 
     def __init__(
@@ -113,18 +114,25 @@ class CircuitBreaker:
         self._probes = 0  # half-open probes let through so far (numbers them)
         self.transitions = 0  # state changes so far (the agent's status line reports them)
 
-    def allow(self) -> bool:
-        """Whether a call may go out now (in HALF_OPEN: only the one probe)."""
+    def ready(self) -> bool:
+        """Whether allow() would let a call go out now, without letting one: no state changes and no
+        probe is taken (a pool asks this of every replica before it picks one)."""
         if self.state is BreakerState.OPEN:
-            if self._clock() - self._opened_at < self.policy.cooldown_seconds:
-                return False
+            return self._clock() - self._opened_at >= self.policy.cooldown_seconds
+        if self.state is BreakerState.HALF_OPEN:
+            return not self._probe_in_flight
+        return True
+
+    def allow(self) -> bool:
+        """Whether a call may go out now (in HALF_OPEN: only the one probe), counting it as that probe."""
+        if not self.ready():
+            return False
+        if self.state is BreakerState.OPEN:
             self._set(
                 BreakerState.HALF_OPEN,
                 f"the {self.policy.cooldown_seconds:g}s cool-down is over; letting one probe call through",
             )
         if self.state is BreakerState.HALF_OPEN:
-            if self._probe_in_flight:
-                return False
             self._probe_in_flight = True
             self._probes += 1
         return True

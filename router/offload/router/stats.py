@@ -11,16 +11,38 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from offload.oip.stats import HistogramSnapshot
 from offload.router.resilience import BreakerState
+
+# Where a row's answer came from; "degraded": meant for the cloud, answered by the edge because the cloud failed.
+ROW_ROUTES = ("edge", "cloud", "cache", "degraded")
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamStats:
-    """The upstream the router sends rows to: where it is, how its circuit stands, what its calls did."""
+class ReplicaStats:
+    """One replica of the cloud: how its circuit stands and what was sent to it."""
 
     target: str
     circuit: BreakerState
     circuit_changes: int
+    calls: int  # RPCs sent to it (first attempts, retries and hedges alike)
+    failures: int  # of those, the ones that ended in an error status (not those their caller cancelled)
+    outstanding: int  # in flight now
+    reachable: bool  # False while its channel cannot connect (the process is gone, the port closed)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamStats:
+    """The upstream the router sends rows to: where it is, how its circuit stands, what its calls did.
+
+    The totals are the pool's (one cloud, however many replicas); `replicas` has each replica's own
+    figures, for the replicas the pool has now (one that DNS no longer lists leaves it, its calls
+    staying in the totals).
+    """
+
+    target: str  # as configured: one address, several, or dns:///NAME:PORT
+    circuit: BreakerState  # closed while any replica's is; else half_open while any is; else open
+    circuit_changes: int  # transitions of the replicas' circuits, all together
     retry_tokens: float  # left in the retry budget's bucket
     retry_tokens_max: float
     calls: int  # cloud-bound requests
@@ -30,6 +52,8 @@ class UpstreamStats:
     failures: int  # requests that ended in CloudFailure
     short_circuited: int  # refused by the open breaker
     by_outcome: Mapping[str, int]  # attempts by the gRPC status they ended with (cancelled ones: none)
+    call_seconds: HistogramSnapshot  # how long calls past the breakers took, every attempt and backoff included
+    replicas: tuple[ReplicaStats, ...]
 
     @property
     def retry_tokens_text(self) -> str:
@@ -47,6 +71,9 @@ class CacheStats:
     invalidations: int
     bytes: int
     entries: int
+    max_bytes: int
+    evicted: int  # entries dropped, least recently used first, to make room
+    expired: int  # entries dropped because their TTL ran out
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +91,17 @@ class AuditStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelTraffic:
+    """One model's answered requests (failed ones are in RouterStats.errors and the server's status counts)."""
+
+    requests: Mapping[str, int]  # by the answer's offload_route: edge, cloud, cache or mixed
+    degraded_requests: int  # answers with at least one degraded row
+    rows: Mapping[str, int]  # by ROW_ROUTES: every answered row in exactly one
+    seconds: Mapping[str, HistogramSnapshot]  # by the answer's offload_route: the router's time to answer
+    confidence: HistogramSnapshot  # the edge model's confidence in every row it ran on
+
+
+@dataclass(frozen=True, slots=True)
 class RouterStats:
     """Everything a router has counted, at one moment."""
 
@@ -74,3 +112,4 @@ class RouterStats:
     audit: AuditStats
     cloud: UpstreamStats | None  # None: the router has no cloud (everything is answered on the edge)
     cache: CacheStats | None  # None: no row cache
+    models: Mapping[str, ModelTraffic]  # per model served: what was answered, how and how fast

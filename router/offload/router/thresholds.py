@@ -18,15 +18,30 @@ class Thresholds:
 
     def __init__(self, models: Mapping[str, RoutedModel], target_offload: float | None = None) -> None:
         self._models = dict(models)
+        self._target_offload = target_offload
         # Online budget: per model, a threshold that keeps the offload share near the target.
         self._budgets = {name: AdaptiveThreshold(target_offload) for name in self._models} if target_offload else {}
+
+    def replace_models(self, models: Mapping[str, RoutedModel]) -> None:
+        """Follow a new model set: a model kept as it was (the same object) keeps its online budget; a new or
+        changed one starts a fresh budget, since the confidences the old one learned were another model's."""
+        old = self._models
+        self._models = dict(models)
+        if self._target_offload:
+            target = self._target_offload
+            self._budgets = {
+                name: self._budgets[name] if old.get(name) is model else AdaptiveThreshold(target)
+                for name, model in self._models.items()
+            }
 
     def for_rows(self, model: RoutedModel, options: RoutingOptions, confidence: npt.NDArray[np.float64]) -> float:
         """The threshold for a request's rows; the online budget, if any, learns their confidences."""
         if options.threshold is not None:
             return options.threshold
         budget = self._budgets.get(model.name)
-        if budget is None:
+        if budget is None or self._models.get(model.name) is not model:
+            # No budget, or a call still in flight on a model since replaced: its rows must not teach the
+            # new model's budget, so they are judged by the threshold the model was configured with.
             return model.routing.threshold
         budget.observe(confidence)
         return budget.threshold(model.routing.threshold)

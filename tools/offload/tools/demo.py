@@ -26,6 +26,7 @@ from offload.oip.types import InferRequest, ParameterValue
 from offload.router.config import RoutedConfig
 from offload.router.options import RESPONSE_ROUTE, ROUTE, THRESHOLD
 from offload.tools.process import ServerProcess
+from offload.tools.progress import with_progress
 
 MODEL = "digits"
 
@@ -58,7 +59,7 @@ async def _run_pass(
     parameters: dict[str, ParameterValue] = {ROUTE: route}
     if threshold is not None:
         parameters[THRESHOLD] = threshold
-    for index in _progress(range(len(inputs)), label):
+    for index in with_progress(range(len(inputs)), len(inputs), label, "req"):
         request = InferRequest(MODEL, [Tensor.of("pixels", inputs[index : index + 1])], parameters=dict(parameters))
         started = time.perf_counter()
         response = await client.infer(request, timeout=30.0)
@@ -67,14 +68,6 @@ async def _run_pass(
         result.predictions.append(int(np.argmax(scores[0])))
         result.routes.append(str(response.parameters[RESPONSE_ROUTE]))
     return result
-
-
-def _progress(items: range, label: str) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is optional: no bar, same results
-        return items
-    return tqdm(items, desc=label, unit="req", leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
