@@ -99,7 +99,7 @@ class Scrapes:
 
 @pytest.fixture(scope="module")
 def after_a_known_sequence(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrapes]:
-    """An edge agent and a one-slot cloud (one thread, no queue), both with --metrics-port, after:
+    """An edge agent and a one-slot cloud (one instance a model, one row in flight), both with --metrics-port, after:
     an edge-answered request, an offloaded one, the same again (cached), a mixed one, a degraded one (the
     cloud fails), two the edge refuses (unknown model, wrong shape), and straight to the cloud one that the
     gate holds and one refused at capacity meanwhile."""
@@ -110,7 +110,7 @@ def after_a_known_sequence(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     env = {
         **SUBPROCESS_ENV,
         gate.MARKER_ENV: str(gate_dir),
-        "OFFLOAD_CLOUD_MAX_QUEUE": "0",
+        "OFFLOAD_CLOUD_MAX_INFLIGHT_ROWS": "1",
         "OFFLOAD_CLOUD_RESPONSE_CACHE_BYTES": "1000000",
     }
     common = ["--grpc-port", "0", "--model-repository", str(repository), "--metrics-port", "0"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offload.cloud.memory import Trimmer
 from offload.cloud.registry import ModelRegistry
 from offload.cloud.response_cache import ResponseCache
 from offload.cloud.scheduler import Scheduler
@@ -50,8 +51,14 @@ class CloudDataPlane:
     def load(
         cls, repository: Mapping[str, ModelEntry], settings: CloudSettings, device: torch.device
     ) -> CloudDataPlane:
-        registry = ModelRegistry.load(repository, device, settings.model_repository)
-        scheduler = Scheduler(settings.inference_threads, settings.max_queue, settings.pushback_ms)
+        registry = ModelRegistry.load(repository, device, settings.model_repository, settings.model_defaults)
+        scheduler = Scheduler(
+            settings.instances(device),
+            settings.max_inflight_rows,
+            settings.max_inflight_bytes,
+            settings.pushback_ms,
+            trimmer=Trimmer(),
+        )
         cache = None
         if settings.response_cache_bytes:
             cache = ResponseCache(settings.response_cache_bytes, settings.response_cache_ttl_seconds)
@@ -92,10 +99,12 @@ class CloudDataPlane:
         return {
             "models": ",".join(self.registry.names),
             "ready": str(self.ready()),
-            "admitted": f"{stats.admitted}/{stats.capacity} (peak {stats.peak})",
-            "rejected": str(stats.rejected),
+            "admitted_rows": f"{stats.admitted_rows}/{stats.max_rows} (peak {stats.peak_rows})",
+            "admitted_bytes": f"{stats.admitted_bytes}/{stats.max_bytes} (peak {stats.peak_bytes})",
+            "rejected": f"{stats.rejected} at capacity, {stats.rejected_late} past their deadline",
             "started": str(stats.started),
             "dropped": str(stats.dropped),
+            "batches": f"{stats.batches} ({stats.batched_rows} rows, largest {stats.largest_batch})",
         }
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:

@@ -1,8 +1,8 @@
 """The cloud service's Prometheus metrics (`offload_cloud_*`), read from `CloudDataPlane.stats()` at each scrape.
 
 Per model: requests and rows by route (the model ran, or the response cache answered), the time to
-answer, load and warm-up time. The scheduler: queue depth, calls in flight, admitted and refused rows
-and calls, queue delay and batch size. The response cache. The OIP server's calls by status code
+answer, load and warm-up time. The scheduler: queue depth, model calls and rows in flight, admitted
+and refused rows and requests, queue delay and batch size. The response cache. The OIP server's calls by status code
 come from offload.oip.metrics.ServerCollector.
 
 Each section is one function of its snapshot, one `yield` per metric: a figure added to a snapshot
@@ -72,30 +72,46 @@ def _models(stats: CloudStats) -> Iterator[Metric]:
 
 
 def _scheduler(scheduler: SchedulerStats) -> Iterator[Metric]:
-    yield gauge(f"{PREFIX}_queue_depth", "Admitted model calls waiting for a thread.", scheduler.queued)
-    yield gauge(f"{PREFIX}_calls_in_flight", "Admitted model calls, running or queued.", scheduler.admitted)
-    yield gauge(f"{PREFIX}_calls_in_flight_peak", "The most model calls ever admitted at once.", scheduler.peak)
+    yield gauge(f"{PREFIX}_queue_depth", "Admitted rows waiting to be taken into a batch.", scheduler.queued_rows)
+    yield gauge(f"{PREFIX}_calls_in_flight", "Model calls (batches) running now.", scheduler.running)
+    yield gauge(f"{PREFIX}_calls_in_flight_peak", "The most model calls ever running at once.", scheduler.peak_running)
     yield gauge(
         f"{PREFIX}_capacity_calls",
-        "Model calls that may be admitted at once (threads + max_queue).",
-        scheduler.capacity,
+        "Model calls that may run at once for one model (its instances).",
+        scheduler.instances,
     )
-    yield counter(f"{PREFIX}_admitted_rows_total", "Rows of the model calls admitted.", scheduler.admitted_rows)
+    yield gauge(f"{PREFIX}_rows_in_flight", "Admitted rows, queued or running.", scheduler.admitted_rows)
+    yield gauge(f"{PREFIX}_bytes_in_flight", "Bytes of admitted requests' inputs.", scheduler.admitted_bytes)
+    yield gauge(f"{PREFIX}_capacity_rows", "Rows that may be admitted at once (max_inflight_rows).", scheduler.max_rows)
+    yield gauge(
+        f"{PREFIX}_capacity_bytes",
+        "Bytes of inputs that may be admitted at once (max_inflight_bytes).",
+        scheduler.max_bytes,
+    )
+    yield counter(f"{PREFIX}_admitted_rows_total", "Rows of the requests admitted.", scheduler.admitted_rows_total)
     yield counter(
         f"{PREFIX}_rejected_rows_total",
-        "Rows refused at capacity (RESOURCE_EXHAUSTED with a retry pushback).",
+        "Rows refused at capacity or as too late for their deadline (RESOURCE_EXHAUSTED with a retry pushback).",
         scheduler.rejected_rows,
     )
-    yield counter(f"{PREFIX}_rejected_calls_total", "Model calls refused at capacity.", scheduler.rejected)
-    yield counter(f"{PREFIX}_started_calls_total", "Model calls begun.", scheduler.started)
+    yield counter(f"{PREFIX}_rejected_calls_total", "Requests refused at capacity (rows or bytes).", scheduler.rejected)
+    yield counter(
+        f"{PREFIX}_rejected_late_calls_total",
+        "Requests refused because the work queued ahead of them would outlast their deadline.",
+        scheduler.rejected_late,
+    )
+    yield counter(f"{PREFIX}_started_calls_total", "Requests whose rows began to run.", scheduler.started)
     yield counter(
         f"{PREFIX}_dropped_calls_total",
-        "Queued model calls never run: their caller went away or its deadline passed first.",
+        "Admitted requests never run: their caller went away or its deadline passed first.",
         scheduler.dropped,
+    )
+    yield counter(
+        f"{PREFIX}_batches_total", "Model calls, each on the rows of one or more requests.", scheduler.batches
     )
     yield histograms(
         f"{PREFIX}_queue_delay_seconds",
-        "How long each model call begun had waited for a thread since it was admitted.",
+        "How long each request begun had waited since it was admitted for its first batch.",
         (),
         (((), scheduler.queue_seconds),),
     )

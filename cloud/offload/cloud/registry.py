@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from offload.cloud.config import ModelDefaults
 from offload.cloud.runtime import CloudModel
 from offload.oip.errors import ConfigurationError, NotFound
 from offload.oip.repository import ModelEntry
@@ -32,26 +33,38 @@ class ModelRegistry:
         self.loads: Mapping[str, ModelLoad] = dict(loads or {})
 
     @classmethod
-    def load(cls, repository: Mapping[str, ModelEntry], device: torch.device, source: Path) -> ModelRegistry:
-        """Every model with a [cloud] section, each warmed up on `device`; `source` is the repository's folder."""
+    def load(
+        cls,
+        repository: Mapping[str, ModelEntry],
+        device: torch.device,
+        source: Path,
+        defaults: ModelDefaults | None = None,
+    ) -> ModelRegistry:
+        """Every model with a [cloud] section, each warmed up on `device`; `source` is the repository's
+        folder; `defaults`: the server's settings for what a [cloud] section may override."""
         models: dict[str, CloudModel] = {}
         loads: dict[str, ModelLoad] = {}
         for name, entry in repository.items():
             if entry.config.cloud is None:
                 continue
             started = time.perf_counter()
-            model = CloudModel(entry, device)
+            model = CloudModel(entry, device, defaults)
             loaded = time.perf_counter()
             model.warm_up()
             loads[name] = ModelLoad(loaded - started, time.perf_counter() - loaded)
+            options = model.options
             log.info(
-                "loaded %s v%s (%s) on %s in %.2fs (warm-up %.2fs)",
+                "loaded %s v%s (%s) on %s in %.2fs (warm-up %.2fs): batching %s, up to %d rows a call, %s, %s",
                 name,
                 model.version,
                 model.platform,
                 device,
                 loads[name].load_seconds,
                 loads[name].warmup_seconds,
+                f"on (queue delay {options.max_queue_delay_us} us)" if options.batching else "off",
+                model.max_batch_rows,
+                options.dtype or "own dtype",
+                f"torch.compile ({options.compile})" if options.compile else "eager",
             )
             models[name] = model
         if not models:

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.address import host_port
 from offload.oip.errors import InvalidArgument, Unavailable, status_for, status_parameters, trailers_for
-from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, channel_options
+from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, server_options
 from offload.oip.memory import give_back_freed_memory
 from offload.oip.messages import (
     ModelInputs,
@@ -172,10 +172,15 @@ class InferenceServicer:
             code, message = status_for(exc)
             _log_if_unexpected(code)
             trailers = trailers_for(exc)
-            if trailers:
-                context.set_trailing_metadata(trailers)
-            await context.abort(code, message)
-            raise AssertionError("context.abort returned") from exc  # pragma: no cover
+        # Abort outside the except block and without the call: gRPC keeps the error that abort raises,
+        # with the frames it passes, in a reference cycle until the next garbage collection, and
+        # chained to `exc` or through `call` it would keep the request (up to max_message_bytes, and
+        # decoded) alive until then.
+        del call
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        await context.abort(code, message)
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         """The service's handlers, with requests that do not parse answered INVALID_ARGUMENT.
@@ -297,8 +302,11 @@ class InferenceServicer:
             # Once the call has ended, its request and answer freed, the memory it took goes back to the system.
             done = functools.partial(_give_back_after, request.size)
             context.add_done_callback(done)  # type: ignore[arg-type]  # stubs: a class, not a Protocol
+        # The message leaves this frame for the call's alone: see _guard.
+        messages = [request]
+        del request
         with self._in_flight_call():
-            return await self._guard(context, lambda: self._answer(request, context))
+            return await self._guard(context, lambda: self._answer(messages.pop(), context))
 
     async def ModelStreamInfer(
         self,
@@ -442,7 +450,8 @@ class OipServer:
         # First, so that it sees every call's status, those the token check refuses included.
         self._observer = CallObserver(SERVICE_NAME)
         self._server = grpc.aio.server(
-            options=channel_options(self.limits.max_message_bytes),
+            options=server_options(self.limits),
+            maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs,
             interceptors=[self._observer, *self.security.interceptors(SERVICE_NAME)],
         )
         self._servicer = InferenceServicer(data_plane, self.limits, give_back_after_bytes)

@@ -52,6 +52,14 @@ class ServerSettings(BaseSettings):
     max_elements: Annotated[
         int, Field(ge=1, description="Most elements one request tensor may declare; more is INVALID_ARGUMENT.")
     ] = MAX_ELEMENTS
+    max_concurrent_rpcs: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            description="RPCs served at once (default: no limit); gRPC refuses more with RESOURCE_EXHAUSTED "
+            "before reading their bodies.",
+        ),
+    ] = None
     grace_seconds: Annotated[
         float, Field(ge=0, description="On SIGTERM/SIGINT, how long calls in flight may take to finish.")
     ] = 10.0
@@ -103,7 +111,11 @@ class ServerSettings(BaseSettings):
 
     @property
     def limits(self) -> ServerLimits:
-        return ServerLimits(max_message_bytes=self.max_message_bytes, max_elements=self.max_elements)
+        return ServerLimits(
+            max_message_bytes=self.max_message_bytes,
+            max_elements=self.max_elements,
+            max_concurrent_rpcs=self.max_concurrent_rpcs,
+        )
 
     def security(self) -> ServerSecurity:
         """TLS credentials and accepted tokens from the files these settings name, each read and checked now."""
