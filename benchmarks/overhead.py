@@ -100,7 +100,7 @@ class Baselines:
             module,
             device,
             torch.get_num_threads(),
-            settings.inference_threads,
+            settings.instances(device),
         )
 
     def describe(self) -> str:

@@ -30,6 +30,18 @@ TESTS = Path(__file__).resolve().parent
 SUBPROCESS_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run only where torch sees a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def echo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_echo_repository(tmp_path_factory.mktemp("echo-repository"))

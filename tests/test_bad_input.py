@@ -33,11 +33,11 @@ from offload.oip.errors import MAX_STATUS_MESSAGE_BYTES, InvalidArgument, Upstre
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits
 from offload.oip.messages import CheckedRequest, decode_request, receive_infer_request, request_to_pb
 from offload.oip.repository import TensorSpec
+from offload.oip.request_ids import MAX_HEADER_REQUEST_ID
 from offload.oip.server import OipServer, read_request
 from offload.oip.tensors import Tensor, raw_bytes
 from offload.oip.types import InferRequest
 from offload.router.models import RoutedModel
-from offload.router.upstream import MAX_HEADER_REQUEST_ID
 from support import reference
 from support.chaos import ChaosProxy, edge_under_test
 from support.repos import SAMPLES, TEXT_BYTES, TYPED
@@ -306,7 +306,7 @@ async def test_a_clipped_message_fits_in_a_trailer(stub: Stub) -> None:
     details = caught.value.details() or ""
     # As sent, percent-encoded: within the limit, far below gRPC's 8 KiB for all trailers.
     assert len(urllib.parse.quote(details, safe=" !\"#$&'()*+,/:;<=>?@[\\]^`{|}~")) <= MAX_STATUS_MESSAGE_BYTES
-    assert details.endswith("is not served here; models: ['digits']")
+    assert details.endswith("is not served here; models: ['digits', 'tabular']")
 
 
 @pytest.mark.parametrize("server", SERVERS)

@@ -154,7 +154,10 @@ def test_the_default_measure_is_the_max_softmax_probability_at_the_models_temper
         ({"confidence": "output", "confidence_output": "conf", "temperature": 2.0}, "cannot apply"),
         ({"temperature": 0.0}, "greater than 0"),
         ({"temperature": float("inf")}, "finite"),
-        ({"confidence": "entropy"}, "'max_probability', 'margin', 'negative_entropy' or 'output'"),
+        ({"confidence": "entropy"}, "'max_probability', 'margin', 'negative_entropy', 'output' or 'gate'"),
+        ({"confidence": "gate"}, "confidence = 'gate' needs gate, the gate's ONNX file"),
+        ({"gate": "gate.onnx"}, "gate is only used with confidence = 'gate'"),
+        ({"confidence": "gate", "gate": "gate.onnx", "temperature": 2.0}, "cannot apply to confidence = 'gate'"),
     ],
 )
 def test_routing_section_rejects_inconsistent_confidence_settings(fields: dict[str, Any], message: str) -> None:

@@ -189,7 +189,10 @@ def _python_command(argv: list[str]) -> str:
 def test_health_checks_ask_their_own_server_for_the_overall_service() -> None:
     for where, _, command in _health_commands():
         (workload,) = (w for w in WORKLOADS if w.where == where)
-        assert f"'127.0.0.1:{workload.settings().grpc_port}'" in command, f"{where}: the health check asks another port"
+        # The plaintext health port: it answers whether or not TLS and tokens guard the gRPC port.
+        health_port = workload.settings().health_port
+        assert health_port is not None, f"{where}: no health port"
+        assert f"'127.0.0.1:{health_port}'" in command, f"{where}: the health check asks another port"
         assert "HealthCheckRequest()" in command, f"{where}: the health check asks for the overall service ''"
 
 
@@ -265,8 +268,13 @@ def test_kubernetes_probes_grpc_health_and_drains_within_its_grace_period() -> N
     _, pod, container, workload = _cloud_pool()
     settings = workload.settings()
     assert _ports(container)["grpc"] == settings.grpc_port
+    # The kubelet's gRPC probes speak plaintext without a client certificate: they ask the health port, since
+    # the gRPC port serves (mutual) TLS only.
+    assert settings.tls_cert is not None
+    assert settings.health_port is not None
+    assert _ports(container)["health"] == settings.health_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": settings.grpc_port, "service": ""}, probe
+        assert container[probe]["grpc"] == {"port": settings.health_port, "service": ""}, probe
     # The server binds its port only after loading: the startup probe covers that, not the liveness probe.
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +33,7 @@ import pytest
 from conftest import SUBPROCESS_ENV
 from offload.cloud.dataplane import CloudDataPlane
 from offload.cloud.registry import ModelRegistry
-from offload.cloud.scheduler import Scheduler, SchedulerStats
+from offload.cloud.scheduler import Scheduler
 from offload.cloud.settings import CloudSettings
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
@@ -336,11 +335,11 @@ async def test_backpressure_admits_capacity_and_refuses_the_rest_at_once(tmp_pat
     repository = gate.write_repository(tmp_path / "repository")
     gate_dir = tmp_path / "gate"
     gate_dir.mkdir()
-    env = {gate.MARKER_ENV: str(gate_dir), "OFFLOAD_CLOUD_MAX_QUEUE": "1"}
+    env = {gate.MARKER_ENV: str(gate_dir), "OFFLOAD_CLOUD_MAX_INFLIGHT_ROWS": "2"}
     args = ("--model-repository", str(repository), "--inference-threads", "1")
     with cloud_process(0, *args, env=env) as process:
         address = await asyncio.to_thread(process.start)
-        capacity = 2  # one running + one queued
+        capacity = 2  # rows: one 1-row request running + one queued
         async with OipClient(address) as client:
 
             def request(index: int) -> InferRequest:
@@ -387,10 +386,10 @@ async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
     gate_dir = tmp_path / "gate"
     gate_dir.mkdir()
     monkeypatch.setenv(gate.MARKER_ENV, str(gate_dir))
-    settings = CloudSettings(model_repository=repository, inference_threads=1, max_queue=1)
+    settings = CloudSettings(model_repository=repository, inference_threads=1, max_inflight_rows=2)
     plane = CloudDataPlane.load(load_repository(repository), settings, torch.device("cpu"))
-    capacity = plane.scheduler.stats().capacity
-    assert capacity == 2  # one call running, one queued
+    capacity = plane.scheduler.stats().max_rows
+    assert capacity == 2  # one 1-row call running, one queued
     server = OipServer(plane, "gated-cloud")
     await server.start()
     try:
@@ -404,7 +403,7 @@ async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
                 await client.infer(request(0), timeout=CALLER_DEADLINE)
             assert late.value.status == Code.DEADLINE_EXCEEDED
             assert gate.started(gate_dir) == {gate.started_marker(0)}
-            assert plane.scheduler.stats().admitted == 1, "its job still runs, so it keeps its slot"
+            assert plane.scheduler.stats().admitted_rows == 1, "its job still runs, so it keeps its row"
             # Rounds of callers with short deadlines: the stuck call still holds its slot, so one
             # call is queued (until its caller gives up) and the other is refused at once.
             for round_ in (1, 2):
@@ -418,15 +417,17 @@ async def test_callers_that_give_up_do_not_free_capacity_for_more_work(
                 assert sorted(error.status.name for error in errors) == ["DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"]
                 refused = next(error for error in errors if error.status == Code.RESOURCE_EXHAUSTED)
                 assert refused.pushback_ms == settings.pushback_ms
-                await eventually(lambda: plane.scheduler.stats().admitted == 1, "the queued job left with its caller")
+                await eventually(
+                    lambda: plane.scheduler.stats().admitted_rows == 1, "the queued job left with its caller"
+                )
             stats = plane.scheduler.stats()
-            assert stats.peak <= capacity, "admitted work never exceeded capacity"
+            assert stats.peak_rows <= capacity, "admitted work never exceeded capacity"
             assert gate.started(gate_dir) == {gate.started_marker(0)}, "no job whose caller had gone ever ran"
             assert stats.dropped == 2
             assert stats.rejected == 2
             (gate_dir / "open").touch()
             await eventually(
-                lambda: plane.scheduler.stats().admitted == 0, "the stuck call's slot is freed when it ends"
+                lambda: plane.scheduler.stats().admitted_rows == 0, "the stuck call's row is freed when it ends"
             )
             answer = await client.infer(request(5), timeout=30)
             np.testing.assert_array_equal(answer.outputs[0].data, [[5.0]])
@@ -446,19 +447,28 @@ async def test_a_queued_call_whose_deadline_has_passed_is_dropped_when_a_thread_
     gate_dir.mkdir()
     monkeypatch.setenv(gate.MARKER_ENV, str(gate_dir))
     model = ModelRegistry.load(load_repository(repository), torch.device("cpu"), repository).model("gate", "")
-    scheduler = Scheduler(threads=1, max_queue=1)
+    now = [1000.0]  # the scheduler's clock, moved by hand
+    scheduler = Scheduler(instances=1, max_rows=2, max_bytes=1 << 20, clock=lambda: now[0])
     try:
         held = asyncio.create_task(scheduler.run(model, {"x": np.zeros((1, 1), np.float32)}, None))
         await eventually((gate_dir / "arrived").exists, "the first call reached the model")
-        # Queued behind it with a deadline already gone: the thread that comes free must not run it.
-        late = asyncio.create_task(scheduler.run(model, {"x": np.ones((1, 1), np.float32)}, time.monotonic()))
-        await eventually(lambda: scheduler.stats().admitted == 2, "the late call was queued")
+        # Queued behind it; its deadline passes while it waits: the thread that comes free must not run it.
+        late = asyncio.create_task(scheduler.run(model, {"x": np.ones((1, 1), np.float32)}, now[0] + 1))
+        await eventually(lambda: scheduler.stats().admitted_rows == 2, "the late call was queued")
+        now[0] += 2
         (gate_dir / "open").touch()
-        with pytest.raises(DeadlineExceeded, match="deadline passed while the call waited for a thread"):
+        with pytest.raises(DeadlineExceeded, match="deadline passed while the request waited in the model's queue"):
             await late
         np.testing.assert_array_equal((await held)["y"], [[0.0]])
         assert gate.started(gate_dir) == {gate.started_marker(0)}, "the late call never reached the model"
-        assert scheduler.stats() == SchedulerStats(capacity=2, admitted=0, peak=2, rejected=0, started=1, dropped=1)
+        stats = scheduler.stats()
+        assert (stats.max_rows, stats.admitted_rows, stats.peak_rows) == (2, 0, 2)
+        assert (stats.rejected, stats.rejected_late, stats.started, stats.dropped) == (0, 0, 1, 1)
+        assert (stats.batches, stats.batched_rows) == (1, 1), "one model call, for the first request only"
+        assert (stats.queued_rows, stats.admitted_rows_total, stats.rejected_rows) == (0, 2, 0)
+        # Only the call that ran waited for an instance and made a batch (of its one row).
+        assert stats.queue_seconds.count == 1
+        assert stats.batch_rows.counts[0] == stats.batch_rows.count == 1
     finally:
         (gate_dir / "open").touch()
         scheduler.close()
@@ -509,7 +519,7 @@ async def test_an_overloaded_cloud_is_retried_after_its_pushback_then_the_edge_a
     pushback_ms = 50
     env = {
         gate.MARKER_ENV: str(gate_dir),
-        "OFFLOAD_CLOUD_MAX_QUEUE": "0",
+        "OFFLOAD_CLOUD_MAX_INFLIGHT_ROWS": "1",
         "OFFLOAD_CLOUD_PUSHBACK_MS": str(pushback_ms),
     }
     args = ("--model-repository", str(repository), "--inference-threads", "1")

@@ -99,7 +99,7 @@ async def test_cloud_exits_after_its_grace_period_even_with_a_model_call_stuck(t
     repository = gate.write_repository(tmp_path / "repository")
     gate_dir = tmp_path / "gate"
     gate_dir.mkdir()
-    env = {**SUBPROCESS_ENV, gate.MARKER_ENV: str(gate_dir), "OFFLOAD_CLOUD_MAX_QUEUE": "1"}
+    env = {**SUBPROCESS_ENV, gate.MARKER_ENV: str(gate_dir), "OFFLOAD_CLOUD_MAX_INFLIGHT_ROWS": "2"}
     args = ["cloud", "--grpc-port", "0", "--model-repository", str(repository), "--inference-threads", "1"]
     with ServerProcess([*args, "--grace-seconds", "1"], env=env) as server:
         address = server.start()

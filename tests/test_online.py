@@ -101,7 +101,7 @@ async def test_online_budget_keeps_the_offload_share_near_its_target_when_traffi
     # The snapshot says which threshold each router judges rows by now: the budget's follows the
     # traffic it saw (all of it fits the budget's window), the static one is the model's.
     model = demo_edge_models["digits"]
-    assert static.stats().thresholds == {"digits": model.routing.threshold}
+    assert static.stats().thresholds == {name: each.routing.threshold for name, each in demo_edge_models.items()}
     threshold = adaptive.stats().thresholds["digits"]
     assert threshold != model.routing.threshold
     confidence = reference.max_softmax(reference.edge_scores(shifted))

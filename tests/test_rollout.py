@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -686,6 +686,17 @@ def test_the_model_cache_defaults_to_a_state_folder(monkeypatch: pytest.MonkeyPa
 # The real agent.
 
 
+async def _first_of(awaitable: Coroutine[Any, Any, object], callers: list[asyncio.Task[None]]) -> None:
+    """Wait for `awaitable`, raising at once the error of a caller that fails first."""
+    waiting = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait([waiting, *callers], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not waiting and task.exception() is not None:
+            waiting.cancel()
+            raise task.exception()  # type: ignore[misc]
+    await waiting
+
+
 async def test_the_edge_agent_swaps_under_load_and_serves_the_kept_version_after_an_offline_restart(
     server: RepositoryServer, v1: Path, v2: Path, tmp_path: Path
 ) -> None:
@@ -718,9 +729,13 @@ async def test_the_edge_agent_swaps_under_load_and_serves_the_kept_version_after
                         enough.set()
 
             callers = [asyncio.create_task(caller(seen)) for seen in answered]
-            await started.wait()
+            # A caller that fails ends the wait at once with its error, rather than leaving the test
+            # waiting for answers that will never come.
+            await _first_of(started.wait(), callers)
             manifest_v2 = server.publish(v2)
-            await asyncio.to_thread(edge.wait_for_output, f"serving repository version {manifest_v2.version}")
+            await _first_of(
+                asyncio.to_thread(edge.wait_for_output, f"serving repository version {manifest_v2.version}"), callers
+            )
             await asyncio.gather(*callers)  # a failed call fails the test here
         for seen in answered:
             assert seen == sorted(seen)

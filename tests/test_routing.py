@@ -237,5 +237,5 @@ async def test_the_router_counts_what_in_process_callers_asked_too(
     assert (stats.requests, stats.degraded, stats.errors) == (3, 1, 1)
     assert stats.cloud is None
     assert stats.cache is None
-    assert stats.thresholds == {"digits": demo_edge_models["digits"].routing.threshold}
+    assert stats.thresholds == {name: model.routing.threshold for name, model in demo_edge_models.items()}
     assert stats.audit.rows == 0

@@ -20,10 +20,11 @@ RUN pip install --no-cache-dir '.[cloud]' \
 
 # Numeric, so that Kubernetes can check runAsNonRoot against the image itself.
 USER 10001:10001
-ENV OFFLOAD_CLOUD_HOST=0.0.0.0 OFFLOAD_CLOUD_GRPC_PORT=8101
-EXPOSE 8101
+# 8102: grpc.health.v1 alone, in plaintext, for health checks and probes that cannot speak TLS.
+ENV OFFLOAD_CLOUD_HOST=0.0.0.0 OFFLOAD_CLOUD_GRPC_PORT=8101 OFFLOAD_CLOUD_HEALTH_PORT=8102
+EXPOSE 8101 8102
 # SIGTERM drains: NOT_SERVING, new calls refused with UNAVAILABLE, calls in flight finish.
 STOPSIGNAL SIGTERM
 # SERVING once every model is loaded and warmed up; large models take a while, hence the start period.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=120s CMD python -c "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s = g.HealthStub(grpc.insecure_channel('127.0.0.1:8101')); sys.exit(s.Check(h.HealthCheckRequest(), timeout=2).status != h.HealthCheckResponse.SERVING)"
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s CMD python -c "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s = g.HealthStub(grpc.insecure_channel('127.0.0.1:8102')); sys.exit(s.Check(h.HealthCheckRequest(), timeout=2).status != h.HealthCheckResponse.SERVING)"
 ENTRYPOINT ["offload", "cloud"]

@@ -18,9 +18,10 @@ RUN pip install --no-cache-dir '.[edge]' \
 
 # Numeric, so that Kubernetes can check runAsNonRoot against the image itself.
 USER 10001:10001
-ENV OFFLOAD_EDGE_HOST=0.0.0.0 OFFLOAD_EDGE_GRPC_PORT=8001
-EXPOSE 8001
+# 8002: grpc.health.v1 alone, in plaintext, for health checks and probes that cannot speak TLS.
+ENV OFFLOAD_EDGE_HOST=0.0.0.0 OFFLOAD_EDGE_GRPC_PORT=8001 OFFLOAD_EDGE_HEALTH_PORT=8002
+EXPOSE 8001 8002
 # SIGTERM drains: NOT_SERVING, new calls refused with UNAVAILABLE, calls in flight finish.
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s = g.HealthStub(grpc.insecure_channel('127.0.0.1:8001')); sys.exit(s.Check(h.HealthCheckRequest(), timeout=2).status != h.HealthCheckResponse.SERVING)"
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; s = g.HealthStub(grpc.insecure_channel('127.0.0.1:8002')); sys.exit(s.Check(h.HealthCheckRequest(), timeout=2).status != h.HealthCheckResponse.SERVING)"
 ENTRYPOINT ["offload", "edge"]

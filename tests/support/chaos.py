@@ -15,6 +15,12 @@ with a raw stub. Faults are switched at run time, between or during bursts:
   sent as it is, to try malformed values).
 - `corruption`: forward, then break the answer (wrong shape, wrong row count, wrong
   datatype, raw bytes of the wrong size).
+- `break_streams`: that many of the next ModelStreamInfer streams fail UNAVAILABLE as
+  their first request arrives (it is never forwarded: a stream broken mid-call).
+
+ModelStreamInfer streams are forwarded as streams, request by request and answer by
+answer, with no other fault; the proxy counts the streams and the requests on them
+apart from unary calls, so a test can tell which way a client's requests went.
 
 The proxy counts what it received: calls, the x-request-id of each (so retries and
 hedges of one request can be told from new work), the parameters of each as they came
@@ -145,6 +151,17 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return await self._proxy.model_infer(request, context)
 
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # An async generator function, as gRPC needs to tell a streaming handler from a blocking one.
+        async for reply in self._proxy.model_stream_infer(request_iterator, context):
+            yield reply
+
+
+# W3C trace context metadata (offload.oip.tracing sends it with every call).
+TRACE_KEYS = ("traceparent", "tracestate")
+
 
 class ChaosProxy:
     """A fault-injecting OIP proxy in front of one upstream server. Use `async with` or start()/stop()."""
@@ -161,8 +178,11 @@ class ChaosProxy:
         self.exhausted = False
         self.pushback_ms: int | str | None = None
         self.corruption: Corruption | None = None
+        self.break_streams = 0
         # What arrived.
-        self.calls = 0
+        self.calls = 0  # unary ModelInfer calls
+        self.streams = 0  # ModelStreamInfer streams opened
+        self.stream_request_ids: list[str] = []  # the OIP request id of each request on a stream, in arrival order
         self.request_ids: list[str] = []  # x-request-id of each ModelInfer call, in arrival order
         self.message_ids: list[str] = []  # the OIP request id of each call, in arrival order
         # The request parameters of each call, as they came over the wire: name -> (the oneof field set, its value).
@@ -195,9 +215,12 @@ class ChaosProxy:
         self.exhausted = False
         self.pushback_ms = None
         self.corruption = None
+        self.break_streams = 0
 
     def reset_counts(self) -> None:
         self.calls = 0
+        self.streams = 0
+        self.stream_request_ids.clear()
         self.request_ids.clear()
         self.message_ids.clear()
         self.parameters.clear()
@@ -262,7 +285,11 @@ class ChaosProxy:
                 self.injected += 1
                 self._set_pushback(context)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "chaos proxy: injected RESOURCE_EXHAUSTED")
-            reply = await self._upstream_call(self.stub.ModelInfer, request, context, (("x-request-id", request_id),))
+            # The trace context goes on too, as a tracing-aware proxy passes it: the cloud's spans stay in the trace.
+            trace = tuple((k, v) for k, v in metadata.items() if k in TRACE_KEYS and isinstance(v, str))
+            reply = await self._upstream_call(
+                self.stub.ModelInfer, request, context, (("x-request-id", request_id), *trace)
+            )
             corruption = self.corruption
             if corruption is not None:
                 return corrupt(reply, corruption)
@@ -271,6 +298,36 @@ class ChaosProxy:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self.streams += 1
+        if self.break_streams > 0:
+            self.break_streams -= 1
+            async for request in requests:  # the first request: now a call is in flight on the stream
+                self.stream_request_ids.append(request.id)
+                self.injected += 1
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "chaos proxy: injected a broken stream")
+            return
+        upstream = self.stub.ModelStreamInfer()
+
+        async def forward_requests() -> None:
+            async for request in requests:
+                self.stream_request_ids.append(request.id)
+                await upstream.write(request)
+            await upstream.done_writing()
+
+        forwarding = asyncio.create_task(forward_requests())
+        try:
+            async for reply in upstream:
+                yield reply
+            await forwarding
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+        finally:
+            forwarding.cancel()
+            upstream.cancel()
 
     def _set_pushback(self, context: Context) -> None:
         if self.pushback_ms is not None:

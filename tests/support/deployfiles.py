@@ -18,9 +18,9 @@ from offload.edge.settings import EdgeSettings
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SETTINGS: dict[str, type[EdgeSettings] | type[CloudSettings]] = {"edge": EdgeSettings, "cloud": CloudSettings}
-# Settings the deployment files already set that arrive with work in progress: TLS (--tls-cert, --tls-key,
-# --tls-client-ca) and metrics (--metrics-port). Each must leave this list once it is a real setting.
-PENDING_SETTINGS = frozenset({"metrics_port"})
+# Settings the deployment files already set that arrive with work in progress (none now). Each must leave
+# this list once it is a real setting.
+PENDING_SETTINGS: frozenset[str] = frozenset()
 # Variables set next to the settings that something else in the container reads.
 FOREIGN_VARIABLES = {"HOME": "libraries' caches (torch, CUDA)", "STORAGE_URI": "KServe's storage initializer"}
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from cachetools import TTLCache
 
+from offload.cloud.stats import ResponseCacheStats
 from offload.oip.cache_keys import KeyHasher
 from offload.oip.datatypes import payload_bytes
 from offload.oip.tensors import Tensor
@@ -34,6 +35,11 @@ class ResponseCache:
     def key(request: InferRequest, model_version: str, outputs: list[str]) -> bytes:
         scope = f"{request.model_name}\0{model_version}\0{outputs!r}"
         return KeyHasher(scope, request.parameters).key(sorted(request.inputs, key=lambda t: t.name))
+
+    def stats(self) -> ResponseCacheStats:
+        return ResponseCacheStats(
+            self.hits, self.misses, int(self._entries.currsize), len(self._entries), self.max_bytes
+        )
 
     def get(self, key: bytes) -> list[Tensor] | None:
         outputs = self._entries.get(key)

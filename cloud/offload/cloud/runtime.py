@@ -3,6 +3,12 @@
 A factory returns either a torch.nn.Module or any object with
 `predict(inputs: dict[str, ndarray]) -> dict[str, ndarray]` (an ArrayModel),
 for models that are not tensors in, tensors out (or for tests that echo).
+
+One call of a model runs one batch: the rows of several requests, joined in order
+(`run_batch`). On CUDA the rows are joined straight into pinned host memory and copied
+to the device without blocking, each inference thread on its own CUDA stream, so one
+batch's copies overlap another's compute. Torch models may run in float16 or bfloat16
+and under torch.compile (`ModelOptions`).
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,14 +26,16 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from offload.cloud.config import CloudSection
+from offload.cloud.config import CloudSection, ModelDefaults
 from offload.oip.chunks import batch_rows, predict_in_chunks
+from offload.oip.datatypes import DATATYPES
 from offload.oip.errors import ConfigurationError, Internal, one_line
 from offload.oip.repository import ModelEntry, TensorSpec
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, npt.NDArray[Any]]
+_COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @runtime_checkable
@@ -43,9 +53,9 @@ def pick_device(requested: str) -> torch.device:
 
 
 class CloudModel:
-    """A loaded model with its declared tensors; `predict` blocks, so run it off the event loop."""
+    """A loaded model with its declared tensors; `run_batch` blocks, so run it off the event loop."""
 
-    def __init__(self, entry: ModelEntry, device: torch.device) -> None:
+    def __init__(self, entry: ModelEntry, device: torch.device, defaults: ModelDefaults | None = None) -> None:
         config = entry.config
         section = entry.section("cloud", CloudSection)
         if section is None:
@@ -57,28 +67,31 @@ class CloudModel:
         self.inputs: tuple[TensorSpec, ...] = config.inputs
         self.outputs: tuple[TensorSpec, ...] = config.outputs
         self.device = device
-        self._module: torch.nn.Module | None = None
+        self._module: Callable[..., Any] | None = None
         self._array_model: ArrayModel | None = None
-        program_rows: int | None = None
+        # The largest batch a torch.export program takes (Dim(max=...)), if it has a bound.
+        self.program_rows: int | None = None
         if section.factory is not None:
             self.platform = "python"
-            loaded = _call_factory(section.factory)
+            loaded = call_factory(section.factory)
         else:
             assert section.artifact is not None
             path = entry.artifact_path(section.artifact)
             if path.suffix == ".pt2":
                 self.platform = "pytorch_torchexport"
                 program = _load_program(path)
-                program_rows = _program_max_rows(program)
+                self.program_rows = _program_max_rows(program)
                 loaded = program.module()
             else:
                 self.platform = "pytorch_libtorch"
                 loaded = _load_torchscript(path, device)
+        self.options = (defaults or ModelDefaults()).resolve(section, self.program_rows)
+        # The most rows one call runs: the batcher never hands the model more.
+        self.max_batch_rows = self.options.max_batch_rows
+        self._compute_dtype: torch.dtype | None = None
         if isinstance(loaded, torch.nn.Module):
-            self._module = loaded.to(device)
-            if hasattr(self._module, "eval") and not isinstance(self._module, torch.fx.GraphModule):
-                self._module.eval()
             _check_torch_datatypes(self.name, self.inputs + self.outputs)
+            self._module = self._prepare(loaded)
         elif isinstance(loaded, ArrayModel):
             self._array_model = loaded
         else:
@@ -86,58 +99,132 @@ class CloudModel:
                 f"model {self.name!r}: the factory returned {type(loaded).__name__}, "
                 "expected a torch.nn.Module or an object with predict(inputs)"
             )
-        self._warmup_rows = section.warmup_rows
-        # The most rows one call of the model takes: a batch over it runs in chunks.
-        limits = [rows for rows in (program_rows, section.max_batch_rows) if rows is not None]
-        self.max_batch_rows: int | None = min(limits) if limits else None
+        self._pinned = device.type == "cuda"
+        self._streams = threading.local()
+        # (rows, seconds) of the largest warm-up batch: the first estimate of what a row costs.
+        self.warmup_cost: tuple[int, float] | None = None
+
+    def _prepare(self, module: torch.nn.Module) -> Callable[..., Any]:
+        module = module.to(self.device)
+        if not isinstance(module, torch.fx.GraphModule):
+            module.eval()
+        if self.options.dtype is not None and self.options.dtype != "float32":
+            self._compute_dtype = _COMPUTE_DTYPES[self.options.dtype]
+            module = module.to(self._compute_dtype)
+        if self.options.compile:
+            # Dynamic shapes: one compiled graph serves every batch size the warm-up has not seen.
+            return torch.compile(module, backend=self.options.compile, dynamic=True)
+        return module
 
     def warm_up(self) -> None:
-        """Run one batch so that lazy initialisation (CUDA context, kernels) happens before ready."""
-        if self._warmup_rows == 0:
-            return
-        inputs: Arrays = {spec.name: spec.zero_rows(self._warmup_rows) for spec in self.inputs}
-        try:
-            self.predict(inputs)
-        except Exception as exc:
-            log.debug("the warm-up batch of %r failed", self.name, exc_info=True)
-            raise ConfigurationError(
-                f"model {self.name!r}: the warm-up batch ({self._warmup_rows} rows of zeros shaped as model.toml "
-                f"declares the inputs) failed ({one_line(exc)}); check that model.toml's inputs and outputs are "
-                "what the model takes and gives (warmup_rows = 0 skips the warm-up)"
-            ) from exc
+        """Run batches of 1, 2, 4, ... up to `warmup_rows` rows, so that lazy initialisation (CUDA
+        context, kernels for each size, torch.compile's graphs) happens before the model reports
+        ready; the largest one is timed."""
+        largest = min(self.options.warmup_rows, self.max_batch_rows)
+        sizes = list(_powers_of_two(largest))
+        if largest and largest not in sizes:
+            sizes.append(largest)
+        for rows in sizes:
+            inputs: Arrays = {spec.name: spec.zero_rows(rows) for spec in self.inputs}
+            started = time.perf_counter()
+            try:
+                self.predict(inputs)
+            except Exception as exc:
+                log.debug("the warm-up batch of %r failed", self.name, exc_info=True)
+                raise ConfigurationError(
+                    f"model {self.name!r}: the warm-up batch ({rows} rows of zeros shaped as model.toml "
+                    f"declares the inputs) failed ({one_line(exc)}); check that model.toml's inputs and outputs are "
+                    "what the model takes and gives (warmup_rows = 0 skips the warm-up)"
+                ) from exc
+            self.warmup_cost = (rows, time.perf_counter() - started)
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
-        # Every declared tensor is batched along its first dimension (the repository insists on it),
-        # so a batch the model cannot take in one call runs in chunks, their answers written in place.
-        limit = self.max_batch_rows or max(1, batch_rows(inputs))
-        return predict_in_chunks(self._predict_batch, inputs, limit, [spec.name for spec in self.outputs])
+        """The outputs for `inputs`, in calls of at most `max_batch_rows` rows written in place: for
+        callers outside the scheduler (calibration, benchmarks), which hands out such calls itself."""
+        return predict_in_chunks(self._run_one, inputs, self.max_batch_rows, [spec.name for spec in self.outputs])
 
-    def _predict_batch(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
+    def _run_one(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
+        return self.run_batch([inputs])
+
+    def run_batch(self, parts: Sequence[Mapping[str, npt.NDArray[Any]]]) -> Arrays:
+        """One model call on the rows of `parts` joined in order; every output has one row per row in.
+
+        The parts share each input's datatype and trailing dimensions (the batcher sees to it).
+        """
+        rows = sum(batch_rows(part) for part in parts)
         if self._array_model is not None:
-            produced = dict(self._array_model.predict(inputs))
+            joined = parts[0] if len(parts) == 1 else {spec.name: _join(parts, spec.name) for spec in self.inputs}
+            produced = dict(self._array_model.predict(joined))
         else:
-            produced = self._run_module(inputs)
-        missing = [spec.name for spec in self.outputs if spec.name not in produced]
-        if missing:
-            raise Internal(f"model {self.name!r} did not produce output {missing[0]!r}")
+            produced = self._run_module(parts)
+        for spec in self.outputs:
+            if spec.name not in produced:
+                raise Internal(f"model {self.name!r} did not produce output {spec.name!r}")
+            shape = np.shape(produced[spec.name])
+            if not shape or shape[0] != rows:
+                raise Internal(
+                    f"model {self.name!r} returned output {spec.name!r} with shape {list(shape)} "
+                    f"for a batch of {rows} rows; every output must have one row per input row"
+                )
         return produced
 
-    def _run_module(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
+    def _run_module(self, parts: Sequence[Mapping[str, npt.NDArray[Any]]]) -> Arrays:
         assert self._module is not None
-        args = [_to_torch(inputs[spec.name], spec.datatype, self.device) for spec in self.inputs]
-        with torch.inference_mode():
+        with self._stream(), torch.inference_mode():
+            args = [self._stage(parts, spec) for spec in self.inputs]
             result = self._module(*args)
-        if isinstance(result, torch.Tensor):
-            results: list[torch.Tensor] = [result]
-        elif isinstance(result, dict):
-            results = [result[spec.name] for spec in self.outputs]
+            if isinstance(result, torch.Tensor):
+                results: list[torch.Tensor] = [result]
+            elif isinstance(result, dict):
+                results = [result[spec.name] for spec in self.outputs]
+            else:
+                results = list(result)
+            if len(results) != len(self.outputs):
+                raise Internal(
+                    f"model {self.name!r} returned {len(results)} tensors for {len(self.outputs)} declared outputs"
+                )
+            return {
+                spec.name: _to_numpy(tensor, spec.datatype) for spec, tensor in zip(self.outputs, results, strict=True)
+            }
+
+    def _stream(self) -> contextlib.AbstractContextManager[Any]:
+        """On CUDA, this thread's own stream: batches of different inference threads overlap."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        return torch.cuda.stream(stream)
+
+    def _stage(self, parts: Sequence[Mapping[str, npt.NDArray[Any]]], spec: TensorSpec) -> torch.Tensor:
+        """One input of the batch on the model's device: the parts joined by one copy into (pinned,
+        on CUDA) host memory that torch owns, then moved without blocking."""
+        arrays = [part[spec.name] for part in parts]
+        shape = (sum(array.shape[0] for array in arrays), *arrays[0].shape[1:])
+        bits = spec.datatype == "BF16"  # carried as uint16 bit patterns; torch reads them as bfloat16
+        host_dtype = DATATYPES[spec.datatype].dtype.newbyteorder("=")
+        tensor = torch.empty(shape, dtype=torch.int16 if bits else _torch_dtype(host_dtype), pin_memory=self._pinned)
+        target = tensor.numpy().view(host_dtype)
+        if len(arrays) == 1:
+            target[...] = arrays[0]
         else:
-            results = list(result)
-        if len(results) != len(self.outputs):
-            raise Internal(
-                f"model {self.name!r} returned {len(results)} tensors for {len(self.outputs)} declared outputs"
-            )
-        return {spec.name: _to_numpy(tensor, spec.datatype) for spec, tensor in zip(self.outputs, results, strict=True)}
+            np.concatenate(arrays, out=target)
+        staged = tensor.view(torch.bfloat16) if bits else tensor
+        staged = staged.to(self.device, non_blocking=True)
+        if self._compute_dtype is not None and staged.is_floating_point():
+            staged = staged.to(self._compute_dtype)
+        return staged
+
+
+def _powers_of_two(limit: int) -> Iterator[int]:
+    rows = 1
+    while rows <= limit:
+        yield rows
+        rows *= 2
+
+
+def _join(parts: Sequence[Mapping[str, npt.NDArray[Any]]], name: str) -> npt.NDArray[Any]:
+    return np.concatenate([part[name] for part in parts])
 
 
 def _program_max_rows(program: torch.export.ExportedProgram) -> int | None:
@@ -222,7 +309,9 @@ def _load_torchscript(path: Path, device: torch.device) -> Any:
         ) from exc
 
 
-def _call_factory(reference: str) -> Any:
+def call_factory(reference: str) -> Any:
+    """What the factory 'package.module:function' returns when called with no arguments (also `offload distill`'s
+    edge architectures); ConfigurationError with one actionable line when it cannot be imported or raises."""
     module_name, _, function_name = reference.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -257,18 +346,13 @@ def _check_torch_datatypes(name: str, specs: tuple[TensorSpec, ...]) -> None:
             )
 
 
-def _to_torch(array: npt.NDArray[Any], datatype: str, device: torch.device) -> torch.Tensor:
-    # Decoded raw inputs are read-only views of the message; torch wants
-    # writable memory, so copy once here (a device transfer copies anyway).
-    if datatype == "BF16":
-        return torch.from_numpy(np.array(array, dtype=np.uint16).view(np.int16)).view(torch.bfloat16).to(device)
-    return torch.from_numpy(np.array(array)).to(device)
+def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
 def _to_numpy(tensor: torch.Tensor, datatype: str) -> npt.NDArray[Any]:
-    tensor = tensor.detach().to("cpu")
+    """An output as its declared datatype, cast on the device before the one copy back."""
     if datatype == "BF16":
-        return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    from offload.oip.datatypes import DATATYPES
-
-    return tensor.numpy().astype(DATATYPES[datatype].dtype.newbyteorder("="), copy=False)
+        return tensor.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    dtype = DATATYPES[datatype].dtype.newbyteorder("=")
+    return tensor.detach().to("cpu", _torch_dtype(dtype)).numpy()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -9,8 +10,12 @@ import sys
 import torch
 
 from offload.cloud.dataplane import SERVER_NAME, CloudDataPlane
+from offload.cloud.memory import freeze_startup_objects
+from offload.cloud.metrics import CloudCollector
 from offload.cloud.runtime import pick_device
 from offload.cloud.settings import CloudSettings
+from offload.oip.metrics import on_loop
+from offload.oip.operations import Operations
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 
@@ -18,20 +23,21 @@ log = logging.getLogger(__name__)
 
 
 def size_torch_threads(settings: CloudSettings, device: torch.device) -> None:
-    """On CPU, give each inference thread its share of the cores.
+    """On CPU, give each inference thread its share of the cores, one left to the event loop.
 
     torch's default intra-op pool is one thread per core *per calling thread*;
     with several inference threads that oversubscribes the cores (measured on 2
-    cores: 30 ms p50 / 832 ms p99 per 64-row batch instead of 13 / 18 ms).
+    cores: 30 ms p50 / 832 ms p99 per 64-row batch instead of 13 / 18 ms), and
+    the event loop (gRPC, decoding) needs a core of its own under load.
     """
     if device.type != "cpu":
         return
-    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.inference_threads)
+    threads = settings.intra_op_threads(device)
     torch.set_num_threads(threads)
     log.info(
         "torch uses %d intra-op thread(s) per inference thread (%d inference threads)",
         threads,
-        settings.inference_threads,
+        settings.instances(device),
     )
 
 
@@ -50,10 +56,14 @@ async def run(settings: CloudSettings) -> None:
     The process exits within the grace period even when a model call is stuck: see
     `_exit_abandoning`.
     """
+    # Tracing first: a missing extra or a wrong OTEL_* value stops start-up before the models load.
+    operations = Operations(settings, SERVER_NAME)
     server, plane = await build_server(settings)
+    freeze_startup_objects()
     port = await server.start(settings.host, settings.grpc_port)
+    for line in await operations.start(server, CloudCollector(on_loop(asyncio.get_running_loop(), plane.stats))):
+        print(line, flush=True)
     try:
-        # One line that scripts (the demo, the tests) read to learn the port.
         await serve_until_signalled(
             server,
             settings.grace_seconds,
@@ -64,6 +74,7 @@ async def run(settings: CloudSettings) -> None:
         )
     finally:
         running = plane.close()
+        await operations.stop()
     if running:
         _exit_abandoning(running, settings.grace_seconds)
 

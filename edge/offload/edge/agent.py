@@ -12,17 +12,23 @@ from pathlib import Path
 
 from offload.edge.config import EdgeSection
 from offload.edge.dataplane import SERVER_NAME, RouterDataPlane
+from offload.edge.gate import GatedModel
+from offload.edge.metrics import EdgeCollector
 from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES, OnnxModel
+from offload.edge.recording import Recorder
 from offload.edge.rollout import ModelRollout
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
 from offload.oip.errors import ConfigurationError, one_line
 from offload.oip.memory import limit_arenas
+from offload.oip.metrics import on_loop
+from offload.oip.operations import Operations
 from offload.oip.repository import load_repository
 from offload.oip.server import OipServer, serve_until_signalled
 from offload.router.cache import RowCache
 from offload.router.config import RoutedConfig
 from offload.router.core import Router
+from offload.router.fetch import CloudRowsHook
 from offload.router.models import RoutedModel
 from offload.router.pool import CloudPool
 from offload.router.resilience import BreakerPolicy, BreakerState, RetryBudget, RetryThrottle
@@ -32,11 +38,15 @@ log = logging.getLogger(__name__)
 
 
 def load_edge_models(
-    repository: Path, keep: Mapping[str, RoutedModel] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    repository: Path,
+    keep: Mapping[str, RoutedModel] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    gates: bool = True,
 ) -> dict[str, RoutedModel]:
     """The [edge] models of a repository, loaded; those named in `keep` are taken from it as they are
     (a rollout keeps the models it did not change). Each runs a batch in chunks of at most `chunk_bytes`
-    of input."""
+    of input. gates=False leaves out their gates (`offload calibrate --gate` trains a new one, so an old
+    one missing or broken must not stop it)."""
     models: dict[str, RoutedModel] = {}
     for name, entry in load_repository(repository).items():
         if keep is not None and name in keep:
@@ -54,6 +64,10 @@ def load_edge_models(
             raise ConfigurationError(
                 f"model {name!r}: routing.output {routed.score_output!r} is not an output of {onnx.path}"
             )
+        if gates and config.routing.gate is not None:
+            # confidence = "gate": the gate runs after the model, on the same settings (threads, providers).
+            gate = OnnxModel(entry.artifact_path(config.routing.gate), section)
+            routed = RoutedModel(config, GatedModel(onnx, gate, routed.score_output))
         log.info(
             "loaded %s v%s on the edge (%s, threshold %.3f)",
             name,
@@ -101,6 +115,7 @@ def build_cloud_pool(
         sleep=sleep or asyncio.sleep,
         resolve_seconds=settings.cloud_resolve_seconds,
         security=settings.cloud_security(),
+        streaming=settings.cloud_streaming,
     )
 
 
@@ -108,9 +123,11 @@ def build_router(
     settings: EdgeSettings,
     on_breaker_change: Callable[[BreakerState], None] | None = None,
     models: Mapping[str, RoutedModel] | None = None,
+    on_cloud_rows: CloudRowsHook | None = None,
 ) -> Router:
     """The in-process router an app can call directly, configured like the agent; it serves `models` if
-    given (the agent's from model_repository_url), else those of model_repository, each warmed up first."""
+    given (the agent's from model_repository_url), else those of model_repository, each warmed up first.
+    Recording (record_dir) is the caller's to open and close: pass open_recorder(settings)'s on_cloud_rows."""
     # The cloud channel first: its certificates and token are checked before any model loads.
     cloud = build_cloud_pool(settings, on_breaker_change)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
@@ -126,9 +143,23 @@ def build_router(
         cache=cache,
         target_offload=settings.target_offload,
         audit_share=settings.audit_share,
+        on_cloud_rows=on_cloud_rows,
         placement=settings.placement(),
         coalesce=settings.coalescing(),
     )
+
+
+def open_recorder(settings: EdgeSettings) -> Recorder | None:
+    """The recorder of the cloud's answers when record_dir is set (opt-in), else None."""
+    if settings.record_dir is None:
+        return None
+    recorder = Recorder.open(settings.record_dir, settings.record_max_bytes)
+    log.info(
+        "recording the cloud's answers (inputs included) in %s, at most %d bytes of files",
+        settings.record_dir,
+        settings.record_max_bytes,
+    )
+    return recorder
 
 
 # A device's memory is the agent's budget (offload.oip.memory). One malloc arena rather than eight a core, so
@@ -175,20 +206,26 @@ async def run(settings: EdgeSettings) -> None:
         if server is not None:
             server.set_service_health_soon(CLOUD_HEALTH_SERVICE, state is BreakerState.CLOSED)
 
-    # Certificates and tokens are checked before anything else is loaded: a wrong file stops start-up at once.
+    # Certificates, tokens and tracing are checked before anything else is loaded: a wrong one stops start-up at once.
     security = settings.security()
+    operations = Operations(settings, SERVER_NAME)
     # With a model repository URL, the models are the kept or downloaded ones (see offload.edge.rollout).
     load = functools.partial(load_edge_models, chunk_bytes=settings.edge_chunk_bytes)
     rollout = ModelRollout.open(settings, load) if settings.model_repository_url else None
     models = await rollout.start(settings.model_repository) if rollout is not None else None
-    router = build_router(settings, breaker_changed, models)
+    recorder = open_recorder(settings)
+    router = build_router(settings, breaker_changed, models, recorder.on_cloud_rows if recorder else None)
     plane = RouterDataPlane(router)
     server = OipServer(plane, SERVER_NAME, settings.limits, security, give_back_after_bytes=GIVE_BACK_AFTER_BYTES)
     port = await server.start(settings.host, settings.grpc_port)
     if settings.cloud:
         await server.set_service_health(CLOUD_HEALTH_SERVICE, serving=True)
+    for line in await operations.start(server, EdgeCollector(on_loop(asyncio.get_running_loop(), router.stats))):
+        print(line, flush=True)
     cloud = settings.cloud or "none (edge answers only)"
-    status = StatusLog(router.stats, settings.status_log_seconds)
+    if settings.cloud and settings.cloud_streaming:
+        cloud += " over one ModelStreamInfer stream per replica"
+    status = StatusLog(router.stats, settings.status_log_seconds, recording=recorder.stats if recorder else None)
     reporter = asyncio.create_task(status.run()) if settings.status_log_seconds > 0 else None
     check = asyncio.create_task(report_cloud_at_start(router.upstream)) if router.upstream is not None else None
     poller = asyncio.create_task(rollout.run(router, settings.model_poll_seconds)) if rollout is not None else None
@@ -212,5 +249,9 @@ async def run(settings: EdgeSettings) -> None:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
-            status.log()  # what happened since the last line, so a shutdown does not lose it
         await router.close()
+        if recorder is not None:
+            await asyncio.to_thread(recorder.close)  # the rows still waiting go to disk
+        if reporter is not None:
+            status.log()  # what happened since the last line, so a shutdown does not lose it
+        await operations.stop()

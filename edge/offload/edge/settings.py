@@ -83,6 +83,12 @@ class EdgeSettings(ServerSettings):
     cloud_resolve_seconds: Annotated[
         float, Field(gt=0, description="How often the dns:/// names in cloud are looked up again for replicas.")
     ] = 30.0
+    cloud_streaming: bool = Field(
+        False,
+        description="Send the rows for the cloud on long-lived ModelStreamInfer streams (Triton's), one per replica "
+        "that every request shares, instead of one ModelInfer call each; falls back to ModelInfer if the cloud "
+        "lacks it.",
+    )
     cloud_timeout_seconds: Annotated[
         float,
         Field(gt=0, description="Default cloud deadline: all attempts at one request, when the caller's is longer."),
@@ -172,6 +178,19 @@ class EdgeSettings(ServerSettings):
             "of max_message_bytes of input); 0: no coalescing, each request's rows in calls of their own.",
         ),
     ] = _COALESCE.max_rows
+    record_dir: Path | None = Field(
+        None,
+        description="Opt-in, off by default (these are users' inputs): keep every row the cloud answers and its "
+        "answer in rotating .npz files in this folder, for `offload distill` (see offload.edge.recording).",
+    )
+    record_max_bytes: Annotated[
+        int,
+        Field(
+            ge=64 * 1024,
+            description="Most bytes of recording files in record_dir together; the oldest are deleted past it. "
+            "Each file holds at most 1/8 of it (and at most 16 MiB).",
+        ),
+    ] = 256 * 1024 * 1024
     hedge_delay_seconds: Annotated[
         float | None,
         Field(

@@ -4,9 +4,10 @@ Circuit transitions are logged the moment they happen (offload.router.resilience
 this line is the steady picture between them, for an operator reading the log of
 a device: the circuit's state, the retry tokens left, and since the previous line
 the requests, degraded answers and errors, the cloud calls and how many failed or
-were kept off the wire, the cache's hit rate and the audit's agreement. With several
-cloud replicas it adds each one's circuit, calls and failed calls, and calls in flight.
-It is written only when something happened since the previous one, so an idle device
+were kept off the wire, the cache's hit rate and the audit's agreement, and, when recording is on, the
+rows recorded, dropped and written and the recording's size on disk. With several cloud replicas it adds
+each one's circuit, calls and failed calls, and calls in flight. It is
+written only when something happened since the previous one, so an idle device
 does not fill its log.
 """
 
@@ -18,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 
+from offload.edge.recording import RecordingStats
 from offload.router.stats import ReplicaStats, RouterStats
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,13 @@ class _Counts:
     cache_hits: int = 0
     cache_misses: int = 0
     audit_rows: int = 0
+    recorded: int = 0
+    record_dropped: int = 0
+    record_written: int = 0
+    record_bytes: int = 0
 
     @classmethod
-    def of(cls, stats: RouterStats) -> _Counts:
+    def of(cls, stats: RouterStats, recording: RecordingStats | None) -> _Counts:
         cloud, cache = stats.cloud, stats.cache
         return cls(
             requests=stats.requests,
@@ -56,6 +62,10 @@ class _Counts:
             cache_hits=cache.hits if cache else 0,
             cache_misses=cache.misses if cache else 0,
             audit_rows=stats.audit.rows,
+            recorded=recording.rows if recording else 0,
+            record_dropped=recording.dropped if recording else 0,
+            record_written=recording.rows_written if recording else 0,
+            record_bytes=recording.bytes_written if recording else 0,
         )
 
     def minus(self, other: _Counts) -> _Counts:
@@ -63,8 +73,8 @@ class _Counts:
 
 
 class StatusLog:
-    """Writes the agent's status line every `interval_seconds` from the router's `stats` snapshots
-    (clock and sleep injectable for tests)."""
+    """Writes the agent's status line every `interval_seconds` from the router's `stats` snapshots and,
+    when recording is on, the recorder's `recording` ones (clock and sleep injectable for tests)."""
 
     def __init__(
         self,
@@ -72,13 +82,15 @@ class StatusLog:
         interval_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        recording: Callable[[], RecordingStats] | None = None,
     ) -> None:
         self.stats = stats
+        self.recording = recording
         self.interval_seconds = interval_seconds
         self._clock = clock
         self._sleep = sleep
         first = stats()
-        self._last = _Counts.of(first)
+        self._last = _Counts.of(first, recording() if recording else None)
         self._last_at = clock()
         # Each replica's calls and failures at the previous line, by target.
         replicas = first.cloud.replicas if first.cloud is not None else ()
@@ -88,7 +100,8 @@ class StatusLog:
         """The status since the previous line, or None if nothing happened since (then the
         next line still covers the time from the previous one)."""
         stats = self.stats()
-        now = _Counts.of(stats)
+        recording = self.recording() if self.recording else None
+        now = _Counts.of(stats, recording)
         if now == self._last:
             return None
         change = now.minus(self._last)
@@ -122,6 +135,11 @@ class StatusLog:
         audit = stats.audit
         if audit.agreement is not None:
             parts.append(f"audit agreement {100 * audit.agreement:.1f}% over {audit.rows} rows")
+        if recording is not None:
+            parts.append(
+                f"recording: {change.recorded} rows ({change.record_dropped} dropped), {change.record_written} "
+                f"written ({change.record_bytes:,} bytes), {recording.bytes_on_disk:,} bytes on disk"
+            )
         return "; ".join(parts)
 
     def _replicas_part(self, replicas: Sequence[ReplicaStats]) -> str:

@@ -19,6 +19,11 @@ _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _PORT = re.compile(r"[0-9]{1,5}")
 
 
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT for a host and a port, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_address(text: str) -> str:
     """`text` unchanged if it is HOST:PORT, else ValueError saying what is wrong with it.
 

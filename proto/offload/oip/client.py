@@ -8,11 +8,13 @@ import grpc
 
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip import grpc_service_pb2_grpc as pb_grpc
-from offload.oip.errors import PUSHBACK_KEY, UpstreamError, parse_pushback, printable
+from offload.oip import tracing
+from offload.oip.errors import UpstreamError, upstream_error
 from offload.oip.limits import INLINE_CODEC_ELEMENTS, MAX_ELEMENTS, MAX_MESSAGE_BYTES, channel_options
 from offload.oip.messages import encode_cost, request_to_pb, response_from_pb
 from offload.oip.repository import TensorSpec
 from offload.oip.security import ChannelSecurity
+from offload.oip.stream import InferStream
 from offload.oip.types import InferRequest, InferResponse, ModelMetadata
 
 # gRPC's default reconnect backoff starts at 1 s and grows to 120 s while a peer is
@@ -29,7 +31,12 @@ class OipClient:
     """One channel to one server. Calls raise UpstreamError carrying the server's status.
 
     With TLS credentials in `security` the channel is a secure one; without, it is plaintext.
-    Its bearer token, if any, goes with every call.
+    Its bearer token, if any, goes with every call (in stream mode, with every stream it opens).
+
+    With `streaming`, `infer` sends its requests on one long-lived ModelStreamInfer stream that
+    every concurrent call shares (offload.oip.stream says how answers find their calls, and how
+    deadlines and a broken stream are handled); against a server without the stream, it falls
+    back to unary calls. Other calls are unary either way.
     """
 
     def __init__(
@@ -38,6 +45,7 @@ class OipClient:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_elements: int = MAX_ELEMENTS,
         security: ChannelSecurity | None = None,
+        streaming: bool = False,
     ) -> None:
         self.target = target
         # The most elements one answer's tensor may declare: the peer's sizes are checked before decoding.
@@ -53,10 +61,22 @@ class OipClient:
         else:
             self._channel = grpc.aio.secure_channel(target, self.security.credentials, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._stream = InferStream(self._stub, target, max_message_bytes, self.security.metadata) if streaming else None
 
     async def close(self, grace: float | None = None) -> None:
-        """Close the channel; with `grace`, calls in flight get that many seconds to finish first."""
+        """Close the channel; with `grace`, calls in flight get that many seconds to finish first.
+
+        In stream mode the stream is half-closed first, so that it ends once its calls are answered
+        (without a grace period, they fail UNAVAILABLE at once).
+        """
+        if self._stream is not None:
+            if grace is None:
+                await self._stream.close()
+            else:
+                self._stream.finish()
         await self._channel.close(grace)
+        if self._stream is not None:
+            await self._stream.close()  # what the grace period left unanswered fails; its tasks end
 
     def reachable(self) -> bool:
         """False while the channel cannot connect (TRANSIENT_FAILURE: refused, reset, unreachable).
@@ -76,7 +96,7 @@ class OipClient:
                 pb.ServerReadyRequest(), timeout=timeout, wait_for_ready=True, metadata=self.security.metadata()
             )
         except grpc.aio.AioRpcError as exc:
-            raise _upstream(exc, self.target) from exc
+            raise upstream_error(exc, self.target) from exc
         if not reply.ready:
             raise UpstreamError(grpc.StatusCode.UNAVAILABLE, f"{self.target} is live but not ready")
 
@@ -86,7 +106,7 @@ class OipClient:
                 pb.ServerReadyRequest(), timeout=timeout, metadata=self.security.metadata()
             )
         except grpc.aio.AioRpcError as exc:
-            raise _upstream(exc, self.target) from exc
+            raise upstream_error(exc, self.target) from exc
         return reply.ready
 
     async def model_metadata(self, name: str, version: str = "", timeout: float | None = None) -> ModelMetadata:
@@ -97,7 +117,7 @@ class OipClient:
                 metadata=self.security.metadata(),
             )
         except grpc.aio.AioRpcError as exc:
-            raise _upstream(exc, self.target) from exc
+            raise upstream_error(exc, self.target) from exc
 
         def specs(tensors: list[pb.ModelMetadataResponse.TensorMetadata]) -> tuple[TensorSpec, ...]:
             return tuple(
@@ -123,6 +143,8 @@ class OipClient:
 
         A malformed answer (sizes that do not match the shapes, unknown datatypes)
         raises InvalidArgument naming the output; the caller decides what that means.
+        `metadata` goes with a unary call only: a stream's headers are sent once, when it
+        opens (the request's id travels in the message either way).
         """
         # Large requests and answers are encoded and decoded in a worker thread, as the servers do,
         # so one big call does not hold up the caller's event loop (the edge agent's other requests).
@@ -131,11 +153,17 @@ class OipClient:
         else:
             message = request_to_pb(request, raw=raw)
         try:
-            reply = await self._stub.ModelInfer(
-                message, timeout=timeout, metadata=(*self.security.metadata(), *metadata)
-            )
+            if self._stream is not None and self._stream.usable:
+                reply = await self._stream.infer(message, timeout)
+            else:
+                reply = await self._stub.ModelInfer(
+                    # The current trace context goes along, so the server's spans join the caller's trace.
+                    message,
+                    timeout=timeout,
+                    metadata=(*self.security.metadata(), *metadata, *tracing.outgoing_metadata()),
+                )
         except grpc.aio.AioRpcError as exc:
-            raise _upstream(exc, self.target) from exc
+            raise upstream_error(exc, self.target) from exc
         where = f"{self.target} response"
         if _declared_elements(reply) > INLINE_CODEC_ELEMENTS:
             return await asyncio.to_thread(response_from_pb, reply, where, self.max_elements)
@@ -151,13 +179,3 @@ def _declared_elements(reply: pb.ModelInferResponse) -> int:
             count *= max(int(dim), 0)
         total += count
     return total
-
-
-def _upstream(exc: grpc.aio.AioRpcError, target: str) -> UpstreamError:
-    pushback = None
-    for key, value in exc.trailing_metadata() or ():
-        if key == PUSHBACK_KEY:
-            # A negative or garbled value is kept as "do not retry" (gRPC A6), not dropped.
-            pushback = parse_pushback(value)
-    # The peer's message is its own free text: escaped, so that it cannot break a log line of ours.
-    return UpstreamError(exc.code(), f"{target}: {exc.code().name}: {printable(exc.details() or '')}", pushback)

@@ -8,7 +8,7 @@ for the caller: they name the field, what was expected and what was given.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import ClassVar
 
 import grpc
@@ -131,6 +131,55 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, clip_message(str(exc))
     # Anything else is a bug on our side: say so without leaking internals.
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def upstream_error(exc: grpc.aio.AioRpcError, target: str) -> UpstreamError:
+    """A peer's failed call as UpstreamError: its status, its message (escaped) and its retry pushback."""
+    pushback = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == PUSHBACK_KEY:
+            # A negative or garbled value is kept as "do not retry" (gRPC A6), not dropped.
+            pushback = parse_pushback(value)
+    # The peer's message is its own free text: escaped, so that it cannot break a log line of ours.
+    return UpstreamError(exc.code(), f"{target}: {exc.code().name}: {printable(exc.details() or '')}", pushback)
+
+
+# On ModelStreamInfer a failed request is answered with a message, not a status: the stream goes on
+# (Triton's ModelStreamInferResponse.error_message). Our servers send the status and its trailers
+# beside the message, as parameters of the answer named as gRPC names them on the wire, so that our
+# client sees the same status on the stream as on a unary call (UNAVAILABLE while a server drains,
+# RESOURCE_EXHAUSTED with its pushback); other clients (tritonclient) read the message and ignore them.
+STATUS_PARAMETER = "grpc-status"
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+# Triton puts no status in its stream error messages. The one that matters to a caller is the refusal of a
+# server going down, which is UNAVAILABLE on a unary call and worth a retry elsewhere; Triton's gRPC server
+# says "GRPC server is shutting down and has stopped accepting new requests." (as ours says "shutting down").
+_SHUTTING_DOWN = "shutting down"
+
+
+def status_parameters(code: grpc.StatusCode, trailers: Iterable[tuple[str, str]]) -> dict[str, int | str]:
+    """The parameters that carry a status and its trailers beside a stream answer's error_message."""
+    return {STATUS_PARAMETER: code.value[0], **dict(trailers)}
+
+
+def stream_error(message: str, parameters: Mapping[str, object], target: str) -> UpstreamError:
+    """The UpstreamError for a stream answer whose error_message is `message`.
+
+    The status is the one our servers send beside the message (`status_parameters`). A server that
+    sends none (Triton) gets UNAVAILABLE when the message says it is shutting down, and INTERNAL
+    otherwise: the message alone does not say whose fault the failure is, and INTERNAL neither
+    blames the caller's request nor asks for a retry (the router counts it against the cloud).
+    """
+    sent = parameters.get(STATUS_PARAMETER)
+    code = _CODES.get(sent) if isinstance(sent, int) and not isinstance(sent, bool) else None
+    if code is None or code == grpc.StatusCode.OK:
+        code = grpc.StatusCode.UNAVAILABLE if _SHUTTING_DOWN in message else grpc.StatusCode.INTERNAL
+    pushback = parameters.get(PUSHBACK_KEY)
+    return UpstreamError(
+        code,
+        f"{target}: {code.name}: {printable(message)}",
+        None if pushback is None else parse_pushback(str(pushback)),
+    )
 
 
 # gRPC sends a status message percent-encoded in a trailer, and a client refuses trailers over

@@ -6,9 +6,12 @@ published specification (kserve/docs/predict-api/v2/grpc_predict_v2.proto).
 
 Field names, numbers and types are those of the specification, so any OIP
 client or server (tritonclient, KServe, MLServer, Triton) interoperates with
-ours. The one addition is Triton's: InferParameter also carries double and
+ours. Two additions are Triton's: InferParameter also carries double and
 uint64 values (fields 4 and 5), which Triton clients send for float and
-unsigned parameters. Servers that only know fields 1-3 ignore them.
+unsigned parameters (servers that only know fields 1-3 ignore them), and
+ModelStreamInfer, Triton's bidirectional stream of inference requests
+(tritonclient's start_stream / async_stream_infer), with its response
+message ModelStreamInferResponse, field for field as Triton declares them.
 
 The proto package is `inference`, as the specification requires; the file
 lives under offload/oip/ so that protoc emits absolute Python imports
@@ -545,6 +548,36 @@ class ModelInferResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInferResponse: _TypeAlias = ModelInferResponse  # noqa: Y015
+
+@_typing.final
+class ModelStreamInferResponse(_message.Message):
+    """Triton's response message for ModelStreamInfer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    INFER_RESPONSE_FIELD_NUMBER: _builtins.int
+    error_message: _builtins.str
+    """Empty when the request succeeded; otherwise what went wrong, and the
+    stream goes on serving the requests that follow.
+    """
+    @_builtins.property
+    def infer_response(self) -> Global___ModelInferResponse:
+        """The answer; on an error, only its id (the request's) is set."""
+
+    def __init__(
+        self,
+        *,
+        error_message: _builtins.str = ...,
+        infer_response: Global___ModelInferResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["infer_response", b"infer_response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "infer_response", b"infer_response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStreamInferResponse: _TypeAlias = ModelStreamInferResponse  # noqa: Y015
 
 @_typing.final
 class InferParameter(_message.Message):

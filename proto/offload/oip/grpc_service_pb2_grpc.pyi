@@ -6,9 +6,12 @@ published specification (kserve/docs/predict-api/v2/grpc_predict_v2.proto).
 
 Field names, numbers and types are those of the specification, so any OIP
 client or server (tritonclient, KServe, MLServer, Triton) interoperates with
-ours. The one addition is Triton's: InferParameter also carries double and
+ours. Two additions are Triton's: InferParameter also carries double and
 uint64 values (fields 4 and 5), which Triton clients send for float and
-unsigned parameters. Servers that only know fields 1-3 ignore them.
+unsigned parameters (servers that only know fields 1-3 ignore them), and
+ModelStreamInfer, Triton's bidirectional stream of inference requests
+(tritonclient's start_stream / async_stream_infer), with its response
+message ModelStreamInferResponse, field for field as Triton declares them.
 
 The proto package is `inference`, as the specification requires; the file
 lives under offload/oip/ so that protoc emits absolute Python imports
@@ -55,6 +58,11 @@ class GRPCInferenceServiceStub:
     """Information about a model."""
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelInferResponse]
     """Inference with a given model."""
+    ModelStreamInfer: _grpc.StreamStreamMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelStreamInferResponse]
+    """Triton's extension: many inference requests on one bidirectional stream,
+    each answered by one ModelStreamInferResponse (in the order the requests
+    were sent, as Triton does for models that are not decoupled).
+    """
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -71,6 +79,11 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """Information about a model."""
     ModelInfer: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelInferResponse]  # type: ignore[assignment]
     """Inference with a given model."""
+    ModelStreamInfer: _aio.StreamStreamMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelStreamInferResponse]  # type: ignore[assignment]
+    """Triton's extension: many inference requests on one bidirectional stream,
+    each answered by one ModelStreamInferResponse (in the order the requests
+    were sent, as Triton does for models that are not decoupled).
+    """
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -120,5 +133,16 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.ModelInferResponse, _abc.Awaitable[_grpc_service_pb2.ModelInferResponse]]:
         """Inference with a given model."""
+
+    @_abc_1.abstractmethod
+    def ModelStreamInfer(
+        self,
+        request_iterator: _MaybeAsyncIterator[_grpc_service_pb2.ModelInferRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_grpc_service_pb2.ModelStreamInferResponse], _abc.AsyncIterator[_grpc_service_pb2.ModelStreamInferResponse]]:
+        """Triton's extension: many inference requests on one bidirectional stream,
+        each answered by one ModelStreamInferResponse (in the order the requests
+        were sent, as Triton does for models that are not decoupled).
+        """
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -8,7 +8,7 @@ tensors the edge model takes to the cloud model.
 This module reads the top (name, version, description, inputs, outputs) and keeps
 each section as a raw table; the wing that uses a section validates it with its own
 model (`ModelEntry.section`): [edge] offload.edge.config, [cloud] offload.cloud.config,
-[routing] offload.router.config.
+[routing] offload.router.config, [distill] offload.tools.distill.
 
     name = "digits"              # default: the folder's name
     version = "1"
@@ -28,6 +28,9 @@ model (`ModelEntry.section`): [edge] offload.edge.config, [cloud] offload.cloud.
     output_kind = "logits"       # or "probabilities"
     threshold = 0.9              # rows below go to the cloud
     cloud_model = "digits"       # the model's name on the cloud server
+
+    [distill]
+    factory = "pkg.module:fn"    # `offload distill`: returns the untrained edge nn.Module
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ class Section(_Strict):
 
 
 # The sections a model.toml may have, each owned by the wing that uses it: [edge] by offload.edge,
-# [cloud] by offload.cloud, [routing] by offload.router.
-SectionName = Literal["edge", "cloud", "routing"]
+# [cloud] by offload.cloud, [routing] by offload.router, [distill] by offload.tools.
+SectionName = Literal["edge", "cloud", "routing", "distill"]
 SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
@@ -104,6 +107,7 @@ class ModelConfig(_Strict):
     edge: dict[str, Any] | None = None
     cloud: dict[str, Any] | None = None
     routing: dict[str, Any] | None = None
+    distill: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

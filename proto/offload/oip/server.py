@@ -9,12 +9,14 @@ after any bad request.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import ipaddress
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -25,8 +27,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from offload.oip import grpc_service_pb2 as pb
-from offload.oip.errors import InvalidArgument, Unavailable, status_for, trailers_for
-from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, channel_options
+from offload.oip.address import host_port
+from offload.oip.errors import InvalidArgument, Unavailable, status_for, status_parameters, trailers_for
+from offload.oip.limits import INLINE_CODEC_ELEMENTS, ServerLimits, server_options
 from offload.oip.memory import give_back_freed_memory
 from offload.oip.messages import (
     ModelInputs,
@@ -35,10 +38,12 @@ from offload.oip.messages import (
     decode_request,
     encode_cost,
     model_metadata_to_pb,
+    parameters_to_pb,
     receive_infer_request,
     response_to_pb,
     server_metadata_to_pb,
 )
+from offload.oip.observe import CallObserver, ServerStats
 from offload.oip.repository import TensorSpec
 from offload.oip.security import ServerSecurity
 from offload.oip.types import DataPlane, InferRequest, InferResponse
@@ -83,7 +88,11 @@ class _Unparsable:
 
 # How a method's request is read where protobuf's parser is not enough: ModelInfer's raw contents stay in the
 # bytes gRPC received (`receive_infer_request`), where the parser would copy them in and out again.
-_READERS: dict[str, Callable[[bytes], object]] = {"ModelInfer": receive_infer_request}
+# ModelStreamInfer's requests are ModelInfer's, read alike, one message at a time.
+_READERS: dict[str, Callable[[bytes], object]] = {
+    "ModelInfer": receive_infer_request,
+    "ModelStreamInfer": receive_infer_request,
+}
 
 
 def _lenient(message_type: type[Message], read: Callable[[bytes], object]) -> Callable[[bytes], object]:
@@ -99,6 +108,24 @@ def _lenient(message_type: type[Message], read: Callable[[bytes], object]) -> Ca
     return deserialize
 
 
+class _StreamEnd(enum.Enum):
+    """Why a ModelStreamInfer stream stops reading: its requests are answered, and then it ends."""
+
+    HALF_CLOSED = "the client sent its last request"
+    DRAINING = "the server is shutting down"
+
+
+@dataclass(frozen=True, slots=True)
+class _Answering:
+    """A stream's request being answered: the answer to come, and the request's size on the wire."""
+
+    answer: asyncio.Task[pb.ModelStreamInferResponse]
+    size: int
+
+
+_StreamItem = _Answering | _StreamEnd
+
+
 class InferenceServicer:
     """GRPCInferenceService over a DataPlane (its handlers: `method_handlers`)."""
 
@@ -107,13 +134,22 @@ class InferenceServicer:
         self._limits = limits
         self._give_back_after_bytes = give_back_after_bytes
         self._draining = False
+        # The answer queue of every open ModelStreamInfer stream, to tell each of a drain.
+        self._streams: set[asyncio.Queue[_StreamItem]] = set()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     def start_draining(self) -> None:
-        """Refuse new inference calls with UNAVAILABLE (retryable: another replica can answer)."""
+        """Refuse new inference calls with UNAVAILABLE (retryable: another replica can answer), and
+        end each open stream once the requests it has read are answered."""
         self._draining = True
+        for answers in self._streams:
+            answers.put_nowait(_StreamEnd.DRAINING)
+
+    async def _serving(self) -> None:
+        if self._draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no inference call is in flight; False if the timeout came first."""
@@ -134,13 +170,17 @@ class InferenceServicer:
             raise
         except Exception as exc:
             code, message = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("request failed with an unexpected error")
+            _log_if_unexpected(code)
             trailers = trailers_for(exc)
-            if trailers:
-                context.set_trailing_metadata(trailers)
-            await context.abort(code, message)
-            raise AssertionError("context.abort returned") from exc  # pragma: no cover
+        # Abort outside the except block and without the call: gRPC keeps the error that abort raises,
+        # with the frames it passes, in a reference cycle until the next garbage collection, and
+        # chained to `exc` or through `call` it would keep the request (up to max_message_bytes, and
+        # decoded) alive until then.
+        del call
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        await context.abort(code, message)
+        raise AssertionError("context.abort returned")  # pragma: no cover
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         """The service's handlers, with requests that do not parse answered INVALID_ARGUMENT.
@@ -155,12 +195,23 @@ class InferenceServicer:
         """
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for method in _SERVICE.methods:
+            handler = getattr(self, method.name)
             message_type: type[Message] = getattr(pb, method.input_type.name)
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                self._refusing_unparsable(getattr(self, method.name)),
-                request_deserializer=_lenient(message_type, _READERS.get(method.name, message_type.FromString)),
-                response_serializer=getattr(pb, method.output_type.name).SerializeToString,
-            )
+            deserializer = _lenient(message_type, _READERS.get(method.name, message_type.FromString))
+            serializer = getattr(pb, method.output_type.name).SerializeToString
+            if method.client_streaming and method.server_streaming:
+                # A stream refuses an unparsable request in its answer to it, and goes on (ModelStreamInfer).
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    handler, request_deserializer=deserializer, response_serializer=serializer
+                )
+            elif not (method.client_streaming or method.server_streaming):
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self._refusing_unparsable(handler),
+                    request_deserializer=deserializer,
+                    response_serializer=serializer,
+                )
+            else:  # pragma: no cover - the .proto has none; registering it as unary would break it
+                raise TypeError(f"{method.full_name}: a half-streaming method has no handler registration")
         return handlers
 
     def _refusing_unparsable(
@@ -216,30 +267,135 @@ class InferenceServicer:
     def _model_inputs(self, name: str, version: str) -> tuple[TensorSpec, ...]:
         return self._plane.model_metadata(name, version).inputs
 
-    async def ModelInfer(
-        self, request: ReceivedRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.ModelInferResponse:
-        async def call() -> pb.ModelInferResponse:
-            if self._draining:
-                raise Unavailable("the server is shutting down; retry on another replica")
-            infer_request = await read_request(request, self._limits.max_elements, self._model_inputs)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            response = await self._plane.infer(infer_request, deadline)
-            return await write_response(response, infer_request.raw)
+    def _gives_back_after(self, size: int) -> bool:
+        """Whether a request of `size` bytes is large enough to give memory back once it is answered."""
+        return self._give_back_after_bytes is not None and size >= self._give_back_after_bytes
 
-        if self._give_back_after_bytes is not None and request.size >= self._give_back_after_bytes:
-            # Once the call has ended, its request and answer freed, the memory it took goes back to the system.
-            done = functools.partial(_give_back_after, request.size)
-            context.add_done_callback(done)  # type: ignore[arg-type]  # stubs: a class, not a Protocol
+    @contextmanager
+    def _in_flight_call(self) -> Iterator[None]:
+        """Count an inference call as in flight (what a drain waits for) while the block runs."""
         self._in_flight += 1
         self._idle.clear()
         try:
-            return await self._guard(context, call)
+            yield
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    async def _answer(
+        self, request: ReceivedRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelInferResponse:
+        """One inference request, unary or on a stream: checked, decoded, answered, encoded (or raises)."""
+        await self._serving()
+        infer_request = await read_request(request, self._limits.max_elements, self._model_inputs)
+        # On a stream this is the stream's deadline, if it has one: its requests carry none of their own.
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        response = await self._plane.infer(infer_request, deadline)
+        return await write_response(response, infer_request.raw)
+
+    async def ModelInfer(
+        self, request: ReceivedRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelInferResponse:
+        if self._gives_back_after(request.size):
+            # Once the call has ended, its request and answer freed, the memory it took goes back to the system.
+            done = functools.partial(_give_back_after, request.size)
+            context.add_done_callback(done)  # type: ignore[arg-type]  # stubs: a class, not a Protocol
+        # The message leaves this frame for the call's alone: see _guard.
+        messages = [request]
+        del request
+        with self._in_flight_call():
+            return await self._guard(context, lambda: self._answer(messages.pop(), context))
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[ReceivedRequest | _Unparsable],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's stream: each request is answered as ModelInfer would answer it, a failure in the
+        answer's error_message (the stream goes on), until the client half-closes.
+
+        Requests are answered concurrently, and the answers are sent in the order the requests
+        came, as Triton does for a model that is not decoupled (every model here answers each
+        request once); every answer carries its request's id too. At most
+        `max_stream_in_flight` requests of one stream are in flight: at the bound the stream is
+        not read further until the oldest is answered, so a client that sends faster than the
+        server answers is held back by gRPC's flow control rather than queued here.
+
+        Each request is read as ModelInfer's are (raw contents left in the bytes received), and
+        once the answer to a large one is sent, memory goes back to the system as after a large
+        unary call: a stream can stay open for as long as its client runs.
+
+        A drain ends every stream once the requests it has read are answered (and refuses new
+        streams with UNAVAILABLE), as it refuses new unary calls: an idle stream would otherwise
+        hold the shutdown for its whole grace period, and its client on a server going away.
+        """
+        await self._guard(context, self._serving)
+        slots = asyncio.Semaphore(self._limits.max_stream_in_flight)
+        # The answers being worked out, in the order of their requests, then why the stream ends.
+        answers: asyncio.Queue[_StreamItem] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                requests = aiter(request_iterator)
+                while True:
+                    await slots.acquire()
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        return
+                    size = request.size if isinstance(request, ReceivedRequest) else 0
+                    answers.put_nowait(_Answering(asyncio.create_task(self._stream_answer(request, context)), size))
+                    del request  # its answer holds it while it is needed; waiting for the next, it would stay
+            finally:
+                answers.put_nowait(_StreamEnd.HALF_CLOSED)
+
+        reader = asyncio.create_task(read())
+        self._streams.add(answers)
+        draining = False
+        try:
+            while (item := await answers.get()) is not _StreamEnd.HALF_CLOSED:
+                if item is _StreamEnd.DRAINING:
+                    draining = True
+                    reader.cancel()  # no more reading; its HALF_CLOSED follows what it has read
+                    continue
+                size = item.size
+                yield await item.answer
+                slots.release()
+                if self._gives_back_after(size):
+                    del item  # the answer sent, its request and response are freed once nothing holds them
+                    _give_back_after(size, None)
+            if not draining:
+                await reader  # a failure to read the stream (other than its end) fails the call
+        finally:
+            # The client went away (or reading failed): nothing left is answered.
+            self._streams.discard(answers)
+            reader.cancel()
+            while not answers.empty():
+                left = answers.get_nowait()
+                if isinstance(left, _Answering):
+                    left.answer.cancel()
+
+    async def _stream_answer(
+        self, request: ReceivedRequest | _Unparsable, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelStreamInferResponse:
+        """The stream's answer to one request: its response, or its failure as error_message with
+        the status beside it (`status_parameters`) and the request's id, so the client knows which
+        request failed and why, as a unary call's status would say."""
+        with self._in_flight_call():
+            try:
+                if isinstance(request, _Unparsable):
+                    await request.refuse()
+                return pb.ModelStreamInferResponse(infer_response=await self._answer(request, context))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                code, message = status_for(exc)
+                _log_if_unexpected(code)
+                failed = pb.ModelInferResponse(id="" if isinstance(request, _Unparsable) else request.message.id)
+                parameters_to_pb(status_parameters(code, trailers_for(exc)), failed.parameters)
+                return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
 
 def _give_back_after(size: int, _: object) -> None:
@@ -263,7 +419,8 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 
 class OipServer:
-    """One gRPC server: OIP, health (grpc.health.v1) and reflection, on one port."""
+    """One gRPC server: OIP, health (grpc.health.v1) and reflection, on one port (and, with
+    `start_health`, health alone in plaintext on another)."""
 
     def __init__(
         self,
@@ -286,11 +443,16 @@ class OipServer:
         self.limits = limits or ServerLimits()
         self.security = security or ServerSecurity()
         self.port = 0
+        self.health_port: int | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._health = health.aio.HealthServicer()
+        self._health_server: grpc.aio.Server | None = None
+        # First, so that it sees every call's status, those the token check refuses included.
+        self._observer = CallObserver(SERVICE_NAME)
         self._server = grpc.aio.server(
-            options=channel_options(self.limits.max_message_bytes),
-            interceptors=self.security.interceptors(SERVICE_NAME),
+            options=server_options(self.limits),
+            maximum_concurrent_rpcs=self.limits.max_concurrent_rpcs,
+            interceptors=[self._observer, *self.security.interceptors(SERVICE_NAME)],
         )
         self._servicer = InferenceServicer(data_plane, self.limits, give_back_after_bytes)
         handlers = self._servicer.method_handlers()
@@ -306,7 +468,7 @@ class OipServer:
 
         With TLS credentials in `security` the port is a secure one (and only that); without, it is plaintext.
         """
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = host_port(host, port)
         credentials = self.security.credentials
         if credentials is None:
             if not _is_loopback(host):
@@ -324,6 +486,27 @@ class OipServer:
         await self._server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    async def start_health(self, host: str, port: int) -> int:
+        """Serve grpc.health.v1 alone, in plaintext and open to any caller, on another port; returns it.
+
+        For probes that cannot speak TLS or send a token (Kubernetes' gRPC probes, Docker health checks):
+        it answers what the main port's health service answers (the same servicer: SERVING once started,
+        NOT_SERVING while draining) and serves nothing else, no inference, metadata or reflection.
+        """
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = host_port(host, port)
+        bound = server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"{self.name}: could not bind the health port {address}; is the port in use?")
+        await server.start()
+        self._health_server, self.health_port = server, bound
+        return bound
+
+    def stats(self) -> ServerStats:
+        """The calls to the inference service so far, by method and status, with their durations."""
+        return self._observer.stats()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", SERVICE_NAME):
@@ -353,9 +536,18 @@ class OipServer:
         if not await self._servicer.wait_idle(grace_seconds):
             log.warning("%s: calls still in flight after %.1fs; cancelling them", self.name, grace_seconds)
         await self._server.stop(max(0.0, grace_seconds - (time.monotonic() - started)))
+        if self._health_server is not None:
+            # Last: a probe sees NOT_SERVING for the whole drain, then the port closes.
+            await self._health_server.stop(0)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+def _log_if_unexpected(code: grpc.StatusCode) -> None:
+    """Log the exception being handled, with its traceback, when its status says it is a bug of ours."""
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("request failed with an unexpected error")
 
 
 def _is_loopback(host: str) -> bool:

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from offload.oip.errors import ConfigurationError
 from offload.oip.limits import MAX_ELEMENTS, MAX_MESSAGE_BYTES, ServerLimits
+from offload.oip.logs import LogFormat, log_handler
 from offload.oip.security import ServerSecurity
 
 _config_file: ContextVar[Path | None] = ContextVar("offload_config_file", default=None)
@@ -51,10 +52,40 @@ class ServerSettings(BaseSettings):
     max_elements: Annotated[
         int, Field(ge=1, description="Most elements one request tensor may declare; more is INVALID_ARGUMENT.")
     ] = MAX_ELEMENTS
+    max_concurrent_rpcs: Annotated[
+        int | None,
+        Field(
+            ge=1,
+            description="RPCs served at once (default: no limit); gRPC refuses more with RESOURCE_EXHAUSTED "
+            "before reading their bodies.",
+        ),
+    ] = None
     grace_seconds: Annotated[
         float, Field(ge=0, description="On SIGTERM/SIGINT, how long calls in flight may take to finish.")
     ] = 10.0
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_format: LogFormat = Field(
+        "text", description="text, or json: one JSON object per line (time, level, logger, message, request_id, ...)."
+    )
+    metrics_port: Annotated[
+        int | None,
+        Field(ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port (/metrics); none: off."),
+    ] = None
+    metrics_host: str | None = Field(None, description="Address the metrics port listens on; default: host.")
+    health_port: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=65535,
+            description="Also serve grpc.health.v1 alone, in plaintext, on this port (for probes that cannot speak "
+            "TLS or send a token); none: off.",
+        ),
+    ] = None
+    tracing: bool = Field(
+        False,
+        description="Export OpenTelemetry traces (needs offload[tracing]); where to is read from the standard "
+        "OTEL_* environment variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_EXPORTER, OTEL_SERVICE_NAME).",
+    )
     tls_cert: Path | None = Field(
         None, description="PEM certificate chain to serve TLS with (and tls_key); none: plaintext."
     )
@@ -80,7 +111,11 @@ class ServerSettings(BaseSettings):
 
     @property
     def limits(self) -> ServerLimits:
-        return ServerLimits(max_message_bytes=self.max_message_bytes, max_elements=self.max_elements)
+        return ServerLimits(
+            max_message_bytes=self.max_message_bytes,
+            max_elements=self.max_elements,
+            max_concurrent_rpcs=self.max_concurrent_rpcs,
+        )
 
     def security(self) -> ServerSecurity:
         """TLS credentials and accepted tokens from the files these settings name, each read and checked now."""
@@ -103,5 +138,6 @@ def load_settings(cls: type[SettingsT], config_file: Path | None = None, **flags
         _config_file.reset(token)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+    """Log to standard error at `level`, as text or JSON lines, each line about a request carrying its id."""
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(log_format)])

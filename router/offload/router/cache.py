@@ -68,11 +68,27 @@ class RowPlan:
     duplicates: dict[int, int] = field(default_factory=dict)  # position -> position of the same key in sends
 
 
+class _CountingTTLCache(TTLCache[bytes, tuple[str, RowOutputs]]):
+    """A TTLCache that counts what it drops on its own: to make room, and at the end of an entry's TTL."""
+
+    evicted = 0
+    expired = 0
+
+    def popitem(self) -> tuple[bytes, tuple[str, RowOutputs]]:
+        # TTLCache calls this (and only then) to make room for a new entry.
+        item = super().popitem()
+        self.evicted += 1
+        return item
+
+    def expire(self, time: float | None = None) -> list[tuple[bytes, tuple[str, RowOutputs]]]:
+        expired = list(super().expire(time))
+        self.expired += len(expired)
+        return expired
+
+
 class RowCache:
     def __init__(self, max_bytes: int, ttl_seconds: float, timer: Callable[[], float] = time.monotonic) -> None:
-        self._entries: TTLCache[bytes, tuple[str, RowOutputs]] = TTLCache(
-            maxsize=max_bytes, ttl=ttl_seconds, timer=timer, getsizeof=_entry_size
-        )
+        self._entries = _CountingTTLCache(maxsize=max_bytes, ttl=ttl_seconds, timer=timer, getsizeof=_entry_size)
         self._in_flight: dict[bytes, asyncio.Future[RowOutputs]] = {}
         # The cloud version last seen per (edge model, cloud model): a change drops the model's entries.
         self._cloud_versions: dict[str, str] = {}
@@ -95,6 +111,9 @@ class RowCache:
             invalidations=counts.invalidations,
             bytes=self.bytes_used,
             entries=len(self),
+            max_bytes=self.max_bytes,
+            evicted=self._entries.evicted,
+            expired=self._entries.expired,
         )
 
     def keys(

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from offload.oip.errors import ConfigurationError
 from offload.router.confidence import as_rows, class_confidence, log_softmax, row_confidence, scaled_logits
-from offload.router.config import RoutingSection
+from offload.router.config import OWN_SCORE_MEASURES, RoutingSection
 
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
@@ -315,14 +315,15 @@ def calibrate_predictions(
 
     edge_outputs: the edge model's outputs; cloud_scores: the cloud's score output;
     labels: class indices (the cloud's own answers when the data has none).
-    fit=False keeps the configured temperature. Raises CalibrationError when the
+    fit=False keeps the configured temperature (measures with a score of their own, `output` and `gate`,
+    have none to fit). Raises CalibrationError when the
     target accuracy is out of reach, naming the best that is reachable.
     """
     edge_scores = edge_outputs[score_output]
     label_index = np.asarray(labels, dtype=np.int64)
     edge_hits = predicted_classes(edge_scores) == label_index
     cloud_hits = predicted_classes(cloud_scores) == label_index
-    class_scores = routing.confidence != "output"
+    class_scores = routing.confidence not in OWN_SCORE_MEASURES
     temperature = routing.temperature
     if fit and class_scores:
         fitted = fit_temperature(scaled_logits(edge_scores, routing.output_kind), label_index)

@@ -7,6 +7,11 @@ The measure is chosen per model in `model.toml` (`[routing] confidence`):
 - `negative_entropy`: 1 - H(p) / log(K) for K classes (1: one-hot, 0: uniform).
 - `output`: an output the model computes itself (`confidence_output`), one value
   per row, used as is, clipped to [0, 1].
+- `gate`: a learned gate's score, 1 - P(the edge's answer is wrong), which the
+  edge wing adds to the edge model's answer as the output GATE_OUTPUT (the gate
+  is an ONNX file the edge runs after the model; the router never runs it).
+  Rows the cloud answered carry no edge answer to score: their confidence is the
+  cloud's max softmax probability (cloud_row_confidence).
 
 The class measures read the score output (`[routing] output`) as logits or as
 probabilities (`output_kind`). `temperature` divides the logits before the
@@ -31,6 +36,11 @@ Floats = npt.NDArray[np.float64]
 # Scores a class measure works on at once: its float64 temporaries (several, alive together) stay at 1 MiB
 # each however large the batch; the 200,000 rows of ten classes of a large request would make 16 MB ones.
 _BLOCK_ELEMENTS = 1 << 17
+
+# The output that carries the gate's score in the edge's answer (confidence = "gate"): a name of the
+# router's own, like the offload_* outputs, so it cannot clash with a model's. Read for the confidence,
+# never returned to the caller nor merged with the cloud's rows.
+GATE_OUTPUT = "offload_gate_confidence"
 
 
 def max_probability(scores: npt.NDArray[Any], kind: OutputKind, temperature: float = 1.0) -> npt.NDArray[np.float64]:
@@ -172,6 +182,13 @@ def row_confidence(outputs: Mapping[str, npt.NDArray[Any]], routing: RoutingSect
     score_output: the output that holds the class scores (`[routing] output`,
     or the model's first output).
     """
+    if routing.confidence == "gate":
+        if GATE_OUTPUT not in outputs:
+            raise Internal(
+                f"the edge's answer lacks the gate's score {GATE_OUTPUT!r} (confidence = 'gate'); it has "
+                f"{sorted(outputs)}: the edge model was loaded without its gate"
+            )
+        return output_confidence(outputs[GATE_OUTPUT], GATE_OUTPUT)
     if routing.confidence == "output":
         name = routing.confidence_output
         assert name is not None  # RoutingSection guarantees it
@@ -181,3 +198,15 @@ def row_confidence(outputs: Mapping[str, npt.NDArray[Any]], routing: RoutingSect
     if score_output not in outputs:
         raise Internal(f"the model's answer lacks its score output {score_output!r}; it has {sorted(outputs)}")
     return class_confidence(outputs[score_output], routing.confidence, routing.output_kind, routing.temperature)
+
+
+def cloud_row_confidence(outputs: Mapping[str, npt.NDArray[Any]], routing: RoutingSection, score_output: str) -> Floats:
+    """Each row's confidence in the cloud's answer (rows the cloud or the row cache answered).
+
+    Under the model's measure, except for `gate`: the gate scores the edge's answer, which these
+    rows do not carry, so they get the largest softmax probability of the cloud's own scores
+    (the temperature is 1 with a gate).
+    """
+    if routing.confidence == "gate":
+        routing = routing.model_copy(update={"confidence": "max_probability", "gate": None})
+    return row_confidence(outputs, routing, score_output)

@@ -17,7 +17,9 @@ class OutputKind(StrEnum):
 
 # How a row's confidence is computed (offload.router.confidence). Every measure
 # lies in [0, 1], higher meaning surer, so one threshold in [0, 1] fits them all.
-ConfidenceMeasure = Literal["max_probability", "margin", "negative_entropy", "output"]
+ConfidenceMeasure = Literal["max_probability", "margin", "negative_entropy", "output", "gate"]
+# The measures that read a score of their own rather than the class scores: temperature cannot apply to them.
+OWN_SCORE_MEASURES: tuple[ConfidenceMeasure, ...] = ("output", "gate")
 
 
 class RoutingSection(Section):
@@ -28,9 +30,13 @@ class RoutingSection(Section):
     cloud_version: str = ""
     # max_probability: the largest softmax probability; margin: top-1 minus
     # top-2 probability; negative_entropy: 1 - H(p) / log(classes); output: the
-    # model's own per-row confidence, the output named by confidence_output.
+    # model's own per-row confidence, the output named by confidence_output;
+    # gate: a learned gate's score, 1 - P(the edge's answer is wrong), from the
+    # ONNX file named by gate (in the model's folder), which the edge runs after
+    # the model (`offload calibrate --gate` trains and writes it).
     confidence: ConfidenceMeasure = "max_probability"
     confidence_output: Annotated[str, Field(min_length=1)] | None = None
+    gate: Annotated[str, Field(min_length=1)] | None = None
     # Logits are divided by it before the softmax (`offload calibrate` fits it).
     temperature: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
 
@@ -44,8 +50,15 @@ class RoutingSection(Section):
             raise ValueError(
                 f"confidence_output is only used with confidence = 'output' (confidence is {self.confidence!r})"
             )
-        if self.confidence == "output" and self.temperature != 1.0:
-            raise ValueError("temperature scales class scores; it cannot apply to confidence = 'output'")
+        if self.confidence == "gate" and self.gate is None:
+            raise ValueError(
+                "confidence = 'gate' needs gate, the gate's ONNX file in the model's folder "
+                "(offload calibrate --gate writes one)"
+            )
+        if self.confidence != "gate" and self.gate is not None:
+            raise ValueError(f"gate is only used with confidence = 'gate' (confidence is {self.confidence!r})")
+        if self.confidence in OWN_SCORE_MEASURES and self.temperature != 1.0:
+            raise ValueError(f"temperature scales class scores; it cannot apply to confidence = {self.confidence!r}")
         return self
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 
 import numpy as np
 import numpy.typing as npt
 
+from offload.oip import tracing
 from offload.oip.errors import NotFound
 from offload.oip.types import InferRequest, InferResponse
 from offload.oip.validation import check_inputs
@@ -24,13 +26,14 @@ from offload.router.answer import Answer
 from offload.router.audit import Auditor
 from offload.router.cache import RowCache
 from offload.router.coalesce import CoalescePolicy
-from offload.router.fetch import RowFetcher
+from offload.router.fetch import CloudRowsHook, RowFetcher
 from offload.router.models import Arrays, RoutedModel
-from offload.router.options import RESPONSE_DEGRADED, Route, RoutingOptions
+from offload.router.options import RESPONSE_DEGRADED, RESPONSE_ROUTE, Route, RoutingOptions
 from offload.router.placement import PlacementPolicy, timed
 from offload.router.response import build_response, requested_outputs
 from offload.router.stats import EdgeRunStats, RouterStats
 from offload.router.thresholds import Thresholds
+from offload.router.traffic import Traffic
 from offload.router.upstream import CloudFailure, Upstream
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ class Router:
         target_offload: float | None = None,
         audit_share: float = 0.0,
         rng: np.random.Generator | None = None,
+        on_cloud_rows: CloudRowsHook | None = None,
         placement: PlacementPolicy | None = None,
         coalesce: CoalescePolicy | None = None,
     ) -> None:
@@ -59,9 +63,11 @@ class Router:
         self._placement = placement or PlacementPolicy()
         # The cloud must give up early enough to leave time for an edge answer.
         self.deadline_reserve_seconds = deadline_reserve_seconds
-        self._fetcher = RowFetcher(cloud, cache, coalesce)
+        # on_cloud_rows: told of every row the cloud newly answered (offload.router.fetch.CloudRowsHook).
+        self._fetcher = RowFetcher(cloud, cache, on_cloud_rows, coalesce)
         self._thresholds = Thresholds(self._models, target_offload)
         self._auditor = Auditor(audit_share, self._fetcher.fetch, rng or np.random.default_rng())
+        self._traffic = Traffic(self._models)
         self._requests = 0
         self._degraded = 0
         self._errors = 0
@@ -119,13 +125,15 @@ class Router:
             cloud=upstream.stats() if upstream is not None else None,
             cache=cache.stats() if cache is not None else None,
             coalescing=self._fetcher.coalescing(),
+            models=self._traffic.stats(),
         )
 
     async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
         """Answer a request; `deadline` is the caller's, in time.monotonic() seconds."""
         self._requests += 1
+        started = time.perf_counter()
         try:
-            response = await self._route(request, deadline)
+            response = await self._route(request, deadline, started)
         except Exception:
             self._errors += 1
             raise
@@ -133,7 +141,7 @@ class Router:
             self._degraded += 1
         return response
 
-    async def _route(self, request: InferRequest, deadline: float | None) -> InferResponse:
+    async def _route(self, request: InferRequest, deadline: float | None, started: float) -> InferResponse:
         model = self.model(request.model_name, request.model_version)
         options = RoutingOptions.from_parameters(request.parameters)
         rows = check_inputs(request, model.edge.inputs)
@@ -154,11 +162,17 @@ class Router:
                 if unsure.size:
                     await self._offload_rows(model, request, inputs, unsure, answer, cloud_deadline, options)
                 self._auditor.sample(model, request, inputs, np.flatnonzero(confident), answer.outputs)
-        return build_response(model, request, outputs, answer, options)
+        response = build_response(model, request, outputs, answer, options)
+        route = str(response.parameters[RESPONSE_ROUTE])
+        self._traffic.answered(model.name, route, answer, time.perf_counter() - started)
+        return response
 
     async def _edge_answer(self, model: RoutedModel, inputs: Arrays, rows: int) -> Answer:
-        outputs = await self._run_edge(model, inputs, rows)
-        return Answer.from_edge(outputs, model.confidence(outputs))
+        with tracing.span("offload.edge_model", {"offload.model": model.name, "offload.rows": rows}):
+            outputs = await self._run_edge(model, inputs, rows)
+        answer = Answer.from_edge(model.answer_outputs(outputs), model.confidence(outputs))
+        self._traffic.edge_ran(model.name, answer.confidence)
+        return answer
 
     async def _run_edge(self, model: RoutedModel, inputs: Arrays, rows: int) -> Arrays:
         """The edge model's outputs: run inline when its measured cost is below the hand-off's, else on the
@@ -191,7 +205,7 @@ class Router:
             answer = await self._edge_answer(model, inputs, rows)
             answer.degraded[:] = True
             return answer
-        return Answer.of(fetched.outputs, model.confidence(fetched.outputs), fetched.routes)
+        return Answer.of(fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)
 
     async def _offload_rows(
         self,
@@ -205,7 +219,7 @@ class Router:
     ) -> None:
         try:
             fetched = await self._fetcher.fetch(model, request, inputs, rows, deadline)
-            answer.put(rows, fetched.outputs, model.confidence(fetched.outputs), fetched.routes)
+            answer.put(rows, fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)
         except CloudFailure as failure:
             if options.require_cloud:
                 raise

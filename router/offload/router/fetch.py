@@ -2,17 +2,19 @@
 already in flight (single-flight), or from a new call to the upstream, which the rows of concurrent
 requests may share (coalesce.py).
 
-Every failure is a CloudFailure, which the router answers from the edge.
+Every failure is a CloudFailure, which the router answers from the edge. Whoever wants the cloud's new
+answers as they arrive (the edge agent's recording, for distillation) gives a CloudRowsHook.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -30,6 +32,17 @@ from offload.router.options import AnsweredBy, forwarded
 from offload.router.stats import CoalesceStats
 from offload.router.upstream import CloudFailure, Upstream
 
+log = logging.getLogger(__name__)
+
+
+class CloudRowsHook(Protocol):
+    """Told of every row a cloud call answered: `inputs` as sent, `outputs` (every output of the model) as
+    the cloud answered them, and the version of the cloud model that answered. Cached rows and rows shared
+    from another request's call are not new answers and are not told. It is called on the event loop while
+    the request waits, so it must return at once (hand the rows to a thread), and keep the arrays unchanged."""
+
+    def __call__(self, model: RoutedModel, inputs: Arrays, outputs: Arrays, cloud_version: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
@@ -42,17 +55,23 @@ class Fetched:
 class RowFetcher:
     """Gets the cloud's rows from `upstream`, through `cache` when there is one, in calls that concurrent
     requests' rows share as `coalesce` says (None: each request's rows in a call of its own). Without an
-    upstream every fetch is a CloudFailure (an edge-only router)."""
+    upstream every fetch is a CloudFailure (an edge-only router). `on_cloud_rows` is told of every new
+    answer (once per call: the rows of a shared call together)."""
 
     def __init__(
-        self, upstream: Upstream | None, cache: RowCache | None = None, coalesce: CoalescePolicy | None = None
+        self,
+        upstream: Upstream | None,
+        cache: RowCache | None = None,
+        on_cloud_rows: CloudRowsHook | None = None,
+        coalesce: CoalescePolicy | None = None,
     ) -> None:
         self.upstream = upstream
         self.cache = cache
+        self.on_cloud_rows = on_cloud_rows
         self._coalescer: Coalescer | None = None
         self._send: Send | None = None
         if upstream is not None:
-            self._send = functools.partial(_call, upstream)
+            self._send = functools.partial(_call, upstream, on_cloud_rows=on_cloud_rows)
             if coalesce is not None and coalesce.enabled:
                 self._coalescer = Coalescer(self._send, coalesce)
                 self._send = self._coalescer.call
@@ -96,8 +115,10 @@ async def _call(
     tensors: list[Tensor],
     parameters: dict[str, ParameterValue],
     deadline: float | None,
+    on_cloud_rows: CloudRowsHook | None,
 ) -> tuple[Arrays, str]:
-    """One upstream request for these rows: their outputs and the cloud model's version (a `Send`)."""
+    """One upstream request for these rows: their outputs and the cloud model's version (told to on_cloud_rows);
+    with `upstream` and `on_cloud_rows` bound, a `Send`."""
     sub_request = InferRequest(
         model_name=model.cloud_model,
         model_version=model.routing.cloud_version,
@@ -112,7 +133,14 @@ async def _call(
 
     response = await upstream.infer(sub_request, deadline, validate)
     produced = response.as_dict()
-    return {spec.name: produced[spec.name].data for spec in model.edge.outputs}, response.model_version
+    outputs = {spec.name: produced[spec.name].data for spec in model.edge.outputs}
+    if on_cloud_rows is not None:
+        try:
+            on_cloud_rows(model, {tensor.name: tensor.data for tensor in tensors}, outputs, response.model_version)
+        except Exception:
+            # The answer itself is good: a failing observer must not cost the caller the cloud's rows.
+            log.exception("the on_cloud_rows hook failed; the cloud's answer is used all the same")
+    return outputs, response.model_version
 
 
 async def _cached(

@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from offload.oip.repository import TensorSpec
 from offload.oip.types import ModelMetadata
-from offload.router.confidence import row_confidence
+from offload.router.confidence import cloud_row_confidence, row_confidence
 from offload.router.config import RoutedConfig, RoutingSection
 from offload.router.placement import WARM_UP_RUNS, RunCost, timed
 
@@ -83,8 +83,16 @@ class RoutedModel:
         return self.routing.confidence != "output" and spec is not None and len(spec.shape) == 2
 
     def confidence(self, outputs: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
-        """Each row's confidence in these outputs (the edge's or the cloud's), as routing measures it."""
+        """Each row's confidence in the edge's answer, as routing measures it."""
         return row_confidence(outputs, self.routing, self.score_output)
+
+    def cloud_confidence(self, outputs: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[np.float64]:
+        """Each row's confidence in the cloud's answer (with a gate: the cloud's max probability)."""
+        return cloud_row_confidence(outputs, self.routing, self.score_output)
+
+    def answer_outputs(self, outputs: Mapping[str, npt.NDArray[Any]]) -> Arrays:
+        """The edge model's own outputs: without the gate's score, which is read for the confidence only."""
+        return {spec.name: outputs[spec.name] for spec in self.edge.outputs}
 
     def metadata(self) -> ModelMetadata:
         return ModelMetadata(self.name, (self.version,), "offload_router", self.edge.inputs, self.edge.outputs)

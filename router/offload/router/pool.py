@@ -16,7 +16,9 @@ survive a bad network.
   each hedge sent takes a token from the same retry budget. A replica whose half-open probe is
   in flight takes no other call (one probe, one RPC), so a probe is never hedged to itself.
 
-Every failure surfaces as CloudFailure, which the router answers from the edge.
+Every failure surfaces as CloudFailure, which the router answers from the edge. Each call is one
+`offload.cloud_call` span (offload.oip.tracing) with an `offload.cloud_attempt` span per RPC, and
+its time, every attempt and backoff included, goes in `call_seconds`.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from dataclasses import dataclass, field
 import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from offload.oip import tracing
 from offload.oip.errors import DeadlineExceeded, OffloadError, UpstreamError
 from offload.oip.limits import MAX_ELEMENTS
 from offload.oip.security import ChannelSecurity
+from offload.oip.stats import SECONDS_BUCKETS, Histogram
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.balancer import pick
 from offload.router.discovery import CloudTargets, ReplicaSet, Resolver, lookup
@@ -64,6 +68,7 @@ class _Counts:
     failures: int = 0  # requests that ended in CloudFailure
     short_circuited: int = 0  # refused because every replica's breaker was open
     by_outcome: dict[str, int] = field(default_factory=dict)
+    call_seconds: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))
 
 
 @dataclass(slots=True)
@@ -100,7 +105,9 @@ class CloudPool:
         resolver: Resolver = lookup,
         rng: random.Random | None = None,
         security: ChannelSecurity | None = None,
+        streaming: bool = False,
     ) -> None:
+        """`streaming`: each replica sends its requests on one ModelStreamInfer stream (OipClient's stream mode)."""
         self.target = target
         self.timeout_seconds = timeout_seconds
         self.retry = retry or RetryPolicy()
@@ -130,6 +137,7 @@ class CloudPool:
                 self._tokens_text,
                 max_elements,
                 replica_security,
+                streaming,
             )
 
         # A retired replica's calls can take at most the cloud timeout: that long to finish.
@@ -159,6 +167,7 @@ class CloudPool:
             failures=counts.failures,
             short_circuited=counts.short_circuited,
             by_outcome=dict(counts.by_outcome),
+            call_seconds=counts.call_seconds.snapshot(),
             replicas=tuple(replica.stats() for replica in self.replicas),
         )
 
@@ -216,6 +225,10 @@ class CloudPool:
         `validate` checks an answer inside the attempt (raising InvalidArgument), so an
         answer that does not fit the request counts as a failure of the replica that sent it.
         """
+        with tracing.span("offload.cloud_call", {"offload.target": self.target, "offload.model": request.model_name}):
+            return await self._infer(request, deadline, validate)
+
+    async def _infer(self, request: InferRequest, deadline: float | None, validate: Validator | None) -> InferResponse:
         self._counts.calls += 1
         if not request.id:
             # One id for every attempt, so the cloud (and its logs) can tell retries apart from new work.
@@ -235,6 +248,7 @@ class CloudPool:
             sleep=self._sleep,
             reraise=True,
         )
+        started = self._clock()
         try:
             async for attempt in retrying:
                 with attempt:
@@ -250,6 +264,7 @@ class CloudPool:
             self._counts.failures += 1
             raise _as_failure(exc) from exc
         finally:
+            self._counts.call_seconds.observe(self._clock() - started)
             state.abandon_probes()
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
 
@@ -349,6 +364,18 @@ class CloudPool:
         return self._admit(state, replica)
 
     async def _attempt(
+        self, replica: Replica, request: InferRequest, end: float, validate: Validator | None
+    ) -> InferResponse:
+        # One span per RPC, retries and hedges alike, named by the replica it went to; the cloud's
+        # server span is its child.
+        with tracing.span("offload.cloud_attempt", {"offload.target": replica.target}, client=True) as span:
+            try:
+                return await self._attempt_once(replica, request, end, validate)
+            except UpstreamError as exc:
+                span.set("rpc.grpc.status_code", exc.status.value[0])
+                raise
+
+    async def _attempt_once(
         self, replica: Replica, request: InferRequest, end: float, validate: Validator | None
     ) -> InferResponse:
         timeout = end - self._clock()

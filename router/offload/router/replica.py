@@ -16,11 +16,12 @@ import grpc
 from offload.oip.client import OipClient
 from offload.oip.errors import InvalidArgument, UpstreamError
 from offload.oip.limits import MAX_ELEMENTS
+from offload.oip.request_ids import REQUEST_ID_HEADER, request_id_header
 from offload.oip.security import ChannelSecurity
 from offload.oip.types import InferRequest, InferResponse
 from offload.router.resilience import BreakerPolicy, BreakerState, CircuitBreaker
 from offload.router.stats import ReplicaStats
-from offload.router.upstream import REQUEST_ID_HEADER, CloudFailure, Validator, request_id_header
+from offload.router.upstream import CloudFailure, Validator
 
 # Failures that say the replica (or the way to it) is unwell, as opposed to a
 # request the cloud judged wrong; only these count against the breaker's health.
@@ -47,13 +48,15 @@ class Replica:
         describe: Callable[[], str] | None = None,
         max_elements: int = MAX_ELEMENTS,
         security: ChannelSecurity | None = None,
+        streaming: bool = False,
     ) -> None:
+        """`streaming`: send the requests on one ModelStreamInfer stream (OipClient's stream mode)."""
         self.target = target
         self.breaker = CircuitBreaker(target, breaker, clock, on_breaker_change, describe)
         self.calls = 0  # RPCs sent
         self.failures = 0  # RPCs that ended in an error status
         self.outstanding = 0  # RPCs in flight
-        self._client = OipClient(target, max_message_bytes, max_elements, security)
+        self._client = OipClient(target, max_message_bytes, max_elements, security, streaming=streaming)
 
     async def close(self, grace: float | None = None) -> None:
         """Close the channel; with `grace`, calls in flight get that long to finish (a replica DNS

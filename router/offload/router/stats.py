@@ -11,7 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from offload.oip.stats import HistogramSnapshot
 from offload.router.resilience import BreakerState
+
+# Where a row's answer came from; "degraded": meant for the cloud, answered by the edge because the cloud failed.
+ROW_ROUTES = ("edge", "cloud", "cache", "degraded")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,7 @@ class UpstreamStats:
     failures: int  # requests that ended in CloudFailure
     short_circuited: int  # refused by the open breaker
     by_outcome: Mapping[str, int]  # attempts by the gRPC status they ended with (cancelled ones: none)
+    call_seconds: HistogramSnapshot  # how long calls past the breakers took, every attempt and backoff included
     replicas: tuple[ReplicaStats, ...]
 
     @property
@@ -66,6 +71,9 @@ class CacheStats:
     invalidations: int
     bytes: int
     entries: int
+    max_bytes: int
+    evicted: int  # entries dropped, least recently used first, to make room
+    expired: int  # entries dropped because their TTL ran out
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +110,17 @@ class EdgeRunStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelTraffic:
+    """One model's answered requests (failed ones are in RouterStats.errors and the server's status counts)."""
+
+    requests: Mapping[str, int]  # by the answer's offload_route: edge, cloud, cache or mixed
+    degraded_requests: int  # answers with at least one degraded row
+    rows: Mapping[str, int]  # by ROW_ROUTES: every answered row in exactly one
+    seconds: Mapping[str, HistogramSnapshot]  # by the answer's offload_route: the router's time to answer
+    confidence: HistogramSnapshot  # the edge model's confidence in every row it ran on
+
+
+@dataclass(frozen=True, slots=True)
 class RouterStats:
     """Everything a router has counted, at one moment."""
 
@@ -110,7 +129,8 @@ class RouterStats:
     errors: int  # ended in an error
     thresholds: Mapping[str, float]  # per model: the threshold unsure rows are judged by now
     audit: AuditStats
-    edge_runs: EdgeRunStats
     cloud: UpstreamStats | None  # None: the router has no cloud (everything is answered on the edge)
     cache: CacheStats | None  # None: no row cache
-    coalescing: CoalesceStats | None  # None: no cloud, or every request's rows in calls of their own
+    models: Mapping[str, ModelTraffic]  # per model served: what was answered, how and how fast
+    edge_runs: EdgeRunStats = EdgeRunStats()  # where the edge models ran
+    coalescing: CoalesceStats | None = None  # None: no cloud, or every request's rows in calls of their own

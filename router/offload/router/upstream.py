@@ -2,13 +2,12 @@
 
 The router sends rows to an Upstream (offload.router.pool.CloudPool: one or many replicas) and
 answers from the edge on CloudFailure. Which failures are retried (`retryable`) and how
-(`RetryPolicy`), and what the x-request-id header carries (`request_id_header`), is decided
-here, once, for every upstream.
+(`RetryPolicy`) is decided here, once, for every upstream. What the x-request-id header carries
+is offload.oip.request_ids's to say: the servers' log lines use the same form.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,37 +19,6 @@ from offload.oip.types import InferRequest, InferResponse
 from offload.router.stats import UpstreamStats
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-# The request id also travels as this header, for proxies and logs on the way to the cloud.
-REQUEST_ID_HEADER = "x-request-id"
-# The longest request id sent in the header as it is (a UUID takes 36, a W3C trace id 32).
-MAX_HEADER_REQUEST_ID = 128
-
-
-def request_id_header(request_id: str) -> str:
-    """The x-request-id value for a request id: the id itself where gRPC can carry it, else a digest.
-
-    OIP puts no limit on a request's `id`, and apps send what they like (any length, any
-    characters), so refusing some ids would break calls that are valid OIP. The cloud
-    request's body carries the id unchanged (a message field has no such limit, and the
-    cloud echoes it back). A header value, though, must be printable ASCII, and gRPC
-    refuses a call whose headers exceed the peer's metadata limit (8 KiB by default): a
-    header copied blindly failed the cloud call and degraded the answer. So the header
-    carries the id when it is short printable ASCII without surrounding blanks, and
-    otherwise "sha256:" and the first 32 hex digits of the SHA-256 of its UTF-8 bytes,
-    which is legal, stable across retries and hedges, and computable from the id by
-    whoever reads the logs.
-    """
-    if (
-        len(request_id) <= MAX_HEADER_REQUEST_ID
-        and request_id.isascii()
-        and request_id.isprintable()
-        and request_id == request_id.strip()
-    ):
-        return request_id
-    digest = hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"sha256:{digest[:32]}"
 
 
 class CloudFailure(UpstreamError):

@@ -20,10 +20,11 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 
+from offload.oip import grpc_service_pb2 as pb
 from offload.oip.limits import channel_options
 
 SERVICE = "/inference.GRPCInferenceService/"
@@ -35,6 +36,7 @@ REQUEST_ID_FIELD = 3
 STREAM_INFER_RESPONSE_FIELD = 2
 
 Sender = Callable[[bytes], Awaitable[str]]
+_StreamCall = grpc.aio.StreamStreamCall[bytes, pb.ModelStreamInferResponse]
 
 
 def encode_field(number: int, payload: bytes) -> bytes:
@@ -98,13 +100,11 @@ class _Stream:
     """
 
     def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
-        from tritonclient.grpc import service_pb2  # ModelStreamInferResponse: not in our proto yet
-
-        self._open: grpc.aio.StreamStreamMultiCallable[bytes, Any] = channel.stream_stream(
-            SERVICE + "ModelStreamInfer", response_deserializer=service_pb2.ModelStreamInferResponse.FromString
+        self._open: grpc.aio.StreamStreamMultiCallable[bytes, pb.ModelStreamInferResponse] = channel.stream_stream(
+            SERVICE + "ModelStreamInfer", response_deserializer=pb.ModelStreamInferResponse.FromString
         )
         self._timeout = timeout
-        self._call: Any = None
+        self._call: _StreamCall | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[str]] = {}
         self._ids = itertools.count()
@@ -134,7 +134,7 @@ class _Stream:
         finally:
             self._pending.pop(request_id, None)
 
-    async def _read(self, call: Any) -> None:
+    async def _read(self, call: _StreamCall) -> None:
         status = STREAM_CLOSED
         try:
             async for response in call:

@@ -7,6 +7,10 @@ accuracy (`--target-accuracy`). It prints the expected offload rate and routed
 accuracy with 95% Wilson intervals, writes `threshold` and `temperature` into the
 model's `model.toml` (keeping the rest of the file and its comments) and can save a
 plot of the accuracy-vs-offload curve. The statistics are `offload.router.calibration`.
+
+With `--gate` it first trains a learned gate on the set (`offload.tools.gate`: cross-fitted, so
+the threshold is chosen on scores of rows the scoring gate did not train on), writes it as
+`gate.onnx` beside the edge model and sets `confidence = "gate"` and `gate` in `[routing]`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,9 +42,12 @@ from offload.router.calibration import (
     predicted_classes,
     wilson_interval,
 )
-from offload.router.confidence import as_rows
-from offload.router.config import RoutedConfig
+from offload.router.confidence import GATE_OUTPUT, as_rows
+from offload.router.config import RoutedConfig, RoutingSection
 from offload.tools.progress import with_progress
+
+if TYPE_CHECKING:  # the gate needs onnx, imported only for --gate
+    from offload.tools.gate import GateFit
 
 # Rows per request to the cloud and per edge batch.
 BATCH_ROWS = 256
@@ -219,7 +226,10 @@ def _toml_value(value: float | str) -> str:
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
-def with_routing_values(text: str, values: Mapping[str, float]) -> str:
+RoutingValue = float | str
+
+
+def with_routing_values(text: str, values: Mapping[str, RoutingValue]) -> str:
     """text with `values` set in its [routing] table: existing lines edited in place, missing ones inserted."""
     return with_table_values(text, "routing", values)
 
@@ -264,6 +274,39 @@ def with_table_values(text: str, table: str | None, values: Mapping[str, float |
     return "".join(lines)
 
 
+def with_version(text: str, version: str) -> str:
+    """text with its top-level `version` set (the line edited in place, comment kept; else one inserted
+    before the first table)."""
+    lines = text.splitlines(keepends=True)
+    newline = "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
+    literal = json.dumps(version)  # a TOML basic string
+    pattern = re.compile(r"""^(\s*version\s*=\s*)("[^"]*"|'[^']*'|[^\s#]+)(.*)$""", re.S)
+    end = next((index for index, line in enumerate(lines) if _TABLE.match(line)), len(lines))
+    for index in range(end):
+        match = pattern.match(lines[index])
+        if match:
+            lines[index] = f"{match.group(1)}{literal}{match.group(3)}"
+            return "".join(lines)
+    if end and not lines[end - 1].endswith("\n"):
+        lines[end - 1] += newline
+    lines.insert(end, f"version = {literal}{newline}")
+    return "".join(lines)
+
+
+def write_version(folder: Path, version: str) -> None:
+    """Set the model's `version` in folder/model.toml, keeping everything else; validated like write_routing."""
+    path = folder / CONFIG_FILE
+    with path.open(encoding="utf-8", newline="") as stream:
+        original = stream.read()
+    _replace_file(path, with_version(original, version))
+    try:
+        if load_model(folder).config.version != version:
+            raise CalibrationError(f"{path}: the edited file does not hold version {version!r}; set it by hand")
+    except ConfigurationError:
+        _replace_file(path, original)
+        raise
+
+
 def _replace_file(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -277,7 +320,15 @@ def _replace_file(path: Path, text: str) -> None:
 
 
 def write_routing(folder: Path, threshold: float, temperature: float | None) -> None:
-    """Set `threshold` (and `temperature`) in folder/model.toml's [routing] table, keeping everything else.
+    """Set `threshold` (and `temperature`) in folder/model.toml's [routing] table, keeping everything else."""
+    values: dict[str, RoutingValue] = {"threshold": threshold}
+    if temperature is not None:
+        values["temperature"] = temperature
+    write_routing_values(folder, values)
+
+
+def write_routing_values(folder: Path, values: Mapping[str, RoutingValue]) -> None:
+    """Set `values` in folder/model.toml's [routing] table, keeping everything else.
 
     The edited file is validated like at start-up; if it does not load with
     exactly these values, the original is put back and CalibrationError raised.
@@ -285,11 +336,10 @@ def write_routing(folder: Path, threshold: float, temperature: float | None) -> 
     path = folder / CONFIG_FILE
     with path.open(encoding="utf-8", newline="") as stream:
         original = stream.read()
-    values = {"threshold": threshold} if temperature is None else {"threshold": threshold, "temperature": temperature}
     _replace_file(path, with_routing_values(original, values))
     try:
         routing = RoutedConfig.of(load_model(folder)).routing
-        if routing.threshold != threshold or (temperature is not None and routing.temperature != temperature):
+        if any(getattr(routing, key) != value for key, value in values.items()):
             raise CalibrationError(
                 f"{path}: the edited file does not hold the new values (is [routing] written as an inline "
                 "table or with dotted keys?); set them by hand"
@@ -313,13 +363,15 @@ class CalibrateOptions:
     plot: Path | None = None
     fit_temperature: bool = True
     dry_run: bool = False
+    gate: bool = False  # train a learned gate and route by it (confidence = "gate")
+    gate_inputs: bool = False  # ... which also reads the model's inputs
 
 
 def run_calibrate(options: CalibrateOptions) -> Calibration:
     """The whole `offload calibrate`: predict, choose, report, write model.toml, plot."""
     from offload.edge.agent import load_edge_models
 
-    edge_models = load_edge_models(options.repository)
+    edge_models = load_edge_models(options.repository, gates=not options.gate)
     routed = edge_models.get(options.model)
     if routed is None:
         raise CalibrationError(
@@ -329,6 +381,8 @@ def run_calibrate(options: CalibrateOptions) -> Calibration:
     score_output = routed.score_output
     if options.plot is not None:
         _require_matplotlib()
+    if options.gate:
+        _require_onnx()
     inputs, labels = load_inputs(options.data, routed.edge.inputs)
     edge_outputs = edge_predictions(routed.edge, inputs)
     if options.cloud:
@@ -341,13 +395,39 @@ def run_calibrate(options: CalibrateOptions) -> Calibration:
     classes = as_rows(edge_outputs[score_output]).shape[1]
     if np.any((labels < 0) | (labels >= classes)):
         raise CalibrationError(f"{options.data}: labels must be class indices in [0, {classes})")
+    routing = config.routing
+    gate: GateFit | None = None
+    if options.gate:
+        gate = _train_gate(routed.edge, edge_outputs, inputs, labels, score_output, routing, options.gate_inputs)
+        # The threshold is chosen on the out-of-fold scores, never on scores of the rows a gate trained on.
+        edge_outputs = {**edge_outputs, GATE_OUTPUT: gate.out_of_fold}
+        from offload.tools.gate import GATE_FILE
+
+        routing = routing.model_copy(
+            update={
+                "confidence": "gate",
+                "gate": routing.gate or GATE_FILE,
+                "confidence_output": None,
+                "temperature": 1.0,
+            }
+        )
     result = calibrate_predictions(
-        edge_outputs, cloud_scores, labels, config.routing, score_output, options.target, options.fit_temperature
+        edge_outputs, cloud_scores, labels, routing, score_output, options.target, options.fit_temperature
     )
-    print(report(result, config.name, options.data, labels_from))
+    print(report(result, config.name, options.data, labels_from, gate))
     folder = _model_folder(options.repository, config.name)
     if options.dry_run:
         print(f"dry run: {folder / CONFIG_FILE} left unchanged")
+    elif gate is not None:
+        assert routing.gate is not None
+        values: dict[str, RoutingValue] = {"confidence": "gate", "gate": routing.gate, "threshold": result.threshold}
+        if config.routing.temperature != 1.0:
+            values["temperature"] = 1.0
+        _write_gate(folder, routing.gate, gate, values)
+        print(
+            f"wrote the gate to {folder / routing.gate} and confidence, gate and threshold {result.threshold!r} "
+            f"to {folder / CONFIG_FILE}"
+        )
     else:
         write_routing(folder, result.threshold, result.temperature if result.temperature_fitted else None)
         written = f"threshold {result.threshold!r}" + (
@@ -360,12 +440,46 @@ def run_calibrate(options: CalibrateOptions) -> Calibration:
     return result
 
 
+def _train_gate(
+    edge: Any,
+    edge_outputs: Arrays,
+    inputs: Arrays,
+    labels: Ints,
+    score_output: str,
+    routing: RoutingSection,
+    read_inputs: bool,
+) -> GateFit:
+    """A gate for the edge model `edge`, trained (cross-fitted) to flag the rows whose edge answer is not the label."""
+    from offload.tools.gate import train_gate
+
+    score = next(spec for spec in edge.outputs if spec.name == score_output)
+    wrong = predicted_classes(edge_outputs[score_output]) != labels
+    return train_gate(edge_outputs, inputs, score, routing.output_kind, edge.inputs, wrong, read_inputs)
+
+
+def _write_gate(folder: Path, name: str, gate: GateFit, values: Mapping[str, RoutingValue]) -> None:
+    """The gate file and model.toml: the gate is put in place only once the edited model.toml loads."""
+    from offload.tools.gate import save_gate
+
+    path = folder / name
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_gate(gate.model, temporary)
+        # The permissions of the gate it replaces, else model.toml's (not mkstemp's owner-only ones).
+        os.chmod(temporary, (path if path.exists() else folder / CONFIG_FILE).stat().st_mode & 0o777)
+        write_routing_values(folder, values)
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
 def _model_folder(repository: Path, name: str) -> Path:
     """The model's folder, spelled from the repository path as given (for messages)."""
     return repository / load_repository(repository)[name].folder.name
 
 
-def report(result: Calibration, model: str, data: Path, labels_from: str) -> str:
+def report(result: Calibration, model: str, data: Path, labels_from: str, gate: GateFit | None = None) -> str:
     """The human-readable summary `offload calibrate` prints."""
 
     def interval(successes: int, digits: int) -> str:
@@ -376,11 +490,24 @@ def report(result: Calibration, model: str, data: Path, labels_from: str) -> str
         temperature = f"{result.temperature:.4g}   (fitted: least log loss on these rows)"
     elif result.measure == "output":
         temperature = "n/a    (confidence is the model's own output)"
+    elif result.measure == "gate":
+        temperature = "n/a    (confidence is the gate's score)"
     else:
         temperature = f"{result.temperature:.4g}   (as configured; not fitted)"
     lines = [
         f"offload calibrate: model {model!r}, {result.rows} rows from {data} (labels: {labels_from})",
         f"  confidence           {result.measure}",
+        *(
+            [
+                f"  gate                 {gate.describe()}",
+                f"  gate trained on      {gate.rows} rows ({gate.wrong} with the edge wrong); threshold and figures "
+                f"below: out-of-fold ({gate.folds}-fold cross-fitting)",
+            ]
+            if gate is not None
+            else ["  gate                 the model's gate as it is (--gate trains a new one, cross-fitted)"]
+            if result.measure == "gate"
+            else []
+        ),
         f"  temperature          {temperature}",
         f"  threshold            {result.threshold!r}   (target: {result.target.describe()})",
         f"  expected offload     {result.offload_rate:.1%}   ({interval(result.offloaded, 1)}; "
@@ -400,6 +527,13 @@ def report(result: Calibration, model: str, data: Path, labels_from: str) -> str
             f"{result.ece_after:.4f} at {result.temperature:.4g}"
         )
     return "\n".join(lines)
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise CalibrationError("--gate needs onnx to write the gate: pip install 'offload[tools]'") from exc
 
 
 def _require_matplotlib() -> None:

@@ -1,5 +1,5 @@
 """The `offload` command: run the demo, the edge agent or the cloud service, calibrate or quantize a model,
-load a server, or write a repository's manifest.
+distill a new edge model from recorded cloud answers, load a server, or write a repository's manifest.
 
 Each subcommand imports only what it needs, so `offload cloud` runs where only
 `offload[cloud]` (torch) is installed and `offload edge` where only
@@ -21,7 +21,6 @@ from offload.oip.settings import configure_logging, load_settings
 EXTRA_HINT = {
     "torch": "offload[cloud]",
     "onnxruntime": "offload[edge]",
-    "tritonclient": "offload[tools]",
     "onnx": "offload[tools]",
 }
 
@@ -36,6 +35,22 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
     )
     parser.add_argument("--grace-seconds", type=float, help="on SIGTERM, time for calls in flight (default 10)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), help="text (default), or json: one JSON object per line"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on http://HOST:PORT/metrics"
+    )
+    parser.add_argument("--metrics-host", metavar="HOST", help="address the metrics port listens on (default: --host)")
+    parser.add_argument(
+        "--health-port", type=int, metavar="PORT", help="also serve grpc.health.v1 alone, plaintext, on this port"
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        default=None,
+        help="export OpenTelemetry traces (needs offload[tracing]; OTEL_* environment variables say where)",
+    )
     parser.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve TLS with this PEM certificate chain")
     parser.add_argument("--tls-key", type=Path, metavar="FILE", help="the unencrypted PEM private key of --tls-cert")
     parser.add_argument(
@@ -48,6 +63,9 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
 
 # The edge agent's flags for models rolled out over HTTP, named as the edge settings.
 ROLLOUT_FLAGS = ("model_repository_url", "model_poll_seconds", "model_cache_dir")
+
+# The edge agent's flags for recording the cloud's answers (opt-in), named as the edge settings.
+RECORD_FLAGS = ("record_dir", "record_max_bytes")
 
 # The flags of a channel to the cloud (the edge agent's, calibrate's), named as the edge settings.
 CLOUD_CHANNEL_FLAGS = ("cloud_tls_ca", "cloud_tls_cert", "cloud_tls_key", "cloud_tls_server_name", "cloud_token_file")
@@ -73,6 +91,11 @@ def _flags(options: argparse.Namespace, *names: str) -> dict[str, Any]:
         "max_message_bytes",
         "grace_seconds",
         "log_level",
+        "log_format",
+        "metrics_port",
+        "metrics_host",
+        "health_port",
+        "tracing",
         "tls_cert",
         "tls_key",
         "tls_client_ca",
@@ -113,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "dns:///NAME:PORT for a replica at every address of NAME; omit to answer on the edge only",
     )
     edge.add_argument("--cloud-timeout-seconds", type=float, help="longest cloud call without a caller deadline (1)")
+    edge.add_argument(
+        "--cloud-streaming",
+        action="store_true",
+        default=None,
+        help="send the cloud's rows on one ModelStreamInfer stream instead of one call each",
+    )
     edge.add_argument("--edge-threads", type=int, help="threads that run edge models (default 1)")
     edge.add_argument(
         "--model-repository-url",
@@ -129,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where the last good repository from the URL is kept for restarts (default: a state folder, "
         "$STATE_DIRECTORY or $XDG_STATE_HOME/offload)",
+    )
+    edge.add_argument(
+        "--record-dir",
+        type=Path,
+        metavar="DIR",
+        help="opt-in: keep the rows sent to the cloud (users' inputs) and its answers in rotating .npz files in "
+        "DIR, for `offload distill` (default: off)",
+    )
+    edge.add_argument(
+        "--record-max-bytes", type=int, metavar="N", help="most bytes of recording files in --record-dir (256 MiB)"
     )
     _cloud_channel_flags(edge)
 
@@ -187,7 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--plot", type=Path, metavar="FILE.png", help="save the accuracy-vs-offload curve here")
     calibrate.add_argument("--no-temperature", action="store_true", help="keep the configured temperature")
     calibrate.add_argument("--dry-run", action="store_true", help="report only; leave model.toml unchanged")
+    calibrate.add_argument(
+        "--gate",
+        action="store_true",
+        help="train a learned gate on the data (the chance that the edge's answer is wrong, from its scores), write "
+        'it as gate.onnx beside the edge model and route by it: confidence = "gate" (threshold chosen on '
+        "cross-fitted scores)",
+    )
+    calibrate.add_argument("--gate-inputs", action="store_true", help="with --gate: the gate also reads the inputs")
     _quantize_parser(commands)
+    _distill_parser(commands)
     _bench_parser(commands)
     return parser
 
@@ -289,6 +337,73 @@ def _name_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _distill_parser(commands: Any) -> None:
+    distill = commands.add_parser(
+        "distill",
+        help="train a new edge model version on the cloud answers an edge agent recorded (--record-dir)",
+        description="Knowledge distillation: train the edge architecture the model's [distill] section names "
+        "(factory = 'package.module:function', or --factory) on the rows an edge agent recorded, with the cloud's "
+        "outputs as soft targets (KL(softmax(cloud/T) || softmax(student/T)) x T^2), optionally mixed with "
+        "labelled rows; export it to ONNX, check it under ONNX Runtime, and write the model's next version into "
+        "--out: a copy of its folder with the new edge model, version bumped, threshold and temperature "
+        "calibrated anew on --data for the target (model.toml's comments kept). Needs torch (offload[cloud]).",
+    )
+    distill.add_argument("--model-repository", type=Path, help="folder of model folders (default: the bundled demo)")
+    distill.add_argument("--model", required=True, help="the model to distill (its name in the repository)")
+    distill.add_argument(
+        "--records", type=Path, required=True, metavar="DIR", help="the folder an edge agent recorded into"
+    )
+    distill.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        metavar="FILE.npz",
+        help="validation set to calibrate the new model on, as `offload calibrate --data` takes it",
+    )
+    target = distill.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-offload", type=_share, metavar="F", help="share of rows to send to the cloud (0-1)")
+    target.add_argument(
+        "--target-accuracy", type=_share, metavar="F", help="routed accuracy to reach with the least offload (0-1)"
+    )
+    distill.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="repository to write the new version into "
+        "(its folder of the model is replaced; may be --model-repository itself)",
+    )
+    distill.add_argument("--factory", metavar="PKG.MODULE:FN", help="the edge architecture (default: [distill])")
+    distill.add_argument("--weights", type=Path, metavar="FILE.pt", help="start from this state_dict (torch.save)")
+    distill.add_argument("--save-weights", type=Path, metavar="FILE.pt", help="save the trained state_dict here")
+    distill.add_argument(
+        "--labelled", type=Path, metavar="FILE.npz", help="labelled rows to train on too ('inputs' and 'labels')"
+    )
+    distill.add_argument(
+        "--alpha", type=_share, default=0.5, help="weight of the labelled rows' cross-entropy (0-1, default 0.5)"
+    )
+    distill.add_argument("--temperature", type=_positive_float, default=4.0, help="distillation temperature T (4)")
+    distill.add_argument("--epochs", type=_positive_int, default=100, help="passes over the recorded rows (100)")
+    distill.add_argument("--batch-size", type=_positive_int, default=64, help="rows per step (64)")
+    distill.add_argument("--learning-rate", type=_positive_float, default=3e-3, help="AdamW learning rate (0.003)")
+    distill.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (0.0001)")
+    distill.add_argument(
+        "--holdout", type=_share, default=0.1, help="share of recorded rows kept out to measure agreement (0.1)"
+    )
+    distill.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the batches")
+    distill.add_argument("--version", help="the new version (default: the current one + 1)")
+    distill.add_argument("--manifest", action="store_true", help="then write --out's manifest.json")
+    distill.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    distill.add_argument(
+        "--cloud",
+        type=_address,
+        help="HOST:PORT of a running OIP server for the cloud's answers on --data "
+        "(default: run the model's [cloud] section here with PyTorch)",
+    )
+    _cloud_channel_flags(distill)
+    distill.add_argument("--no-temperature", action="store_true", help="keep the configured routing temperature")
+
+
 def _bench_parser(commands: Any) -> None:
     bench = commands.add_parser(
         "bench",
@@ -328,7 +443,7 @@ def _bench_parser(commands: Any) -> None:
     bench.add_argument(
         "--streaming",
         action="store_true",
-        help="send on ModelStreamInfer (Triton's bidirectional stream; needs tritonclient) instead of ModelInfer",
+        help="send on ModelStreamInfer (Triton's bidirectional stream) instead of ModelInfer",
     )
     bench.add_argument(
         "--parameter",
@@ -381,6 +496,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
 def _share(text: str) -> float:
     try:
         value = float(text)
@@ -392,7 +517,10 @@ def _share(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if options.command == "calibrate" and options.gate_inputs and not options.gate:
+        parser.error("--gate-inputs goes with --gate")
     try:
         if options.command == "demo":
             from offload.tools.demo import run_demo
@@ -406,10 +534,17 @@ def main(argv: list[str] | None = None) -> int:
                 EdgeSettings,
                 options.config,
                 **_flags(
-                    options, "cloud", "cloud_timeout_seconds", "edge_threads", *ROLLOUT_FLAGS, *CLOUD_CHANNEL_FLAGS
+                    options,
+                    "cloud",
+                    "cloud_timeout_seconds",
+                    "cloud_streaming",
+                    "edge_threads",
+                    *ROLLOUT_FLAGS,
+                    *RECORD_FLAGS,
+                    *CLOUD_CHANNEL_FLAGS,
                 ),
             )
-            configure_logging(edge_settings.log_level)
+            configure_logging(edge_settings.log_level, edge_settings.log_format)
             asyncio.run(agent.run(edge_settings))
             return 0
         if options.command == "bench":
@@ -448,14 +583,18 @@ def main(argv: list[str] | None = None) -> int:
                     plot=options.plot,
                     fit_temperature=not options.no_temperature,
                     dry_run=options.dry_run,
+                    gate=options.gate,
+                    gate_inputs=options.gate_inputs,
                 )
             )
             return 0
+        if options.command == "distill":
+            return _distill(options)
         from offload.cloud import service
         from offload.cloud.settings import CloudSettings
 
         cloud_settings = load_settings(CloudSettings, options.config, **_flags(options, "device", "inference_threads"))
-        configure_logging(cloud_settings.log_level)
+        configure_logging(cloud_settings.log_level, cloud_settings.log_format)
         asyncio.run(service.run(cloud_settings))
         return 0
     except ConfigurationError as exc:
@@ -500,6 +639,49 @@ def _quantize(options: argparse.Namespace) -> int:
             cloud_security=ChannelSecurity.load(*(getattr(options, name) for name in CLOUD_CHANNEL_FLAGS)),
             latency_runs=options.latency_runs,
             latency_batch=options.latency_batch,
+        )
+    )
+    return 0
+
+
+def _distill(options: argparse.Namespace) -> int:
+    from offload.models import DEMO_REPOSITORY
+    from offload.oip.security import ChannelSecurity
+    from offload.router.calibration import Target
+    from offload.tools.distill import DistillOptions, Training, run_distill
+
+    if options.holdout >= 1.0:
+        raise ConfigurationError("--holdout must be below 1 (some recorded rows must be left to train on)")
+    run_distill(
+        DistillOptions(
+            repository=options.model_repository or DEMO_REPOSITORY,
+            model=options.model,
+            records=options.records,
+            data=options.data,
+            target=Target("offload", options.target_offload)
+            if options.target_offload is not None
+            else Target("accuracy", options.target_accuracy),
+            out=options.out,
+            factory=options.factory,
+            weights=options.weights,
+            save_weights=options.save_weights,
+            labelled=options.labelled,
+            training=Training(
+                temperature=options.temperature,
+                alpha=options.alpha,
+                epochs=options.epochs,
+                batch_size=options.batch_size,
+                learning_rate=options.learning_rate,
+                weight_decay=options.weight_decay,
+                seed=options.seed,
+            ),
+            holdout=options.holdout,
+            version=options.version,
+            cloud=options.cloud,
+            cloud_security=ChannelSecurity.load(*(getattr(options, name) for name in CLOUD_CHANNEL_FLAGS)),
+            fit_temperature=not options.no_temperature,
+            manifest=options.manifest,
+            device=options.device,
         )
     )
     return 0

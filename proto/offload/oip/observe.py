@@ -1,0 +1,128 @@
+"""What an OIP server sees of each call: its status and duration (`ServerStats`), its request id, its span.
+
+`CallObserver` is the first interceptor on the server: it wraps the handler of every call to the
+inference service, whatever handles it after (the servicer, or the token check refusing it), so
+it sees every status a caller gets. Per call it sets the request id for log lines
+(`current_request_id`), opens the server span in the caller's trace, and counts the call by method
+and status code, with its duration, in counters that `stats()` hands out as a frozen snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
+
+from offload.oip import tracing
+from offload.oip.messages import ReceivedRequest
+from offload.oip.request_ids import current_request_id, request_id_of
+from offload.oip.stats import SECONDS_BUCKETS, Histogram, HistogramSnapshot
+
+log = logging.getLogger(__name__)
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStats:
+    """An OIP server's calls to the inference service, at one moment."""
+
+    calls: Mapping[tuple[str, str], int]  # (method, status code name) -> calls that ended so
+    seconds: Mapping[str, HistogramSnapshot]  # method -> how long its calls took, whatever their status
+    in_flight: int  # calls being handled now
+
+
+class CallObserver(grpc.aio.ServerInterceptor):
+    """Observes the unary calls to one service (the inference service); other services pass untouched."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+        self._prefix = f"/{service}/"
+        self._calls: dict[tuple[str, str], int] = {}
+        self._seconds: dict[str, Histogram] = {}
+        self._in_flight = 0
+
+    def stats(self) -> ServerStats:
+        return ServerStats(
+            calls=dict(self._calls),
+            seconds={method: histogram.snapshot() for method, histogram in self._seconds.items()},
+            in_flight=self._in_flight,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        name = handler_call_details.method
+        # Only methods the service has get here with a handler, so the method label stays a short, fixed list.
+        if handler is None or not name.startswith(self._prefix) or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._observed(name.removeprefix(self._prefix), cast(Behavior, handler.unary_unary)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _observed(self, method: str, behavior: Behavior) -> Behavior:
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            metadata = context.invocation_metadata()
+            # ModelInfer's request as the server reads it (its raw contents left in the bytes received).
+            message_id = request.message.id if isinstance(request, ReceivedRequest) else ""
+            token = current_request_id.set(request_id_of(message_id, metadata))
+            attributes = {"rpc.system": "grpc", "rpc.service": self._service, "rpc.method": method}
+            started = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN  # what gRPC answers for an exception nobody turned into a status
+            self._in_flight += 1
+            try:
+                with tracing.server_span(f"{self._service}/{method}", metadata, attributes) as span:
+                    try:
+                        reply = await behavior(request, context)
+                        code = grpc.StatusCode.OK
+                        return reply
+                    except asyncio.CancelledError:
+                        code = grpc.StatusCode.CANCELLED  # the caller went away, or its deadline passed
+                        raise
+                    finally:
+                        # A status set by context.abort (every error a handler answers with) wins.
+                        code = _status(context) or code
+                        span.set("rpc.grpc.status_code", code.value[0])
+                        if code != grpc.StatusCode.OK:
+                            span.fail(code.name)
+            finally:
+                self._in_flight -= 1
+                elapsed = time.perf_counter() - started
+                self._record(method, code, elapsed)
+                log.debug(
+                    "%s %s in %.1f ms",
+                    method,
+                    code.name,
+                    elapsed * 1000,
+                    extra={"method": method, "code": code.name, "duration_ms": round(elapsed * 1000, 3)},
+                )
+                current_request_id.reset(token)
+
+        return observed
+
+    def _record(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        key = (method, code.name)
+        self._calls[key] = self._calls.get(key, 0) + 1
+        histogram = self._seconds.get(method)
+        if histogram is None:
+            histogram = self._seconds[method] = Histogram(SECONDS_BUCKETS)
+        histogram.observe(seconds)
+
+
+def _status(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:
+    """The status the handler set (context.abort, set_code), if any."""
+    code: object = context.code()
+    if isinstance(code, grpc.StatusCode) or code is None:
+        return code
+    # Some gRPC versions hand out the status as its number.
+    return next((status for status in grpc.StatusCode if status.value[0] == code), None)
