@@ -23,6 +23,7 @@ import pytest
 
 from offload.cloud.dataplane import CloudDataPlane
 from offload.edge.agent import build_router
+from offload.edge.metrics import EdgeCollector
 from offload.edge.settings import EdgeSettings
 from offload.oip.errors import InvalidArgument
 from offload.oip.server import OipServer
@@ -164,6 +165,13 @@ async def test_requests_that_wait_for_a_call_in_flight_share_the_next_and_get_ex
         cloud = rig.router.stats().cloud
         assert cloud is not None
         assert cloud.calls == 2, "two cloud requests for five app requests"
+        # The agent's metrics read the same snapshot.
+        families = EdgeCollector(rig.router.stats).collect()
+        scraped = {sample.name: sample.value for family in families for sample in family.samples}
+        assert scraped["offload_edge_coalesced_calls_total"] == 1
+        assert scraped["offload_edge_coalesced_requests_total"] == 4
+        assert scraped["offload_edge_coalesced_rows_total"] == 10
+        assert scraped["offload_edge_coalescing_held_requests"] == 0
 
 
 async def test_requests_whose_forwarded_parameters_differ_never_share_a_call(rig_parts: Parts) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from offload.edge.agent import load_edge_models
+from offload.edge.metrics import EdgeCollector
 from offload.models import DEMO_REPOSITORY
 from offload.oip.errors import InvalidArgument
 from offload.oip.messages import ReceivedRequest, check_request, decode_request, request_to_pb
@@ -112,6 +113,13 @@ async def test_a_warmed_small_model_runs_inline_and_a_large_batch_on_the_edge_th
         reference.EDGE_TOLERANCE.assert_close(response.as_dict()["scores"].data, reference.edge_scores(large))
         assert executor.submitted == 1
         assert router.stats().edge_runs == EdgeRunStats(inline=3, threaded=1)
+        scraped = {
+            (sample.name, sample.labels.get("place")): sample.value
+            for family in EdgeCollector(router.stats).collect()
+            for sample in family.samples
+        }
+        assert scraped[("offload_edge_model_runs_total", "inline")] == 3
+        assert scraped[("offload_edge_model_runs_total", "thread")] == 1
         await router.close()
 
 
