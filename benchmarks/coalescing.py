@@ -162,7 +162,10 @@ def report(rows: list[Row], options: argparse.Namespace, command: str) -> str:
         f"setting: {options.requests} app requests of 3 demo rows, at most {options.concurrency} in flight (closed "
         f"loop), `offload_threshold=1.0` (every row to the cloud), app deadline {options.deadline:g} s; the proxy "
         "holds every call for the link's round trip before it forwards it. Answer cache off, as in the fault "
-        "benchmark, so that every row travels. Cloud calls are counted by the proxy."
+        "benchmark, so that every row travels. Cloud calls are counted by the proxy. The proxy adds latency only: "
+        "what a real link charges per call (radio wake-ups, TLS records, the cloud's work per request), which "
+        "fewer calls save, is not in these figures; what coalescing costs is (rows that wait for a call in flight, "
+        "or for the window)."
     )
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * (len(COLUMNS) - 2)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
