@@ -133,8 +133,9 @@ async def test_a_real_agent_spreads_calls_over_every_replica(clouds: Clouds, ref
     """`offload edge --cloud A,B,C`: every replica takes calls, as the agent's status line counts them."""
     edge = ServerProcess(
         ["edge", "--grpc-port", "0", "--cloud", clouds.target],
-        # The status line comes once, at shutdown, covering the whole run.
-        env={**SUBPROCESS_ENV, "OFFLOAD_EDGE_STATUS_LOG_SECONDS": "3600"},
+        # The status line comes once, at shutdown, covering the whole run. Coalescing is off, so that each
+        # request's rows travel in a call of their own (the count below).
+        env={**SUBPROCESS_ENV, "OFFLOAD_EDGE_STATUS_LOG_SECONDS": "3600", "OFFLOAD_EDGE_COALESCE_MAX_ROWS": "0"},
     )
     with edge:
         address = await asyncio.to_thread(edge.start)

@@ -43,6 +43,7 @@ from offload.router.cache import RowCache
 from offload.router.core import Router
 from offload.router.models import RoutedModel
 from offload.router.options import RESPONSE_ROUTE, ROUTE, THRESHOLD
+from offload.router.placement import Placement, PlacementPolicy
 from offload.router.pool import CloudPool
 from offload.tools.cli import main
 from offload.tools.process import ServerProcess
@@ -239,6 +240,9 @@ async def test_a_swap_under_load_fails_no_call_and_new_calls_get_the_new_version
 
     async def caller(seen: list[str]) -> None:
         while not enough.is_set():
+            # A small model runs inline (offload.router.placement), and an answer computed inline is returned
+            # without a pause: a caller that loops lets the others (and the rollout) take their turn.
+            await asyncio.sleep(0)
             response = await router.infer(_edge_request(pixels))
             seen.append(response.model_version)
             np.testing.assert_array_equal(_classes(response), expected_v2 if response.model_version == "2" else before)
@@ -280,9 +284,16 @@ async def test_a_call_in_flight_at_the_swap_finishes_on_the_old_model_and_teache
     cloud = OipServer(demo_cloud_plane, "test-cloud")
     await cloud.start()
     endpoint = CloudPool(f"127.0.0.1:{cloud.port}", 10.0, 64 << 20)
-    # One edge thread, held busy: a call that has picked its model waits for it, across the swap.
+    # One edge thread, held busy: a call that has picked its model waits for it, across the swap (so the edge
+    # model runs on the thread, never inline).
     with WatchedExecutor() as executor:
-        router = Router(await _serving_v1(rollout, server, v1), endpoint, executor, target_offload=0.2)
+        router = Router(
+            await _serving_v1(rollout, server, v1),
+            endpoint,
+            executor,
+            target_offload=0.2,
+            placement=PlacementPolicy(Placement.THREAD),
+        )
         try:
             release = threading.Event()
             executor.submit(release.wait)

@@ -559,9 +559,10 @@ def test_the_cloud_streaming_setting_comes_from_the_flag_and_the_environment(mon
 
 @pytest.fixture
 async def streaming_edge(demo_processes: Processes) -> AsyncIterator[tuple[ServerProcess, ChaosProxy]]:
-    """A real `offload edge --cloud-streaming` whose cloud is the demo cloud, through a proxy (row cache off)."""
+    """A real `offload edge --cloud-streaming` whose cloud is the demo cloud, through a proxy (row cache off, and
+    coalescing off: each request's rows in a call of their own, whose request ids the test follows)."""
     async with ChaosProxy(demo_processes.cloud.address) as chaos:
-        env = {**SUBPROCESS_ENV, "OFFLOAD_EDGE_CACHE_MAX_BYTES": "0"}
+        env = {**SUBPROCESS_ENV, "OFFLOAD_EDGE_CACHE_MAX_BYTES": "0", "OFFLOAD_EDGE_COALESCE_MAX_ROWS": "0"}
         args = ["edge", "--grpc-port", "0", "--cloud", chaos.address, "--cloud-streaming"]
         with ServerProcess(args, env=env) as edge:
             # Started off the event loop: the proxy serves on it meanwhile (the agent's start-up look).

@@ -359,13 +359,16 @@ class ChaosProxy:
 
 # Test-friendly resilience settings: short cloud deadline, a breaker that probes again soon.
 # The row cache is off (the agent's default is on), so that every cloud-bound row meets the
-# fault; a test that wants the agent's cache passes cache_max_bytes.
+# fault; a test that wants the agent's cache passes cache_max_bytes. Coalescing is off too (the
+# agent's default is on), so that each request's rows travel in calls of their own, which the
+# fault tests count; tests/test_coalescing.py turns it on.
 TEST_EDGE_SETTINGS: dict[str, Any] = {
     "cloud_timeout_seconds": 1.0,
     "breaker_cooldown_seconds": 0.2,
     "retry_budget_max_tokens": 10.0,
     "retry_budget_token_ratio": 0.1,
     "cache_max_bytes": 0,
+    "coalesce_max_rows": 0,
 }
 MODEL = "digits"
 ROWS_PER_REQUEST = 3
@@ -430,6 +433,8 @@ async def edge_under_test(
         cache=cache,
         audit_share=settings.audit_share,
         rng=np.random.default_rng(0),  # which rows are audited: the same on every run
+        placement=settings.placement(),
+        coalesce=settings.coalescing(),
     )
     server = OipServer(RouterDataPlane(router), "chaos-edge", settings.limits)
     await server.start()

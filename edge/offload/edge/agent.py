@@ -19,7 +19,7 @@ from offload.edge.recording import Recorder
 from offload.edge.rollout import ModelRollout
 from offload.edge.settings import EdgeSettings
 from offload.edge.status import StatusLog
-from offload.oip.errors import ConfigurationError
+from offload.oip.errors import ConfigurationError, one_line
 from offload.oip.memory import limit_arenas
 from offload.oip.metrics import on_loop
 from offload.oip.operations import Operations
@@ -81,6 +81,19 @@ def load_edge_models(
     return models
 
 
+def warm_up_models(models: Mapping[str, RoutedModel]) -> None:
+    """Warm each model up before it serves (RoutedModel.warm_up: lazy set-up, and what a row costs, which decides
+    where its batches run). One that fails on a row of zeros still serves: its requests will say what is wrong."""
+    for name, model in models.items():
+        try:
+            model.warm_up()
+        except Exception as exc:  # a model can make its runtime raise anything
+            log.warning("%s v%s: its warm-up on a row of zeros failed: %s", name, model.version, one_line(exc))
+            continue
+        row = model.cost.expected(1)
+        log.debug("%s v%s warmed up: %.3f ms a row", name, model.version, 1000 * (row or 0.0))
+
+
 def build_cloud_pool(
     settings: EdgeSettings,
     on_breaker_change: Callable[[BreakerState], None] | None = None,
@@ -113,14 +126,15 @@ def build_router(
     on_cloud_rows: CloudRowsHook | None = None,
 ) -> Router:
     """The in-process router an app can call directly, configured like the agent; it serves `models` if
-    given (the agent's from model_repository_url), else those of model_repository. Recording (record_dir) is
-    the caller's to open and close: pass open_recorder(settings)'s on_cloud_rows."""
+    given (the agent's from model_repository_url), else those of model_repository, each warmed up first.
+    Recording (record_dir) is the caller's to open and close: pass open_recorder(settings)'s on_cloud_rows."""
     # The cloud channel first: its certificates and token are checked before any model loads.
     cloud = build_cloud_pool(settings, on_breaker_change)
     executor = ThreadPoolExecutor(settings.edge_threads, thread_name_prefix="edge-infer")
     cache = RowCache(settings.cache_max_bytes, settings.cache_ttl_seconds) if settings.cache_max_bytes else None
     if models is None:
         models = load_edge_models(settings.model_repository, chunk_bytes=settings.edge_chunk_bytes)
+    warm_up_models(models)
     return Router(
         models,
         cloud,
@@ -130,6 +144,8 @@ def build_router(
         target_offload=settings.target_offload,
         audit_share=settings.audit_share,
         on_cloud_rows=on_cloud_rows,
+        placement=settings.placement(),
+        coalesce=settings.coalescing(),
     )
 
 

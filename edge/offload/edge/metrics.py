@@ -5,8 +5,8 @@ cache, degraded), the router's time to answer, the edge's row confidences and th
 force. The cloud pool's totals (label `target`, as configured): calls, attempts by status, retries,
 hedges, failures, short-circuits, call latency, circuit state and the shared retry tokens; and each
 replica's own (`offload_edge_cloud_replica_*`, label `target`, its address): calls, failures, calls
-in flight, circuit state, reachability. The row cache and the audit. The OIP
-server's calls by status code come from offload.oip.metrics.ServerCollector.
+in flight, circuit state, reachability. The row cache, coalescing and the audit; where the edge models
+ran. The OIP server's calls by status code come from offload.oip.metrics.ServerCollector.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import Metric
 
 from offload.oip.metrics import Labels, counter, counters, gauge, gauges, histograms, labelled
 from offload.router.resilience import BreakerState
-from offload.router.stats import CacheStats, ReplicaStats, RouterStats, UpstreamStats
+from offload.router.stats import CacheStats, CoalesceStats, ReplicaStats, RouterStats, UpstreamStats
 
 PREFIX = "offload_edge"
 
@@ -32,6 +32,15 @@ class EdgeCollector:
         stats = self._stats()
         yield from _traffic(stats)
         yield counter(f"{PREFIX}_request_errors_total", "Requests the router ended with an error.", stats.errors)
+        runs = stats.edge_runs
+        yield counters(
+            f"{PREFIX}_model_runs_total",
+            "Runs of the edge models by where they ran: inline on the event loop, or on an edge thread.",
+            ("place",),
+            ((("inline",), runs.inline), (("thread",), runs.threaded)),
+        )
+        if stats.coalescing is not None:
+            yield from _coalescing(stats.coalescing)
         if stats.cloud is not None:
             yield from _cloud(stats.cloud)
             yield from _replicas(stats.cloud.replicas)
@@ -194,6 +203,21 @@ def _replicas(replicas: Iterable[ReplicaStats]) -> Iterator[Metric]:
         "1 while a replica's channel can connect, 0 while it cannot (the process is gone, the port closed).",
         target,
         each(lambda r: r.reachable),
+    )
+
+
+def _coalescing(coalescing: CoalesceStats) -> Iterator[Metric]:
+    yield counter(
+        f"{PREFIX}_coalesced_calls_total",
+        "Cloud calls that carried the rows of more than one request.",
+        coalescing.coalesced_calls,
+    )
+    yield counter(
+        f"{PREFIX}_coalesced_requests_total", "Requests whose rows travelled in those.", coalescing.coalesced_requests
+    )
+    yield counter(f"{PREFIX}_coalesced_rows_total", "Rows those carried.", coalescing.coalesced_rows)
+    yield gauge(
+        f"{PREFIX}_coalescing_held_requests", "Requests whose rows wait now to share a call.", coalescing.held_requests
     )
 
 

@@ -384,7 +384,7 @@ def _load_and_warm(load: Loader, folder: Path, keep: Mapping[str, RoutedModel]) 
         if keep.get(name) is model:
             continue
         try:
-            warm_up(model)
+            model.warm_up()
         except Exception as exc:
             raise _Rejected(
                 f"model {name!r} v{model.version} failed its warm-up (one row of zeros shaped as model.toml declares "
@@ -393,13 +393,6 @@ def _load_and_warm(load: Loader, folder: Path, keep: Mapping[str, RoutedModel]) 
                 final=True,
             ) from exc
     return models
-
-
-def warm_up(model: RoutedModel) -> None:
-    """Run the model once on a row of zeros, and the confidence on its answer: the first call's lazy set-up
-    happens here rather than in a caller's request, and a model that cannot run is found before it serves."""
-    outputs = model.edge.predict({spec.name: spec.zero_rows(1) for spec in model.edge.inputs})
-    model.confidence(outputs)
 
 
 def _changes(before: Mapping[str, RoutedModel], after: Mapping[str, RoutedModel]) -> str:

@@ -15,12 +15,15 @@ from offload.edge.onnx_model import DEFAULT_CHUNK_BYTES
 from offload.models import DEMO_REPOSITORY
 from offload.oip.security import ChannelSecurity
 from offload.oip.settings import ServerSettings
+from offload.router.coalesce import CoalescePolicy
 from offload.router.discovery import CloudTargets
+from offload.router.placement import Placement, PlacementPolicy
 from offload.router.resilience import BreakerPolicy, RetryBudget
 from offload.router.upstream import RetryPolicy
 
 # The policies hold the defaults; the settings below start from them.
 _RETRY, _BUDGET, _BREAKER = RetryPolicy(), RetryBudget(), BreakerPolicy()
+_PLACEMENT, _COALESCE = PlacementPolicy(), CoalescePolicy()
 Policy = TypeVar("Policy", RetryPolicy, RetryBudget, BreakerPolicy)
 # A policy's field F is the setting PREFIX + F (retry_max_attempts, breaker_window, ...).
 _PREFIXES: dict[type, str] = {RetryPolicy: "retry_", RetryBudget: "retry_budget_", BreakerPolicy: "breaker_"}
@@ -94,6 +97,20 @@ class EdgeSettings(ServerSettings):
         float, Field(ge=0, description="Time kept back from the caller's deadline to answer from the edge.")
     ] = 0.02
     edge_threads: Annotated[int, Field(ge=1, description="Threads that run edge models off the event loop.")] = 1
+    edge_placement: Placement = Field(
+        _PLACEMENT.mode,
+        description="Where edge models run a batch: auto (on the event loop when its measured cost is at most "
+        "edge_inline_seconds, else on an edge thread), inline (always on the event loop) or thread (always on "
+        "an edge thread; for a model that waits on an accelerator).",
+    )
+    edge_inline_seconds: Annotated[
+        float,
+        Field(
+            ge=0,
+            description="auto placement: a batch whose measured CPU cost is at most this runs on the event loop, "
+            "saving the hand-off to a thread (which costs more than a small model's run).",
+        ),
+    ] = _PLACEMENT.inline_seconds
     edge_chunk_bytes: Annotated[
         int,
         Field(ge=1, description="Most input bytes one run of an edge model takes; larger batches run in chunks."),
@@ -144,6 +161,23 @@ class EdgeSettings(ServerSettings):
     audit_share: Annotated[
         float, Field(ge=0, le=1, description="Share of confident rows also sent to the cloud to measure agreement.")
     ] = 0.0
+    coalesce_window_us: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Coalescing: how long (microseconds) the first unsure rows bound for a cloud model wait for "
+            "other requests' to share their cloud call; 0: they go at once, and rows wait only while a call of the "
+            "same model and parameters is in flight, to go together when it ends.",
+        ),
+    ] = round(_COALESCE.window_seconds * 1e6)
+    coalesce_max_rows: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Coalescing: most rows one shared cloud call carries (a call also carries at most a quarter "
+            "of max_message_bytes of input); 0: no coalescing, each request's rows in calls of their own.",
+        ),
+    ] = _COALESCE.max_rows
     record_dir: Path | None = Field(
         None,
         description="Opt-in, off by default (these are users' inputs): keep every row the cloud answers and its "
@@ -174,6 +208,14 @@ class EdgeSettings(ServerSettings):
             "happened; 0: none.",
         ),
     ] = 60.0
+
+    def placement(self) -> PlacementPolicy:
+        """Where edge models run their batches (offload.router.placement)."""
+        return PlacementPolicy(self.edge_placement, self.edge_inline_seconds)
+
+    def coalescing(self) -> CoalescePolicy:
+        """How concurrent requests' unsure rows share cloud calls (offload.router.coalesce)."""
+        return CoalescePolicy(self.coalesce_window_us / 1e6, self.coalesce_max_rows, self.max_message_bytes // 4)
 
     def cloud_security(self) -> ChannelSecurity:
         """TLS credentials and the token for the cloud channel, from the files these settings name, checked now."""

@@ -31,7 +31,8 @@ _RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_
 
 def parameters_from_pb(parameters: Mapping[str, pb.InferParameter], where: str) -> dict[str, ParameterValue]:
     values: dict[str, ParameterValue] = {}
-    for key, parameter in parameters.items():
+    for key in parameters:  # a protobuf map's items() is collections.abc's, in Python; its keys are C's
+        parameter = parameters[key]
         choice = parameter.WhichOneof("parameter_choice")
         if choice is None:
             raise InvalidArgument(f"{where}: parameter {key!r} has no value set")
@@ -122,6 +123,7 @@ class CheckedRequest:
     parameters: dict[str, ParameterValue]
     outputs: list[str]
     raw: bool
+    specs: Sequence[TensorSpec] | None  # the model's inputs the request was checked against, if any
 
     @property
     def decode_cost(self) -> int:
@@ -158,27 +160,29 @@ def check_request(
     refused before anything in it is decoded, however large it is.
     """
     message = received.message
-    if not message.model_name:
+    model_name = message.model_name
+    if not model_name:
         raise InvalidArgument("model_name is empty; name the model to run")
-    specs = None if model_inputs is None else model_inputs(message.model_name, message.model_version)
+    specs = None if model_inputs is None else model_inputs(model_name, message.model_version)
     parameters = parameters_from_pb(message.parameters, "request")
     outputs = _requested_outputs(message)
     raw_given = _raw_given(len(received.raw_contents), len(message.inputs), "input", "request")
     inputs: list[CheckedTensor] = []
     seen: set[str] = set()
     for index, wire in enumerate(message.inputs):
-        where = f"input {wire.name!r}" if wire.name else f"input #{index}"
-        if not wire.name:
+        name = wire.name
+        where = f"input {name!r}" if name else f"input #{index}"
+        if not name:
             raise InvalidArgument(f"{where}: name is empty")
-        if wire.name in seen:
+        if name in seen:
             raise InvalidArgument(f"{where}: given twice")
-        seen.add(wire.name)
+        seen.add(name)
         inputs.append(check_wire(wire, raw_given, where, max_elements))
     if specs is not None:
-        check_declared_inputs(message.model_name, inputs, specs)
+        check_declared_inputs(model_name, inputs, specs)
     if raw_given:
         inputs = [with_raw(tensor, raw) for tensor, raw in zip(inputs, received.raw_contents, strict=True)]
-    return CheckedRequest(message, inputs, parameters, outputs, raw_given)
+    return CheckedRequest(message, inputs, parameters, outputs, raw_given, specs)
 
 
 def decode_request(checked: CheckedRequest) -> InferRequest:
@@ -192,6 +196,7 @@ def decode_request(checked: CheckedRequest) -> InferRequest:
         parameters=checked.parameters,
         outputs=checked.outputs,
         raw=checked.raw,
+        checked_against=checked.specs,
     )
 
 

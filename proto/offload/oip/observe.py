@@ -46,6 +46,9 @@ class CallObserver(grpc.aio.ServerInterceptor):
         self._calls: dict[tuple[str, str], int] = {}
         self._seconds: dict[str, Histogram] = {}
         self._in_flight = 0
+        # Per method, the handler last wrapped and its wrapping: a method's handler is the same object call
+        # after call, so it is wrapped once, not once a call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def stats(self) -> ServerStats:
         return ServerStats(
@@ -64,11 +67,16 @@ class CallObserver(grpc.aio.ServerInterceptor):
         # Only methods the service has get here with a handler, so the method label stays a short, fixed list.
         if handler is None or not name.startswith(self._prefix) or handler.unary_unary is None:
             return handler
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = self._wrapped.get(name)
+        if wrapped is not None and wrapped[0] is handler:
+            return wrapped[1]
+        observed = grpc.unary_unary_rpc_method_handler(
             self._observed(name.removeprefix(self._prefix), cast(Behavior, handler.unary_unary)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[name] = (handler, observed)
+        return observed
 
     def _observed(self, method: str, behavior: Behavior) -> Behavior:
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -99,13 +107,14 @@ class CallObserver(grpc.aio.ServerInterceptor):
                 self._in_flight -= 1
                 elapsed = time.perf_counter() - started
                 self._record(method, code, elapsed)
-                log.debug(
-                    "%s %s in %.1f ms",
-                    method,
-                    code.name,
-                    elapsed * 1000,
-                    extra={"method": method, "code": code.name, "duration_ms": round(elapsed * 1000, 3)},
-                )
+                if log.isEnabledFor(logging.DEBUG):  # its `extra` would be built for nothing at INFO
+                    log.debug(
+                        "%s %s in %.1f ms",
+                        method,
+                        code.name,
+                        elapsed * 1000,
+                        extra={"method": method, "code": code.name, "duration_ms": round(elapsed * 1000, 3)},
+                    )
                 current_request_id.reset(token)
 
         return observed

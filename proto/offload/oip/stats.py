@@ -48,6 +48,10 @@ class HistogramSnapshot:
         return buckets
 
 
+# Up to this many values, counting them one by one costs less than NumPy's calls for a batch.
+_FEW = 16
+
+
 class Histogram:
     """Counts values into buckets whose upper bounds are `bounds` (ascending), plus one above them all."""
 
@@ -68,6 +72,10 @@ class Histogram:
     def observe_many(self, values: npt.ArrayLike) -> None:
         """Count many values at once (a batch's row confidences); NaNs are not counted."""
         array = np.asarray(values, dtype=np.float64).reshape(-1)
+        if array.size <= _FEW:
+            for value in array.tolist():
+                self.observe(value)
+            return
         array = array[~np.isnan(array)]
         if array.size == 0:
             return

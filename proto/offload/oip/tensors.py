@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,7 +27,6 @@ from offload.oip.errors import InvalidArgument
 _LENGTH = struct.Struct("<I")
 # A tensor's raw contents: bytes, or a view of the bytes a request arrived in (offload.oip.wire).
 RawContents = bytes | memoryview
-_CONTENT_FIELDS = tuple(field.name for field in pb.InferTensorContents.DESCRIPTOR.fields)
 # Integer types that share a wider typed field: values must fit the narrow type.
 _NARROW_INTS = {"INT8", "INT16", "UINT8", "UINT16"}
 
@@ -81,13 +80,13 @@ def _as_bytes_array(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 def element_count(shape: Sequence[int], where: str, max_elements: int) -> int:
     """Validate a declared shape and return its element count, bounded before any use."""
-    if any(dim < 0 for dim in shape):
+    if min(shape, default=0) < 0:
         raise InvalidArgument(f"{where}: shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
     if count > max_elements:
         raise InvalidArgument(f"{where}: shape {list(shape)} has {count} elements, over the limit of {max_elements}")
     # Each dimension too: [2**62, 0] has no elements, but NumPy cannot make that shape.
-    if any(dim > max_elements for dim in shape):
+    if max(shape, default=0) > max_elements:
         raise InvalidArgument(f"{where}: shape {list(shape)} has a dimension over the limit of {max_elements}")
     return count
 
@@ -109,16 +108,13 @@ class CheckedTensor:
     """
 
     wire: _WireTensor
+    name: str  # the wire's, read once (each read of a protobuf string field makes a new str)
     spec: Datatype
     shape: tuple[int, ...]
     count: int
     where: str
     raw_given: bool
     raw: RawContents | None = None
-
-    @property
-    def name(self) -> str:
-        return self.wire.name
 
     @property
     def datatype(self) -> str:
@@ -135,8 +131,8 @@ def check_wire(wire: _WireTensor, raw_given: bool, where: str, max_elements: int
     spec = datatype_spec(wire.datatype, where)
     shape = tuple(wire.shape)
     count = element_count(shape, where, max_elements)
-    # len() of a repeated field is its stored length: no value is read.
-    set_fields = [name for name in _CONTENT_FIELDS if len(getattr(wire.contents, name))]
+    # The content fields that hold values (ListFields leaves out empty repeated fields; it reads no value).
+    set_fields = [field.name for field, _ in wire.contents.ListFields()]
     if raw_given:
         if set_fields:
             raise InvalidArgument(
@@ -156,7 +152,7 @@ def check_wire(wire: _WireTensor, raw_given: bool, where: str, max_elements: int
             raise InvalidArgument(
                 f"{where}: contents.{spec.contents_field} has {given} elements but shape {list(shape)} needs {count}"
             )
-    return CheckedTensor(wire, spec, shape, count, where, raw_given)
+    return CheckedTensor(wire, wire.name, spec, shape, count, where, raw_given)
 
 
 def with_raw(checked: CheckedTensor, raw: RawContents) -> CheckedTensor:
@@ -168,7 +164,9 @@ def with_raw(checked: CheckedTensor, raw: RawContents) -> CheckedTensor:
             f"{checked.where}: raw contents are {len(raw)} bytes but shape {list(checked.shape)} "
             f"of {checked.spec.name} needs {expected}"
         )
-    return replace(checked, raw=raw)
+    return CheckedTensor(
+        checked.wire, checked.name, checked.spec, checked.shape, checked.count, checked.where, True, raw
+    )
 
 
 def decode(wire: _WireTensor, raw: bytes | None, where: str, max_elements: int) -> Tensor:
@@ -187,7 +185,7 @@ def decode_checked(checked: CheckedTensor) -> Tensor:
         data = np.empty(shape, dtype=spec.dtype)  # no elements (check_wire refused any)
     else:
         data = _decode_typed(spec, getattr(checked.wire.contents, spec.contents_field), shape, where)
-    return Tensor(checked.wire.name, spec.name, data)
+    return Tensor(checked.name, spec.name, data)
 
 
 def _decode_raw(spec: Datatype, raw: RawContents, shape: tuple[int, ...], count: int, where: str) -> npt.NDArray[Any]:

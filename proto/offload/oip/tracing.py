@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 from offload.oip.errors import ConfigurationError
@@ -71,30 +71,42 @@ def _tracer() -> trace.Tracer | None:
     return provider.get_tracer(_TRACER_NAME)
 
 
-@contextmanager
-def span(name: str, attributes: Attributes | None = None, client: bool = False) -> Iterator[Traced]:
+# What a span is while nobody traces: one context manager for every request, not a generator made per span.
+_UNTRACED = nullcontext(Traced(None))
+
+
+def span(name: str, attributes: Attributes | None = None, client: bool = False) -> AbstractContextManager[Traced]:
     """A span around a step of the request being served (`client`: a call to another server)."""
     tracer = _tracer()
     if tracer is None:
-        yield Traced(None)
-        return
+        return _UNTRACED
+    return _span(tracer, name, attributes, client)
+
+
+@contextmanager
+def _span(tracer: trace.Tracer, name: str, attributes: Attributes | None, client: bool) -> Iterator[Traced]:
     kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
     with tracer.start_as_current_span(name, kind=kind, attributes=attributes) as current:
         yield Traced(current)
 
 
-@contextmanager
 def server_span(
     name: str, metadata: Iterable[tuple[str, str | bytes]] | None, attributes: Attributes
-) -> Iterator[Traced]:
+) -> AbstractContextManager[Traced]:
     """The span of a call a server handles, in the trace its caller's metadata names (a new one if none).
 
     The caller sets the span's status (an error's is set from its gRPC status, not from the exception).
     """
     tracer = _tracer()
     if tracer is None:
-        yield Traced(None)
-        return
+        return _UNTRACED
+    return _server_span(tracer, name, metadata, attributes)
+
+
+@contextmanager
+def _server_span(
+    tracer: trace.Tracer, name: str, metadata: Iterable[tuple[str, str | bytes]] | None, attributes: Attributes
+) -> Iterator[Traced]:
     carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
     with tracer.start_as_current_span(
         name,

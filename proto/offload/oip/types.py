@@ -6,7 +6,7 @@ back; everything in between, the router included, works on these alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +27,9 @@ class InferRequest:
     outputs: list[str] = field(default_factory=list)
     # The caller sent raw contents, so the answer goes back raw too.
     raw: bool = False
+    # The model inputs a server already checked the request against, before decoding it (the very object
+    # its data plane declared): check_inputs does not check it again against the same object.
+    checked_against: Sequence[TensorSpec] | None = None
 
     def input(self, name: str) -> Tensor | None:
         return next((tensor for tensor in self.inputs if tensor.name == name), None)

@@ -22,6 +22,7 @@ undefined (non-finite scores) gets 0, so it is offloaded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,21 +43,28 @@ _BLOCK_ELEMENTS = 1 << 17
 GATE_OUTPUT = "offload_gate_confidence"
 
 
-def max_probability(scores: npt.NDArray[Any], kind: OutputKind) -> npt.NDArray[np.float64]:
-    """Max softmax probability per row of a [rows, classes] array (probabilities are used as given)."""
-    values = as_rows(scores)
-    if values.shape[1] == 0:
-        return np.ones(values.shape[0])
-    if kind is OutputKind.PROBABILITIES:
+def max_probability(scores: npt.NDArray[Any], kind: OutputKind, temperature: float = 1.0) -> npt.NDArray[np.float64]:
+    """Max softmax probability per row of a [rows, classes] array after temperature scaling (probabilities at
+    T = 1 are used as given); NaN for a row with non-finite scores."""
+    if kind is OutputKind.PROBABILITIES and temperature == 1.0:
+        values = as_rows(scores)
+        if values.shape[1] == 0:
+            return np.ones(values.shape[0])
         return np.asarray(np.clip(values.max(axis=1), 0.0, 1.0), dtype=np.float64)
-    # Stable softmax: max(softmax(x)) = 1 / sum(exp(x - max(x))).
-    shifted = values - values.max(axis=1, keepdims=True)
-    return np.asarray(1.0 / np.exp(shifted).sum(axis=1), dtype=np.float64)
+    logits = scaled_logits(scores, kind)
+    if logits.shape[1] == 0:
+        return np.ones(logits.shape[0])
+    # Stable softmax, without the whole of it: max(softmax(z)) = 1 / sum(exp(z - max(z))) for z = logits / T.
+    with np.errstate(invalid="ignore", over="ignore"):
+        if temperature != 1.0:
+            logits = logits / temperature
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        return np.asarray(1.0 / np.exp(shifted).sum(axis=1), dtype=np.float64)
 
 
 def as_rows(scores: npt.NDArray[Any]) -> Floats:
     """A [rows, ...] array as float64 [rows, width] (explicit width: an empty batch cannot infer it)."""
-    width = int(np.prod(scores.shape[1:]))
+    width = math.prod(scores.shape[1:])
     # A signalling NaN among the scores (a caller's random bytes, echoed) raises the "invalid" flag as it is
     # widened, and NumPy would print a RuntimeWarning: here it is a NaN like any other (confidence 0).
     with np.errstate(invalid="ignore"):
@@ -104,7 +112,7 @@ def class_confidence(
     if measure == "output":
         raise ValueError("the 'output' measure reads the model's own confidence output; use row_confidence")
     rows = scores.shape[0]
-    block = max(1, _BLOCK_ELEMENTS // max(1, int(np.prod(scores.shape[1:]))))
+    block = max(1, _BLOCK_ELEMENTS // max(1, math.prod(scores.shape[1:])))
     if rows <= block:
         return _class_confidence(scores, measure, kind, temperature)
     # Each row's confidence depends on that row alone, so blocks of rows give the same answer as the whole.
@@ -117,13 +125,13 @@ def class_confidence(
 def _class_confidence(
     scores: npt.NDArray[Any], measure: ConfidenceMeasure, kind: OutputKind, temperature: float
 ) -> Floats:
+    if measure == "max_probability":
+        return _bounded(max_probability(scores, kind, temperature))
     probs = probabilities(scores, kind, temperature)
     rows, classes = probs.shape
     if classes == 0:
         return np.ones(rows)
-    if measure == "max_probability":
-        result = probs.max(axis=1)
-    elif measure == "margin":
+    if measure == "margin":
         if classes == 1:
             result = probs[:, 0]
         else:
@@ -150,9 +158,8 @@ def _negative_entropy(probs: Floats) -> Floats:
 
 
 def _bounded(values: npt.NDArray[Any]) -> Floats:
-    """Clip to [0, 1]; an undefined (NaN) confidence becomes 0, the least confident."""
-    result = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
-    return np.asarray(np.nan_to_num(result, nan=0.0), dtype=np.float64)
+    """Clip to [0, 1]; an undefined (NaN) confidence becomes 0, the least confident (fmax drops NaN)."""
+    return np.fmin(np.fmax(np.asarray(values, dtype=np.float64), 0.0), 1.0)
 
 
 def output_confidence(values: npt.NDArray[Any], name: str) -> Floats:

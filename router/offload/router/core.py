@@ -1,9 +1,10 @@
 """The routing core: run the edge model, send only the unsure rows to the cloud, merge in order.
 
 Transport-free: the gRPC server and in-process callers both call `Router.infer`. The router
-only orchestrates; each step is its own piece: the threshold (thresholds.py), the cloud's rows
-through the cache (fetch.py), audits (audit.py), the per-row answer (answer.py) and the
-response (response.py). `stats()` is the one snapshot of everything they count (stats.py).
+only orchestrates; each step is its own piece: where the edge model runs (placement.py), the
+threshold (thresholds.py), the cloud's rows through the cache (fetch.py), audits (audit.py), the
+per-row answer (answer.py) and the response (response.py). `stats()` is the one snapshot of
+everything they count (stats.py).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from offload.oip.validation import check_inputs
 from offload.router.answer import Answer
 from offload.router.audit import Auditor
 from offload.router.cache import RowCache
+from offload.router.coalesce import CoalescePolicy
 from offload.router.fetch import CloudRowsHook, RowFetcher
 from offload.router.models import Arrays, RoutedModel
 from offload.router.options import RESPONSE_DEGRADED, RESPONSE_ROUTE, Route, RoutingOptions
+from offload.router.placement import PlacementPolicy, timed
 from offload.router.response import build_response, requested_outputs
-from offload.router.stats import RouterStats
+from offload.router.stats import EdgeRunStats, RouterStats
 from offload.router.thresholds import Thresholds
 from offload.router.traffic import Traffic
 from offload.router.upstream import CloudFailure, Upstream
@@ -50,19 +53,26 @@ class Router:
         audit_share: float = 0.0,
         rng: np.random.Generator | None = None,
         on_cloud_rows: CloudRowsHook | None = None,
+        placement: PlacementPolicy | None = None,
+        coalesce: CoalescePolicy | None = None,
     ) -> None:
+        """`executor` runs the edge models' batches that `placement` does not run inline on the event loop;
+        `coalesce` says how concurrent requests' unsure rows share cloud calls (None: each in calls of its own)."""
         self._models = dict(models)
         self._executor = executor
+        self._placement = placement or PlacementPolicy()
         # The cloud must give up early enough to leave time for an edge answer.
         self.deadline_reserve_seconds = deadline_reserve_seconds
         # on_cloud_rows: told of every row the cloud newly answered (offload.router.fetch.CloudRowsHook).
-        self._fetcher = RowFetcher(cloud, cache, on_cloud_rows)
+        self._fetcher = RowFetcher(cloud, cache, on_cloud_rows, coalesce)
         self._thresholds = Thresholds(self._models, target_offload)
         self._auditor = Auditor(audit_share, self._fetcher.fetch, rng or np.random.default_rng())
         self._traffic = Traffic(self._models)
         self._requests = 0
         self._degraded = 0
         self._errors = 0
+        self._inline_runs = 0
+        self._threaded_runs = 0
 
     async def close(self) -> None:
         await self._auditor.close()
@@ -111,8 +121,10 @@ class Router:
             errors=self._errors,
             thresholds=self._thresholds.current(),
             audit=self._auditor.stats(),
+            edge_runs=EdgeRunStats(self._inline_runs, self._threaded_runs),
             cloud=upstream.stats() if upstream is not None else None,
             cache=cache.stats() if cache is not None else None,
+            coalescing=self._fetcher.coalescing(),
             models=self._traffic.stats(),
         )
 
@@ -140,7 +152,7 @@ class Router:
         if options.route is Route.CLOUD:
             answer = await self._all_rows_to_cloud(model, request, inputs, rows, cloud_deadline, options)
         else:
-            answer = await self._edge_answer(model, inputs)
+            answer = await self._edge_answer(model, inputs, rows)
             if options.route is Route.AUTO and self._fetcher.upstream is not None:
                 threshold = self._thresholds.for_rows(model, options, answer.confidence)
                 # Written as "not confident" so that a NaN confidence (non-finite
@@ -155,14 +167,25 @@ class Router:
         self._traffic.answered(model.name, route, answer, time.perf_counter() - started)
         return response
 
-    async def _edge_answer(self, model: RoutedModel, inputs: Arrays) -> Answer:
-        loop = asyncio.get_running_loop()
-        rows = next(iter(inputs.values())).shape[0] if inputs else 0
+    async def _edge_answer(self, model: RoutedModel, inputs: Arrays, rows: int) -> Answer:
         with tracing.span("offload.edge_model", {"offload.model": model.name, "offload.rows": rows}):
-            outputs = await loop.run_in_executor(self._executor, model.edge.predict, inputs)
+            outputs = await self._run_edge(model, inputs, rows)
         answer = Answer.from_edge(model.answer_outputs(outputs), model.confidence(outputs))
         self._traffic.edge_ran(model.name, answer.confidence)
         return answer
+
+    async def _run_edge(self, model: RoutedModel, inputs: Arrays, rows: int) -> Arrays:
+        """The edge model's outputs: run inline when its measured cost is below the hand-off's, else on the
+        executor; the run's cost is recorded either way."""
+        if self._placement.inline(model.cost, rows):
+            self._inline_runs += 1
+            outputs, seconds = timed(model.edge.predict, inputs)
+        else:
+            self._threaded_runs += 1
+            loop = asyncio.get_running_loop()
+            outputs, seconds = await loop.run_in_executor(self._executor, timed, model.edge.predict, inputs)
+        model.cost.record(rows, seconds)
+        return outputs
 
     async def _all_rows_to_cloud(
         self,
@@ -179,7 +202,7 @@ class Router:
             if options.require_cloud:
                 raise
             log.debug("cloud failed (%s); answering all %d rows on the edge", failure, rows)
-            answer = await self._edge_answer(model, inputs)
+            answer = await self._edge_answer(model, inputs, rows)
             answer.degraded[:] = True
             return answer
         return Answer.of(fetched.outputs, model.cloud_confidence(fetched.outputs), fetched.routes)

@@ -1,5 +1,6 @@
 """The cloud's answer for some rows of a request: from the row cache, from an identical row's call
-already in flight (single-flight), or from a new call to the upstream.
+already in flight (single-flight), or from a new call to the upstream, which the rows of concurrent
+requests may share (coalesce.py).
 
 Every failure is a CloudFailure, which the router answers from the edge. Whoever wants the cloud's new
 answers as they arrive (the edge agent's recording, for distillation) gives a CloudRowsHook.
@@ -8,6 +9,7 @@ answers as they arrive (the edge agent's recording, for distillation) gives a Cl
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -22,9 +24,12 @@ from offload.oip.errors import InvalidArgument
 from offload.oip.tensors import Tensor
 from offload.oip.types import InferRequest, InferResponse, ParameterValue
 from offload.oip.validation import check_tensor
+from offload.router.answer import routes_of
 from offload.router.cache import FetchAbandoned, RowCache, RowOutputs
+from offload.router.coalesce import CoalescePolicy, Coalescer, Send
 from offload.router.models import Arrays, RoutedModel
 from offload.router.options import AnsweredBy, forwarded
+from offload.router.stats import CoalesceStats
 from offload.router.upstream import CloudFailure, Upstream
 
 log = logging.getLogger(__name__)
@@ -48,17 +53,35 @@ class Fetched:
 
 
 class RowFetcher:
-    """Gets the cloud's rows from `upstream`, through `cache` when there is one. Without an upstream
-    every fetch is a CloudFailure (an edge-only router). `on_cloud_rows` is told of every new answer."""
+    """Gets the cloud's rows from `upstream`, through `cache` when there is one, in calls that concurrent
+    requests' rows share as `coalesce` says (None: each request's rows in a call of its own). Without an
+    upstream every fetch is a CloudFailure (an edge-only router). `on_cloud_rows` is told of every new
+    answer (once per call: the rows of a shared call together)."""
 
     def __init__(
-        self, upstream: Upstream | None, cache: RowCache | None = None, on_cloud_rows: CloudRowsHook | None = None
+        self,
+        upstream: Upstream | None,
+        cache: RowCache | None = None,
+        on_cloud_rows: CloudRowsHook | None = None,
+        coalesce: CoalescePolicy | None = None,
     ) -> None:
         self.upstream = upstream
         self.cache = cache
         self.on_cloud_rows = on_cloud_rows
+        self._coalescer: Coalescer | None = None
+        self._send: Send | None = None
+        if upstream is not None:
+            self._send = functools.partial(_call, upstream, on_cloud_rows=on_cloud_rows)
+            if coalesce is not None and coalesce.enabled:
+                self._coalescer = Coalescer(self._send, coalesce)
+                self._send = self._coalescer.call
+
+    def coalescing(self) -> CoalesceStats | None:
+        return None if self._coalescer is None else self._coalescer.stats()
 
     async def close(self) -> None:
+        if self._coalescer is not None:
+            await self._coalescer.close()
         if self.upstream is not None:
             await self.upstream.close()
 
@@ -71,7 +94,7 @@ class RowFetcher:
         deadline: float | None,
     ) -> Fetched:
         """The cloud's answer for these rows of the request's inputs, by `deadline` (time.monotonic())."""
-        if self.upstream is None:
+        if self._send is None:
             raise CloudFailure("this agent has no cloud configured (start it with --cloud HOST:PORT)")
         specs = {spec.name: spec for spec in model.edge.inputs}
         all_rows = rows.size == next(iter(inputs.values())).shape[0]
@@ -80,13 +103,9 @@ class RowFetcher:
         ]
         parameters = forwarded(request.parameters)
         if self.cache is None or rows.size == 0:
-            outputs, _ = await _call(
-                self.upstream, model, request.id, tensors, parameters, deadline, self.on_cloud_rows
-            )
-            return Fetched(outputs, np.full(rows.size, AnsweredBy.CLOUD, dtype=object))
-        return await _cached(
-            self.upstream, self.cache, model, request.id, tensors, parameters, deadline, self.on_cloud_rows
-        )
+            outputs, _ = await self._send(model, request.id, tensors, parameters, deadline)
+            return Fetched(outputs, routes_of(rows.size, AnsweredBy.CLOUD))
+        return await _cached(self._send, self.cache, model, request.id, tensors, parameters, deadline)
 
 
 async def _call(
@@ -98,7 +117,8 @@ async def _call(
     deadline: float | None,
     on_cloud_rows: CloudRowsHook | None,
 ) -> tuple[Arrays, str]:
-    """One upstream request for these rows: their outputs and the cloud model's version (told to on_cloud_rows)."""
+    """One upstream request for these rows: their outputs and the cloud model's version (told to on_cloud_rows);
+    with `upstream` and `on_cloud_rows` bound, a `Send`."""
     sub_request = InferRequest(
         model_name=model.cloud_model,
         model_version=model.routing.cloud_version,
@@ -124,26 +144,25 @@ async def _call(
 
 
 async def _cached(
-    upstream: Upstream,
+    send: Send,
     cache: RowCache,
     model: RoutedModel,
     request_id: str,
     tensors: list[Tensor],
     parameters: dict[str, ParameterValue],
     deadline: float | None,
-    on_cloud_rows: CloudRowsHook | None,
 ) -> Fetched:
     """The rows through the cache: hits from it, rows another request is fetching from that call,
     the rest in one call of our own, whose answers are stored and shared with whoever waits on them."""
     plan = cache.plan(cache.keys(model.cache_scope, tensors, parameters))
     answers: dict[int, RowOutputs] = dict(plan.hits)
-    routes = np.full(len(plan.keys), AnsweredBy.CLOUD, dtype=object)
+    routes = routes_of(len(plan.keys), AnsweredBy.CLOUD)
     routes[list(plan.hits)] = AnsweredBy.CACHE
     if plan.sends:
         picked = np.asarray(plan.sends)
         to_send = [Tensor(t.name, t.datatype, t.data[picked]) for t in tensors]
         try:
-            outputs, version = await _call(upstream, model, request_id, to_send, parameters, deadline, on_cloud_rows)
+            outputs, version = await send(model, request_id, to_send, parameters, deadline)
         except BaseException as exc:
             cache.fail(plan, _shared_failure(exc))
             raise
@@ -156,7 +175,7 @@ async def _cached(
             # Their sender gave up early; fetch them under this request's own deadline.
             picked = np.asarray(refetch)
             subset = [Tensor(t.name, t.datatype, t.data[picked]) for t in tensors]
-            fetched = await _cached(upstream, cache, model, request_id, subset, parameters, deadline, on_cloud_rows)
+            fetched = await _cached(send, cache, model, request_id, subset, parameters, deadline)
             for i, position in enumerate(refetch):
                 answers[position] = {name: array[i] for name, array in fetched.outputs.items()}
                 routes[position] = fetched.routes[i]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -13,6 +13,7 @@ from offload.oip.repository import TensorSpec
 from offload.oip.types import ModelMetadata
 from offload.router.confidence import cloud_row_confidence, row_confidence
 from offload.router.config import RoutedConfig, RoutingSection
+from offload.router.placement import WARM_UP_RUNS, RunCost, timed
 
 Arrays = dict[str, npt.NDArray[Any]]  # output (or input) name -> its rows
 
@@ -31,6 +32,20 @@ class LocalModel(Protocol):
 class RoutedModel:
     config: RoutedConfig
     edge: LocalModel
+    # What the edge model's runs cost, measured: decides whether a batch runs on the event loop (placement.py).
+    cost: RunCost = field(default_factory=RunCost, compare=False, repr=False)
+
+    def warm_up(self) -> None:
+        """Run the edge model on a row of zeros (shaped as declared) a few times, and the confidence on its
+        answer, before it serves: the first call's lazy set-up happens here rather than in a caller's request,
+        a model that cannot run is found, and what a row costs is measured (placement.py). Raises what the
+        model raises."""
+        inputs = {spec.name: spec.zero_rows(1) for spec in self.edge.inputs}
+        for run in range(WARM_UP_RUNS):
+            outputs, seconds = timed(self.edge.predict, inputs)
+            if run:
+                self.cost.record(1, seconds)
+        self.confidence(outputs)
 
     @property
     def routing(self) -> RoutingSection:

@@ -37,6 +37,7 @@ RESPONSE_CONFIDENCE = "offload_confidence"
 RESPONSE_OFFLOADED_ROWS = "offload_offloaded_rows"
 RESPONSE_DEGRADED = "offload_degraded"
 KNOWN = {THRESHOLD, ROUTE, DETAILS, REQUIRE_CLOUD}
+_ROUTES = {route.value: route for route in Route}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +50,9 @@ class RoutingOptions:
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, ParameterValue]) -> RoutingOptions:
-        unknown = sorted(key for key in parameters if key.startswith(PREFIX) and key not in KNOWN)
+        unknown = [key for key in parameters if key.startswith(PREFIX) and key not in KNOWN]
         if unknown:
-            raise InvalidArgument(f"unknown routing parameter {unknown[0]!r}; known: {sorted(KNOWN)}")
+            raise InvalidArgument(f"unknown routing parameter {min(unknown)!r}; known: {sorted(KNOWN)}")
         return cls(
             route=_route(parameters.get(ROUTE)),
             threshold=_threshold(parameters.get(THRESHOLD)),
@@ -68,9 +69,10 @@ def forwarded(parameters: dict[str, ParameterValue]) -> dict[str, ParameterValue
 def _route(value: ParameterValue | None) -> Route:
     if value is None:
         return Route.AUTO
-    if not isinstance(value, str) or value not in Route._value2member_map_:
-        raise InvalidArgument(f"parameter {ROUTE!r} must be a string, one of {[r.value for r in Route]}; got {value!r}")
-    return Route(value)
+    route = _ROUTES.get(value) if isinstance(value, str) else None
+    if route is None:
+        raise InvalidArgument(f"parameter {ROUTE!r} must be a string, one of {list(_ROUTES)}; got {value!r}")
+    return route
 
 
 def _threshold(value: ParameterValue | None) -> float | None:

@@ -51,8 +51,9 @@ def build_response(
 ) -> InferResponse:
     """The response carrying `outputs` (from requested_outputs) of the routed `answer`."""
     rows = answer.confidence.shape[0]
-    offloaded = int(np.count_nonzero(answer.routes == AnsweredBy.CLOUD))
-    distinct = set(answer.routes.tolist())
+    routes = answer.routes.tolist()
+    offloaded = routes.count(AnsweredBy.CLOUD)
+    distinct = set(routes)
     if not distinct:  # an empty batch: say where it was sent
         distinct = {AnsweredBy.CLOUD if options.route is Route.CLOUD else AnsweredBy.EDGE}
     route = distinct.pop() if len(distinct) == 1 else AnsweredBy.MIXED

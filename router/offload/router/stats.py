@@ -91,6 +91,25 @@ class AuditStats:
 
 
 @dataclass(frozen=True, slots=True)
+class CoalesceStats:
+    """Cloud calls made for the router's rows (offload.router.coalesce), and those that carried several requests."""
+
+    calls: int = 0  # cloud calls made for requests' rows (audits included), coalesced or not
+    coalesced_calls: int = 0  # of those, the ones that carried the rows of more than one request
+    coalesced_requests: int = 0  # requests whose rows travelled in those
+    coalesced_rows: int = 0  # rows those carried
+    held_requests: int = 0  # requests whose rows wait to be sent now (a level, not a total)
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeRunStats:
+    """Runs of the edge models, by where they ran (offload.router.placement)."""
+
+    inline: int = 0  # on the event loop: their measured cost was below the hand-off's
+    threaded: int = 0  # handed to a worker thread
+
+
+@dataclass(frozen=True, slots=True)
 class ModelTraffic:
     """One model's answered requests (failed ones are in RouterStats.errors and the server's status counts)."""
 
@@ -113,3 +132,5 @@ class RouterStats:
     cloud: UpstreamStats | None  # None: the router has no cloud (everything is answered on the edge)
     cache: CacheStats | None  # None: no row cache
     models: Mapping[str, ModelTraffic]  # per model served: what was answered, how and how fast
+    edge_runs: EdgeRunStats = EdgeRunStats()  # where the edge models ran
+    coalescing: CoalesceStats | None = None  # None: no cloud, or every request's rows in calls of their own

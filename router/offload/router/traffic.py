@@ -50,9 +50,13 @@ class Traffic:
         degraded = int(np.count_nonzero(answer.degraded))
         counts.degraded_requests += degraded > 0
         counts.rows["degraded"] += degraded
-        counts.rows["edge"] += int(np.count_nonzero((answer.routes == AnsweredBy.EDGE) & ~answer.degraded))
-        counts.rows["cloud"] += int(np.count_nonzero(answer.routes == AnsweredBy.CLOUD))
-        counts.rows["cache"] += int(np.count_nonzero(answer.routes == AnsweredBy.CACHE))
+        # Counted in a list (C compares, identity first) rather than by elementwise == on an object array.
+        routes = answer.routes.tolist()
+        if degraded:
+            routes = [route for route, flagged in zip(routes, answer.degraded.tolist(), strict=True) if not flagged]
+        counts.rows["edge"] += routes.count(AnsweredBy.EDGE)
+        counts.rows["cloud"] += routes.count(AnsweredBy.CLOUD)
+        counts.rows["cache"] += routes.count(AnsweredBy.CACHE)
 
     def stats(self) -> dict[str, ModelTraffic]:
         return {
