@@ -13,8 +13,10 @@ flight each, raw pre-encoded requests), the same load and the same payload, one 
   its own virtual environment (benchmarks/peer_servers.py makes them under .peers/ on first use:
   minutes); ratios are requests per second and p99 against Triton's and MLServer's.
 - edge: the edge agent's edge route (`offload_route=edge`, no cloud behind it) against the echo
-  floor and a bare onnxruntime InferenceSession.run of the edge model (N threads on one session,
-  the agent's session options), at concurrency 1, 8, 64.
+  floor, the agent's OIP layer alone (`offload.tools.bare_oip --answer constant`: checks and codec,
+  no model), the OIP layer with the edge model's run (`--answer model`: no routing), and a bare
+  onnxruntime InferenceSession.run of the edge model (N threads on one session, the agent's
+  session options), at concurrency 1, 8, 64: what each step up costs.
 - scaling: `offload cloud` at 1, 8, 64 and 512 rows per request, at --scaling-concurrency.
 Each step runs --warmup seconds before --duration counted seconds, sent by --processes client
 processes (default 2). When a server comes near the echo floor, the client may be the limit: the
@@ -44,6 +46,7 @@ from offload.models import DEMO_REPOSITORY
 from offload.oip.repository import load_repository
 from offload.oip.types import ParameterValue
 from offload.tools.bare_echo import BareEchoProcess
+from offload.tools.bare_oip import Answer, BareOipProcess
 from offload.tools.bench import BenchOptions, StepResult, run_bench, step_result
 from offload.tools.bench_load import Window
 from offload.tools.bench_transport import OK
@@ -60,6 +63,8 @@ NAMES = {
     "mlserver": "MLServer 1.7.1 (adaptive batching)",
     "triton": "Triton / PyTriton 0.7.0 (dynamic batcher)",
     "edge": "edge agent, edge route",
+    "oip-constant": "OIP layer only (bare_oip --answer constant)",
+    "oip-model": "OIP layer + edge model (bare_oip --answer model)",
     "onnxruntime": "bare InferenceSession.run",
 }
 SCALING_ROWS = (1, 8, 64, 512)
@@ -141,13 +146,19 @@ def measure_cloud(plan: Plan, peers: list[str], venvs: Path) -> dict[str, Result
 
 
 def measure_edge(plan: Plan) -> dict[str, Results]:
+    """The edge agent's edge route, and the floors under it, one step more each: the transport (echo), the
+    OIP layer (checks and codec, a constant answer), the OIP layer and the model's run (no routing)."""
     edge_route: dict[str, ParameterValue] = {"offload_route": "edge"}
     with _echo() as address:
         echo = _measure(plan, address, NAMES["echo"])
+    floors = {}
+    for answer in (Answer.CONSTANT, Answer.MODEL):
+        with BareOipProcess(answer) as server:
+            floors[f"oip-{answer}"] = _measure(plan, server.start(), NAMES[f"oip-{answer}"])
     with _offload("edge") as address:
         edge = _measure(plan, address, NAMES["edge"], parameters=edge_route)
     print(f"{NAMES['onnxruntime']} ...", file=sys.stderr)
-    return {"edge": edge, "echo": echo, "onnxruntime": _onnxruntime(plan)}
+    return {"edge": edge, "echo": echo, **floors, "onnxruntime": _onnxruntime(plan)}
 
 
 def _onnxruntime(plan: Plan) -> Results:
@@ -236,15 +247,17 @@ def cloud_table(measured: dict[str, Results]) -> str:
 
 def edge_table(measured: dict[str, Results]) -> str:
     lines = [
-        "| path | concurrency | rps | p50 ms | p99 ms | failed | rps vs echo | rps vs ONNX Runtime |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | concurrency | rps | p50 ms | p99 ms | failed | rps vs echo | p50 vs echo | rps vs OIP + model |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for path, results in measured.items():
         for workers, step in results.items():
-            echo, ort = measured["echo"].get(workers), measured["onnxruntime"].get(workers)
+            echo, floor = measured["echo"].get(workers), measured.get("oip-model", {}).get(workers)
+            p50 = None if echo is None else echo.p50_ms
             lines.append(
                 f"| {NAMES[path]} | {workers} | {step.rps:.0f} | {_ms(step.p50_ms)} | {_ms(step.p99_ms)} "
-                f"| {_failed(step)} | {_ratio(step.rps, _rps(echo))} | {_ratio(step.rps, _rps(ort))} |"
+                f"| {_failed(step)} | {_ratio(step.rps, _rps(echo))} | {_ratio(step.p50_ms, p50)} "
+                f"| {_ratio(step.rps, _rps(floor))} |"
             )
     return "\n".join(lines)
 
