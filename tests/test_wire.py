@@ -6,10 +6,11 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from offload.oip import grpc_service_pb2 as pb
-from offload.oip.messages import ReceivedRequest, receive_infer_request
+from offload.oip.messages import PARSE_WHOLE_BYTES, ReceivedRequest, receive_infer_request
 from offload.oip.wire import MAX_FIELDS, split_field
 
-RAW = [b"\x00\x01" * 1000, b"", b"text"]
+# Past PARSE_WHOLE_BYTES, so that the raw contents are split off (a smaller request is parsed whole).
+RAW = [b"\x00\x01" * (PARSE_WHOLE_BYTES // 2 + 1), b"", b"text"]
 
 
 def _request(parameters: int = 1) -> pb.ModelInferRequest:
@@ -40,6 +41,22 @@ def test_raw_contents_are_views_of_the_bytes_received_and_the_rest_is_the_messag
         assert isinstance(raw, memoryview)
         assert raw.obj is data, "a view of the received bytes, not a copy"
     assert received.size == len(data)
+
+
+def test_a_small_request_is_parsed_whole_with_its_raw_contents_read_out() -> None:
+    message = pb.ModelInferRequest(model_name="m", id="small")
+    message.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    message.raw_input_contents.append(b"\x00" * 8)
+    data = message.SerializeToString()
+    assert len(data) <= PARSE_WHOLE_BYTES
+    received = receive_infer_request(data)
+    assert received == ReceivedRequest(message, [b"\x00" * 8], len(data))
+
+
+def test_a_small_request_cut_short_is_refused_with_the_field_at_fault() -> None:
+    message = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"\x01" * 16])
+    with pytest.raises(DecodeError, match=r"field 7 at byte \d+ runs past the end of the message"):
+        receive_infer_request(message.SerializeToString()[:-3])
 
 
 def test_fields_in_any_order_read_as_protobuf_reads_them() -> None:

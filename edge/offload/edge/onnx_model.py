@@ -17,7 +17,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from offload.edge.config import EdgeSection
-from offload.oip.chunks import predict_in_chunks, rows_within
+from offload.oip.chunks import batch_rows, predict_in_chunks, rows_within
 from offload.oip.errors import ConfigurationError, InvalidArgument, one_line
 from offload.oip.repository import BATCH_DIM, TensorSpec
 
@@ -108,6 +108,10 @@ class OnnxModel:
             arg.name: (_dims(arg), list(arg.shape))
             for arg in (*self._session.get_inputs(), *self._session.get_outputs())
         }
+        self._output_names = [spec.name for spec in self.outputs]
+        # Without string tensors, inputs go to ONNX Runtime and outputs come back as they are (no per-run conversion).
+        self._text_inputs = any(spec.datatype == "BYTES" for spec in self.inputs)
+        self._text_outputs = any(spec.datatype == "BYTES" for spec in self.outputs)
         if any(spec.datatype == "BF16" for spec in self.inputs):
             raise ConfigurationError(
                 f"{path}: BF16 inputs are not supported by the edge runtime (NumPy has no bfloat16)"
@@ -139,15 +143,18 @@ class OnnxModel:
                     )
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        names = [spec.name for spec in self.outputs]
-        return predict_in_chunks(self._run, inputs, rows_within(inputs, self.chunk_bytes), names)
+        if batch_rows(inputs) <= 1:  # one row is one run, whatever chunk_bytes says
+            return self._run(inputs)
+        return predict_in_chunks(self._run, inputs, rows_within(inputs, self.chunk_bytes), self._output_names)
 
     def _run(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        feeds = {name: _to_ort(name, array) for name, array in inputs.items()}
+        feeds = {name: _to_ort(name, array) for name, array in inputs.items()} if self._text_inputs else inputs
         try:
-            results = self._session.run(None, feeds)
+            results = self._session.run(self._output_names, feeds)
         except Exception as exc:  # e.g. a shape the graph rejects at run time
             raise InvalidArgument(f"the edge model rejected the input: {exc}") from exc
+        if not self._text_outputs:
+            return dict(zip(self._output_names, results, strict=True))
         return {spec.name: _from_ort(result, spec.datatype) for spec, result in zip(self.outputs, results, strict=True)}
 
 

@@ -79,17 +79,19 @@ class CallObserver(grpc.aio.ServerInterceptor):
         return observed
 
     def _observed(self, method: str, behavior: Behavior) -> Behavior:
+        attributes = {"rpc.system": "grpc", "rpc.service": self._service, "rpc.method": method}
+        span_name = f"{self._service}/{method}"
+
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = context.invocation_metadata()
             # ModelInfer's request as the server reads it (its raw contents left in the bytes received).
             message_id = request.message.id if isinstance(request, ReceivedRequest) else ""
             token = current_request_id.set(request_id_of(message_id, metadata))
-            attributes = {"rpc.system": "grpc", "rpc.service": self._service, "rpc.method": method}
             started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN  # what gRPC answers for an exception nobody turned into a status
             self._in_flight += 1
             try:
-                with tracing.server_span(f"{self._service}/{method}", metadata, attributes) as span:
+                with tracing.server_span(span_name, metadata, attributes) as span:
                     try:
                         reply = await behavior(request, context)
                         code = grpc.StatusCode.OK

@@ -15,8 +15,7 @@ import ipaddress
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -70,6 +69,27 @@ async def write_response(response: InferResponse, raw: bool) -> pb.ModelInferRes
     if encode_cost(response.outputs, raw) > INLINE_CODEC_ELEMENTS:
         return await asyncio.to_thread(response_to_pb, response, raw)
     return response_to_pb(response, raw)
+
+
+class _InFlight:
+    """Counts the inference calls in flight, `idle` set while there are none: a context manager per call
+    (a class, not @contextmanager: no generator made per call on the hot path)."""
+
+    __slots__ = ("count", "idle")
+
+    def __init__(self, idle: asyncio.Event) -> None:
+        self.count = 0
+        self.idle = idle
+
+    def __enter__(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.idle.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.idle.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +156,9 @@ class InferenceServicer:
         self._draining = False
         # The answer queue of every open ModelStreamInfer stream, to tell each of a drain.
         self._streams: set[asyncio.Queue[_StreamItem]] = set()
-        self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._in_flight_calls = _InFlight(self._idle)
 
     def start_draining(self) -> None:
         """Refuse new inference calls with UNAVAILABLE (retryable: another replica can answer), and
@@ -271,17 +291,9 @@ class InferenceServicer:
         """Whether a request of `size` bytes is large enough to give memory back once it is answered."""
         return self._give_back_after_bytes is not None and size >= self._give_back_after_bytes
 
-    @contextmanager
-    def _in_flight_call(self) -> Iterator[None]:
+    def _in_flight_call(self) -> _InFlight:
         """Count an inference call as in flight (what a drain waits for) while the block runs."""
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+        return self._in_flight_calls
 
     async def _answer(
         self, request: ReceivedRequest, context: grpc.aio.ServicerContext[object, object]

@@ -61,9 +61,18 @@ class Traced:
             self._span.set_status(Status(StatusCode.ERROR, description))
 
 
+# Whether the OpenTelemetry environment names a provider class to load. It is read once: when it does not, the only
+# way a provider other than the no-op proxy comes is trace.set_tracer_provider, which sets `trace._TRACER_PROVIDER`,
+# so until then a span costs one attribute read, not get_tracer_provider's environment lookups (every request).
+_PROVIDER_FROM_ENVIRONMENT = bool(os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"))
+_UNSET = object()
+
+
 def _tracer() -> trace.Tracer | None:
     """The tracer to record with, or None when nobody set up tracing (then no span is even made)."""
     if not INSTALLED:
+        return None
+    if _provider is None and not _PROVIDER_FROM_ENVIRONMENT and getattr(trace, "_TRACER_PROVIDER", _UNSET) is None:
         return None
     provider = _provider or trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider):

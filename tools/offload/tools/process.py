@@ -29,9 +29,7 @@ class ServerProcess:
         self._printed = threading.Condition()  # notified on every line
         self._ended = False
         self._ready = threading.Event()
-        self._printed = threading.Condition()
         self._process: subprocess.Popen[str] | None = None
-        self._ended = False
         self._reader: threading.Thread | None = None
         self.address = ""
 
@@ -63,9 +61,6 @@ class ServerProcess:
             self._ended = True
             self._printed.notify_all()
         self._ready.set()  # the process ended: stop waiting
-        with self._printed:
-            self._ended = True
-            self._printed.notify_all()
 
     @property
     def pid(self) -> int:
