@@ -51,11 +51,12 @@ def max_probability(scores: npt.NDArray[Any], kind: OutputKind, temperature: flo
         if values.shape[1] == 0:
             return np.ones(values.shape[0])
         return np.asarray(np.clip(values.max(axis=1), 0.0, 1.0), dtype=np.float64)
-    logits = scaled_logits(scores, kind)
-    if logits.shape[1] == 0:
-        return np.ones(logits.shape[0])
-    # Stable softmax, without the whole of it: max(softmax(z)) = 1 / sum(exp(z - max(z))) for z = logits / T.
+    # One errstate for the whole (entering one costs more than the arithmetic on a row or two).
     with np.errstate(invalid="ignore", over="ignore"):
+        logits = _widened(scores) if kind is OutputKind.LOGITS else scaled_logits(scores, kind)
+        if logits.shape[1] == 0:
+            return np.ones(logits.shape[0])
+        # Stable softmax, without the whole of it: max(softmax(z)) = 1 / sum(exp(z - max(z))) for z = logits / T.
         if temperature != 1.0:
             logits = logits / temperature
         shifted = logits - logits.max(axis=1, keepdims=True)
@@ -64,11 +65,16 @@ def max_probability(scores: npt.NDArray[Any], kind: OutputKind, temperature: flo
 
 def as_rows(scores: npt.NDArray[Any]) -> Floats:
     """A [rows, ...] array as float64 [rows, width] (explicit width: an empty batch cannot infer it)."""
-    width = math.prod(scores.shape[1:])
     # A signalling NaN among the scores (a caller's random bytes, echoed) raises the "invalid" flag as it is
     # widened, and NumPy would print a RuntimeWarning: here it is a NaN like any other (confidence 0).
     with np.errstate(invalid="ignore"):
-        return np.asarray(scores, dtype=np.float64).reshape(scores.shape[0], width)
+        return _widened(scores)
+
+
+def _widened(scores: npt.NDArray[Any]) -> Floats:
+    """as_rows without its errstate, for a caller inside one that ignores "invalid"."""
+    width = math.prod(scores.shape[1:])
+    return np.asarray(scores, dtype=np.float64).reshape(scores.shape[0], width)
 
 
 def log_softmax(logits: npt.NDArray[Any], temperature: float = 1.0) -> Floats:
