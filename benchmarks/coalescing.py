@@ -43,8 +43,8 @@ HEADING = "## Coalescing"
 # name -> the edge settings that differ from the agent's defaults (chaos.TEST_EDGE_SETTINGS turn it off).
 SETTINGS: dict[str, dict[str, Any]] = {
     "off": {"coalesce_max_rows": 0},
-    "while in flight (default)": {"coalesce_max_rows": 256, "coalesce_window_us": 0},
-    "window 2 ms": {"coalesce_max_rows": 256, "coalesce_window_us": 2000},
+    "until the call in flight ends (window 0)": {"coalesce_max_rows": 256, "coalesce_window_us": 0},
+    "window 2 ms (default)": {"coalesce_max_rows": 256, "coalesce_window_us": 2000},
 }
 
 

@@ -122,7 +122,9 @@ async def coalescing(
     await cloud.start()
     proxy = ChaosProxy(f"127.0.0.1:{cloud.port}")
     await proxy.start()
-    router = Router(models, CloudPool(proxy.address, 30.0, 64 << 20), executor, coalesce=CoalescePolicy(**policy))
+    # Window 0 unless a test sets one: rows wait while a call of theirs is in flight, until the gate lets it end.
+    coalesce = CoalescePolicy(**{"window_seconds": 0.0, **policy})
+    router = Router(models, CloudPool(proxy.address, 30.0, 64 << 20), executor, coalesce=coalesce)
     try:
         yield Rig(router, held, proxy)
     finally:
@@ -254,17 +256,44 @@ async def test_a_batch_that_reaches_its_most_rows_goes_at_once(rig_parts: Parts)
 
 
 async def test_with_a_window_rows_wait_for_others_and_a_deadline_sends_them_early(rig_parts: Parts) -> None:
-    # A window of a minute: only the second request's deadline can send the batch within the test.
+    # A window of a minute: while the held call is in flight, only the third request's deadline can send the
+    # batch within the test (the held call ends only when the rig closes).
     async with coalescing(*rig_parts, window_seconds=60.0) as rig:
+        travelling = rig.send(2, "held-first")
+        await rig.cloud.arrived.get()
         patient = rig.send(2, "patient")
         await rig.wait_until_held(1)
         hurried = rig.send(3, "hurried", deadline=time.monotonic() + 1.0)
         await hurried.assert_from_the_cloud()
         await patient.assert_from_the_cloud()
-        assert rig.proxy.calls == 1
+        assert rig.proxy.calls == 2
         assert rig.coalescing == CoalesceStats(
-            calls=1, coalesced_calls=1, coalesced_requests=2, coalesced_rows=5, held_requests=0
+            calls=2, coalesced_calls=1, coalesced_requests=2, coalesced_rows=5, held_requests=0
         )
+        rig.cloud.gate.set()
+        await travelling.assert_from_the_cloud()
+
+
+async def test_with_a_window_a_request_alone_goes_at_once_and_the_next_wait_at_most_the_window(
+    rig_parts: Parts,
+) -> None:
+    # Nothing in flight: the first request's call leaves at once (it is held in the cloud, so it stays in
+    # flight). The next two wait for it or for the window, the window being the shorter: they go together
+    # without the held call having ended.
+    async with coalescing(*rig_parts, window_seconds=0.5) as rig:
+        first = rig.send(2, "held-alone")
+        await rig.cloud.arrived.get()
+        assert rig.coalescing.held_requests == 0
+        second, third = rig.send(1, "second"), rig.send(2, "third")
+        await second.assert_from_the_cloud()
+        await third.assert_from_the_cloud()
+        assert not first.task.done()
+        assert rig.proxy.calls == 2
+        assert rig.coalescing == CoalesceStats(
+            calls=2, coalesced_calls=1, coalesced_requests=2, coalesced_rows=3, held_requests=0
+        )
+        rig.cloud.gate.set()
+        await first.assert_from_the_cloud()
 
 
 async def test_closing_the_router_answers_waiting_and_travelling_rows_on_the_edge(rig_parts: Parts) -> None:

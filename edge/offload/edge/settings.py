@@ -165,9 +165,9 @@ class EdgeSettings(ServerSettings):
         int,
         Field(
             ge=0,
-            description="Coalescing: how long (microseconds) the first unsure rows bound for a cloud model wait for "
-            "other requests' to share their cloud call; 0: they go at once, and rows wait only while a call of the "
-            "same model and parameters is in flight, to go together when it ends.",
+            description="Coalescing: unsure rows bound for a cloud model go at once when no call of the same model "
+            "and parameters is in flight; while one is, they wait for it to end, with other requests' rows, at most "
+            "this long (microseconds; 0: until the call in flight ends, however long the link takes).",
         ),
     ] = round(_COALESCE.window_seconds * 1e6)
     coalesce_max_rows: Annotated[
