@@ -228,3 +228,13 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@contextmanager
+def minimal() -> Iterator[str]:
+    """The minimal Python batching server (benchmarks/peers/minimal_batching_server.py) in this environment."""
+    grpc_port = free_port()
+    args = [sys.executable, str(PEERS / "minimal_batching_server.py"), "--grpc-port", str(grpc_port)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with running("minimal batching server", args, env, f"127.0.0.1:{grpc_port}") as address:
+        yield address

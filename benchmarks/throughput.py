@@ -8,7 +8,9 @@ how the cloud scales with rows per request.
 Every server gets the same client (`offload bench`'s: closed loop, N workers with one request in
 flight each, raw pre-encoded requests), the same load and the same payload, one server at a time:
 - cloud: 1-row [1, 64] FP32 requests at concurrency 1, 8, 64 (--with-128 adds 128) to a bare
-  grpc.aio echo of the same payload (the floor: client and transport, no work), `offload cloud`,
+  grpc.aio echo of the same payload (the floor: client and transport, no work), the least a
+  Python batching server does (benchmarks/peers/minimal_batching_server.py: queue, batch, no
+  checks; the floor for a Python front end), `offload cloud`,
   MLServer 1.7.1 (adaptive batching) and Triton through PyTriton 0.7.0 (dynamic batcher), each in
   its own virtual environment (benchmarks/peer_servers.py makes them under .peers/ on first use:
   minutes); ratios are requests per second and p99 against Triton's and MLServer's.
@@ -51,14 +53,15 @@ from offload.tools.bench import BenchOptions, StepResult, run_bench, step_result
 from offload.tools.bench_load import Window
 from offload.tools.bench_transport import OK
 from offload.tools.process import ServerProcess
-from peer_servers import DEFAULT_VENVS, mlserver, triton
+from peer_servers import DEFAULT_VENVS, minimal, mlserver, triton
 from results_file import RESULTS, write_section
 
 SECTION = "## Throughput (issue 8)"
 PARTS = ("cloud", "edge", "scaling")
-CLOUD_PEERS = ("echo", "offload", "mlserver", "triton")
+CLOUD_PEERS = ("echo", "minimal", "offload", "mlserver", "triton")
 NAMES = {
     "echo": "bare grpc.aio echo (floor)",
+    "minimal": "minimal Python batching server (floor)",
     "offload": "offload cloud",
     "mlserver": "MLServer 1.7.1 (adaptive batching)",
     "triton": "Triton / PyTriton 0.7.0 (dynamic batcher)",
@@ -130,6 +133,7 @@ def _echo() -> Iterator[str]:
 def _servers(venvs: Path) -> dict[str, Callable[[], AbstractContextManager[str]]]:
     return {
         "echo": _echo,
+        "minimal": minimal,
         "offload": lambda: _offload("cloud"),
         "mlserver": lambda: mlserver(venvs),
         "triton": lambda: triton(venvs),
