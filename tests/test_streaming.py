@@ -44,7 +44,7 @@ from offload.router.options import REQUIRE_CLOUD, RESPONSE_DEGRADED, RESPONSE_RO
 from offload.router.pool import CloudPool
 from offload.tools.cli import build_parser
 from offload.tools.process import ServerProcess
-from support.chaos import ALL_TO_CLOUD, ChaosProxy, Reference, burst, check, edge_under_test
+from support.chaos import ALL_TO_CLOUD, ChaosProxy, Reference, burst, check, edge_under_test, eventually
 from support.held import HeldCloud
 
 ROWS = 60
@@ -300,6 +300,30 @@ async def test_a_drain_answers_what_a_stream_has_read_then_ends_it_and_refuses_n
         await stopping
     assert answer.error_message == ""
     assert answer.infer_response.id == "in-flight"
+
+
+async def test_each_stream_counts_as_one_call_by_the_status_it_ends_with(
+    demo_cloud_plane: CloudDataPlane, pixels: Pixels
+) -> None:
+    held = HeldCloud(demo_cloud_plane, lambda request: request.id == "held")
+    async with serving(held) as server, grpc.aio.insecure_channel(_address_of(server)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        finished = stub.ModelStreamInfer()
+        for index in range(3):
+            await finished.write(_request(f"s{index}", pixels[index : index + 1]))
+        await finished.done_writing()
+        assert [(await _read(finished)).infer_response.id for _ in range(3)] == ["s0", "s1", "s2"]
+        assert await finished.code() == Code.OK
+        abandoned = stub.ModelStreamInfer()
+        await abandoned.write(_request("held", pixels[:1]))
+        while (await held.arrived.get()).id != "held":  # the first stream's three came before it
+            pass
+        assert server.stats().in_flight == 1
+        abandoned.cancel()
+        await eventually(lambda: server.stats().in_flight == 0, "the cancelled stream is counted")
+        stats = server.stats()
+    assert stats.calls == {("ModelStreamInfer", "OK"): 1, ("ModelStreamInfer", "CANCELLED"): 1}
+    assert stats.seconds["ModelStreamInfer"].count == 2
 
 
 async def test_a_large_request_on_a_stream_gives_memory_back_once_it_is_answered(pixels: Pixels) -> None:

@@ -5,6 +5,7 @@ inference service, whatever handles it after (the servicer, or the token check r
 it sees every status a caller gets. Per call it sets the request id for log lines
 (`current_request_id`), opens the server span in the caller's trace, and counts the call by method
 and status code, with its duration, in counters that `stats()` hands out as a frozen snapshot.
+A ModelStreamInfer stream counts as one call, by the status it ends with, over its whole life.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,6 +27,9 @@ from offload.oip.stats import SECONDS_BUCKETS, Histogram, HistogramSnapshot
 log = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamBehavior = Callable[
+    [AsyncIterator[Any], grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any] | Awaitable[None]
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +42,8 @@ class ServerStats:
 
 
 class CallObserver(grpc.aio.ServerInterceptor):
-    """Observes the unary calls to one service (the inference service); other services pass untouched."""
+    """Observes the calls to one service (the inference service), unary calls and streams; other services
+    pass untouched."""
 
     def __init__(self, service: str) -> None:
         self._service = service
@@ -65,16 +70,26 @@ class CallObserver(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         name = handler_call_details.method
         # Only methods the service has get here with a handler, so the method label stays a short, fixed list.
-        if handler is None or not name.startswith(self._prefix) or handler.unary_unary is None:
+        if handler is None or not name.startswith(self._prefix):
             return handler
         wrapped = self._wrapped.get(name)
         if wrapped is not None and wrapped[0] is handler:
             return wrapped[1]
-        observed = grpc.unary_unary_rpc_method_handler(
-            self._observed(name.removeprefix(self._prefix), cast(Behavior, handler.unary_unary)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        method = name.removeprefix(self._prefix)
+        if handler.unary_unary is not None:
+            observed = grpc.unary_unary_rpc_method_handler(
+                self._observed(method, cast(Behavior, handler.unary_unary)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        elif handler.stream_stream is not None:
+            observed = grpc.stream_stream_rpc_method_handler(
+                self._observed_stream(method, cast(StreamBehavior, handler.stream_stream)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        else:  # the service has no half-streaming method
+            return handler
         self._wrapped[name] = (handler, observed)
         return observed
 
@@ -118,6 +133,35 @@ class CallObserver(grpc.aio.ServerInterceptor):
                         extra={"method": method, "code": code.name, "duration_ms": round(elapsed * 1000, 3)},
                     )
                 current_request_id.reset(token)
+
+        return observed
+
+    def _observed_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        """A stream (ModelStreamInfer) counts as one call, by the status it ends with, over its whole life.
+
+        Neither a request id nor a span is set for it: its requests have ids of their own, and a span
+        (a context variable) left open across the stream's yields would leak into gRPC's code between them.
+        """
+
+        async def observed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            self._in_flight += 1
+            try:
+                replies = behavior(requests, context)
+                if isinstance(replies, AsyncIterator):
+                    async for reply in replies:
+                        yield reply
+                else:  # a handler that writes (or refuses, as the token check does) rather than yields
+                    await replies
+                code = grpc.StatusCode.OK
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED  # the caller went away, or its deadline passed
+                raise
+            finally:
+                code = _status(context) or code
+                self._in_flight -= 1
+                self._record(method, code, time.perf_counter() - started)
 
         return observed
 
