@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from offload.oip.errors import ConfigurationError
+from offload.oip.event_loop import EventLoop
 from offload.oip.limits import MAX_ELEMENTS, MAX_MESSAGE_BYTES, ServerLimits
 from offload.oip.logs import LogFormat, log_handler
 from offload.oip.security import ServerSecurity
@@ -96,6 +97,10 @@ class ServerSettings(BaseSettings):
     auth_token_file: Path | None = Field(
         None,
         description="Accepted bearer tokens, one a line (# comments); inference calls need one. Re-read on change.",
+    )
+    event_loop: EventLoop = Field(
+        "auto",
+        description="The asyncio event loop: auto (uvloop where installed, else asyncio's), uvloop, or asyncio.",
     )
 
     @classmethod

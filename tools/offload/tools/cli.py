@@ -9,11 +9,11 @@ Each subcommand imports only what it needs, so `offload cloud` runs where only
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
 
+from offload.oip import event_loop
 from offload.oip.address import check_address
 from offload.oip.errors import ConfigurationError
 from offload.oip.settings import configure_logging, load_settings
@@ -59,6 +59,11 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument(
         "--auth-token-file", type=Path, metavar="FILE", help="accepted bearer tokens, one a line; re-read on change"
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        help="asyncio event loop: auto (default: uvloop where installed), uvloop, or asyncio",
+    )
 
 
 # The edge agent's flags for models rolled out over HTTP, named as the edge settings.
@@ -100,6 +105,7 @@ def _flags(options: argparse.Namespace, *names: str) -> dict[str, Any]:
         "tls_key",
         "tls_client_ca",
         "auth_token_file",
+        "event_loop",
     )
     return {name: getattr(options, name) for name in (*common, *names)}
 
@@ -545,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
             configure_logging(edge_settings.log_level, edge_settings.log_format)
-            asyncio.run(agent.run(edge_settings))
+            event_loop.run(agent.run(edge_settings), edge_settings.event_loop)
             return 0
         if options.command == "bench":
             return _bench(options)
@@ -595,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cloud_settings = load_settings(CloudSettings, options.config, **_flags(options, "device", "inference_threads"))
         configure_logging(cloud_settings.log_level, cloud_settings.log_format)
-        asyncio.run(service.run(cloud_settings))
+        event_loop.run(service.run(cloud_settings), cloud_settings.event_loop)
         return 0
     except ConfigurationError as exc:
         print(f"offload {options.command}: {exc}", file=sys.stderr)
