@@ -1,6 +1,6 @@
 """Cloud throughput under closed-loop load, with dynamic batching on and off.
 
-    python benchmarks/cloud_load.py [--concurrency 1 64] [--seconds 10] [--rows 1] [--write-results]
+    python benchmarks/cloud_load.py [--concurrency 1 8 64 128] [--seconds 10] [--rows 1] [--write-results]
 
 For each setting of batching, a real `offload cloud` process (CPU, the demo model) is started;
 then for each concurrency, that many callers each send one request, wait for its answer and
@@ -71,7 +71,9 @@ def _percentile(samples: list[float], share: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64], help="callers (default: 1 64)")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 8, 64, 128], help="callers (default: 1 8 64 128)"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per point (default 10)")
     parser.add_argument("--rows", type=int, default=1, help="rows per request (default 1)")
     parser.add_argument("--write-results", action="store_true", help=f"replace '{SECTION}' in {RESULTS.name}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -45,6 +46,7 @@ import numpy as np
 
 from offload.edge.config import EdgeSection
 from offload.models import DEMO_REPOSITORY
+from offload.oip import event_loop
 from offload.oip.repository import load_repository
 from offload.oip.types import ParameterValue
 from offload.tools.bare_echo import BareEchoProcess
@@ -361,6 +363,11 @@ def _header(options: argparse.Namespace) -> str:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (models on the CPU)"
+    loop = (
+        f"uvloop {importlib.metadata.version('uvloop')}"
+        if event_loop.chosen_loop("auto") == "uvloop"
+        else "asyncio's event loop"
+    )
     command = shlex.join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
     return (
         f"Command: `{command}`; run {datetime.date.today()} on {os.cpu_count()} CPUs ({platform.machine()}), "
@@ -373,7 +380,8 @@ def _header(options: argparse.Namespace) -> str:
         "2.13.0 in their own virtual environments, as `offload cloud` runs it by default: at most 2 batches at "
         "once, on CPU each with cores / 2 torch threads. `offload cloud` and the edge agent run with their "
         "defaults (answer caches off for these requests: the cloud's is off by default, the edge route never "
-        "reaches the cloud)."
+        f"reaches the cloud); they, the echo, the bare OIP servers and the minimal batching server run on {loop} "
+        "(event_loop auto)."
     )
 
 

@@ -26,6 +26,7 @@ import numpy.typing as npt
 import torch
 
 from offload.models import DEMO_REPOSITORY
+from offload.oip import event_loop
 from offload.oip import grpc_service_pb2 as pb
 
 MAX_BATCH_ROWS = 64
@@ -87,7 +88,7 @@ async def _serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grpc-port", type=int, required=True, help="the gRPC port on 127.0.0.1")
-    asyncio.run(_serve(parser.parse_args().grpc_port))
+    event_loop.run(_serve(parser.parse_args().grpc_port))  # the loop `offload cloud` runs on
 
 
 if __name__ == "__main__":

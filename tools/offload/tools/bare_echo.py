@@ -12,12 +12,12 @@ in ModelStreamInferResponse's `infer_response`. ServerLive, ServerReady and Mode
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import AsyncIterator
 
 import grpc
 
+from offload.oip import event_loop
 from offload.oip import grpc_service_pb2 as pb
 from offload.oip.limits import channel_options
 from offload.tools.bench_transport import STREAM_INFER_RESPONSE_FIELD, encode_field
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port, 0 for any free one (default 0)")
     options = parser.parse_args()
-    asyncio.run(_serve(options.host, options.port))
+    event_loop.run(_serve(options.host, options.port))  # the loop the servers it is a floor for run on
 
 
 if __name__ == "__main__":

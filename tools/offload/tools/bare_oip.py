@@ -20,7 +20,6 @@ parts (`OipServer`, `OnnxModel`), each stopping after one more step:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Mapping
 from enum import StrEnum
@@ -33,6 +32,7 @@ import numpy.typing as npt
 from offload.edge.config import EdgeSection
 from offload.edge.onnx_model import OnnxModel
 from offload.models import DEMO_REPOSITORY
+from offload.oip import event_loop
 from offload.oip.errors import NotFound
 from offload.oip.repository import BATCH_DIM, TensorSpec, load_repository
 from offload.oip.server import OipServer, serve_until_signalled
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port, 0 for any free one (default 0)")
     options = parser.parse_args()
-    asyncio.run(_serve(options.host, options.port, options.repository, options.answer))
+    event_loop.run(_serve(options.host, options.port, options.repository, options.answer))  # as the agent runs
 
 
 if __name__ == "__main__":
