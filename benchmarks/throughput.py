@@ -10,7 +10,8 @@ flight each, raw pre-encoded requests), the same load and the same payload, one 
 - cloud: 1-row [1, 64] FP32 requests at concurrency 1, 8, 64 (--with-128 adds 128) to a bare
   grpc.aio echo of the same payload (the floor: client and transport, no work), the least a
   Python batching server does (benchmarks/peers/minimal_batching_server.py: queue, batch, no
-  checks; the floor for a Python front end), `offload cloud`,
+  checks; the floor for a Python front end), `offload cloud` (eager, its default, and with
+  `compile = "inductor"`),
   MLServer 1.7.1 (adaptive batching) and Triton through PyTriton 0.7.0 (dynamic batcher), each in
   its own virtual environment (benchmarks/peer_servers.py makes them under .peers/ on first use:
   minutes); ratios are requests per second and p99 against Triton's and MLServer's.
@@ -60,11 +61,12 @@ from results_file import RESULTS, write_section
 
 SECTION = "## Throughput (issue 8)"
 PARTS = ("cloud", "edge", "scaling")
-CLOUD_PEERS = ("echo", "minimal", "offload", "mlserver", "triton")
+CLOUD_PEERS = ("echo", "minimal", "offload", "offload-inductor", "mlserver", "triton")
 NAMES = {
     "echo": "bare grpc.aio echo (floor)",
     "minimal": "minimal Python batching server (floor)",
     "offload": "offload cloud",
+    "offload-inductor": "offload cloud, compile = inductor",
     "mlserver": "MLServer 1.7.1 (adaptive batching)",
     "triton": "Triton / PyTriton 0.7.0 (dynamic batcher)",
     "edge": "edge agent, edge route",
@@ -121,8 +123,8 @@ def _measure(
 
 
 @contextmanager
-def _offload(kind: str) -> Iterator[str]:
-    with ServerProcess([kind, "--grpc-port", "0", "--log-level", "WARNING"]) as server:
+def _offload(kind: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    with ServerProcess([kind, "--grpc-port", "0", "--log-level", "WARNING"], env) as server:
         yield server.start()
 
 
@@ -137,6 +139,9 @@ def _servers(venvs: Path) -> dict[str, Callable[[], AbstractContextManager[str]]
         "echo": _echo,
         "minimal": minimal,
         "offload": lambda: _offload("cloud"),
+        # The same program under torch.compile (a [cloud] option; the peers run it eager): fewer Python-level
+        # op dispatches holding the GIL that the server's event loop needs.
+        "offload-inductor": lambda: _offload("cloud", {"OFFLOAD_CLOUD_COMPILE": "inductor"}),
         "mlserver": lambda: mlserver(venvs),
         "triton": lambda: triton(venvs),
     }
