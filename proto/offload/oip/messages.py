@@ -101,9 +101,10 @@ class ReceivedRequest:
     size: int  # bytes on the wire
 
     @classmethod
-    def of(cls, message: pb.ModelInferRequest) -> ReceivedRequest:
-        """A message already parsed (in-process callers): its raw contents are read out of it."""
-        return cls(message, list(message.raw_input_contents), message.ByteSize())
+    def of(cls, message: pb.ModelInferRequest, size: int | None = None) -> ReceivedRequest:
+        """A message already parsed: its raw contents are read out of it. `size`: its bytes on the wire, where
+        known (else counted)."""
+        return cls(message, list(message.raw_input_contents), message.ByteSize() if size is None else size)
 
 
 # Up to this size a request is parsed whole by protobuf (C): copying its raw contents costs less than walking its
@@ -120,10 +121,10 @@ def receive_infer_request(data: bytes) -> ReceivedRequest:
         except DecodeError:
             split_field(data, _RAW_INPUT_CONTENTS)  # raises DecodeError naming the field at fault, where it can
             raise
-        return ReceivedRequest(message, list(message.raw_input_contents), len(data))
+        return ReceivedRequest.of(message, len(data))
     split = split_field(data, _RAW_INPUT_CONTENTS)
     if split is None:
-        return ReceivedRequest.of(pb.ModelInferRequest.FromString(data))
+        return ReceivedRequest.of(pb.ModelInferRequest.FromString(data), len(data))
     rest, raw_contents = split
     return ReceivedRequest(pb.ModelInferRequest.FromString(rest), raw_contents, len(data))
 

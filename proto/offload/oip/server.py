@@ -72,14 +72,15 @@ async def write_response(response: InferResponse, raw: bool) -> pb.ModelInferRes
 
 
 class _InFlight:
-    """Counts the inference calls in flight, `idle` set while there are none: a context manager per call
-    (a class, not @contextmanager: no generator made per call on the hot path)."""
+    """Counts the inference calls in flight (what a drain waits for), `idle` set while there are none: entered
+    once per call (a class, not @contextmanager: no generator made per call on the hot path)."""
 
     __slots__ = ("count", "idle")
 
-    def __init__(self, idle: asyncio.Event) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        self.idle = idle
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def __enter__(self) -> None:
         self.count += 1
@@ -156,9 +157,7 @@ class InferenceServicer:
         self._draining = False
         # The answer queue of every open ModelStreamInfer stream, to tell each of a drain.
         self._streams: set[asyncio.Queue[_StreamItem]] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._in_flight_calls = _InFlight(self._idle)
+        self._in_flight = _InFlight()
 
     def start_draining(self) -> None:
         """Refuse new inference calls with UNAVAILABLE (retryable: another replica can answer), and
@@ -173,10 +172,10 @@ class InferenceServicer:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no inference call is in flight; False if the timeout came first."""
-        if self._idle.is_set():
+        if self._in_flight.idle.is_set():
             return True  # asyncio.wait_for with a timeout of 0 would time out even on a set event
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._in_flight.idle.wait(), timeout)
         except TimeoutError:
             return False
         return True
@@ -291,10 +290,6 @@ class InferenceServicer:
         """Whether a request of `size` bytes is large enough to give memory back once it is answered."""
         return self._give_back_after_bytes is not None and size >= self._give_back_after_bytes
 
-    def _in_flight_call(self) -> _InFlight:
-        """Count an inference call as in flight (what a drain waits for) while the block runs."""
-        return self._in_flight_calls
-
     async def _answer(
         self, request: ReceivedRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
@@ -317,7 +312,7 @@ class InferenceServicer:
         # The message leaves this frame for the call's alone: see _guard.
         messages = [request]
         del request
-        with self._in_flight_call():
+        with self._in_flight:
             return await self._guard(context, lambda: self._answer(messages.pop(), context))
 
     async def ModelStreamInfer(
@@ -395,7 +390,7 @@ class InferenceServicer:
         """The stream's answer to one request: its response, or its failure as error_message with
         the status beside it (`status_parameters`) and the request's id, so the client knows which
         request failed and why, as a unary call's status would say."""
-        with self._in_flight_call():
+        with self._in_flight:
             try:
                 if isinstance(request, _Unparsable):
                     await request.refuse()

@@ -33,6 +33,7 @@ from offload.edge.config import EdgeSection
 from offload.edge.onnx_model import OnnxModel
 from offload.models import DEMO_REPOSITORY
 from offload.oip import event_loop
+from offload.oip.datatypes import DATATYPES
 from offload.oip.errors import NotFound
 from offload.oip.repository import BATCH_DIM, TensorSpec, load_repository
 from offload.oip.server import OipServer, serve_until_signalled
@@ -100,7 +101,9 @@ class BareDataPlane:
 
 def _zeros(spec: TensorSpec, rows: int) -> npt.NDArray[Any]:
     shape = tuple(rows if dim == BATCH_DIM else dim for dim in spec.shape)
-    return np.zeros(shape, dtype=np.float32 if spec.datatype == "FP32" else object)
+    if spec.datatype == "BYTES":
+        return np.full(shape, b"", dtype=object)
+    return np.zeros(shape, dtype=DATATYPES[spec.datatype].dtype)
 
 
 def load_plane(repository: Path, answer: Answer) -> BareDataPlane:
