@@ -218,6 +218,16 @@ def triton(venvs: Path = DEFAULT_VENVS) -> Iterator[str]:
         yield address
 
 
+@contextmanager
+def minimal() -> Iterator[str]:
+    """The minimal Python batching server (benchmarks/peers/minimal_batching_server.py) in this environment."""
+    grpc_port = free_port()
+    args = [sys.executable, str(PEERS / "minimal_batching_server.py"), "--grpc-port", str(grpc_port)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with running("minimal batching server", args, env, f"127.0.0.1:{grpc_port}") as address:
+        yield address
+
+
 def main() -> int:
     """Make both environments now (`python benchmarks/peer_servers.py [VENVS]`), e.g. ahead of a benchmark."""
     venvs = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_VENVS
@@ -228,13 +238,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-@contextmanager
-def minimal() -> Iterator[str]:
-    """The minimal Python batching server (benchmarks/peers/minimal_batching_server.py) in this environment."""
-    grpc_port = free_port()
-    args = [sys.executable, str(PEERS / "minimal_batching_server.py"), "--grpc-port", str(grpc_port)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with running("minimal batching server", args, env, f"127.0.0.1:{grpc_port}") as address:
-        yield address
